@@ -1,0 +1,122 @@
+"""Reading a box of the slide at any resolution, with antialiasing.
+
+The slide is read from the pyramid level nearest above the wanted resolution, then resampled
+with exact sub-pixel coordinates, so neighbouring boxes meet without seams: output pixel
+centres map to the same level-0 positions whatever box they were computed in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from wsiseg.slide.reader import SlideReader, best_level_for
+
+# Source pixels read beyond the box on each side, so interpolation and the antialiasing
+# filter see real neighbours instead of a border (in source pixels of the chosen level).
+_MARGIN = 3
+
+
+def read_box(
+    reader: SlideReader, downsample: float, box: tuple[int, int, int, int]
+) -> NDArray[np.uint8]:
+    """Read a box of the slide at ``downsample`` (level-0 px per output px).
+
+    Parameters
+    ----------
+    reader : SlideReader
+        An open slide.
+    downsample : float
+        Level-0 pixels per output pixel (e.g. ``frame.scale`` for the working resolution).
+        May be below 1 (upsampling) for slides coarser than the wanted resolution.
+    box : (row0, col0, rows, cols)
+        The box in output pixels.
+
+    Returns
+    -------
+    ndarray of uint8, shape (rows, cols, 3)
+        RGB, antialiased (area-like Gaussian prefilter, bilinear sampling at pixel centres).
+    """
+    row0, col0, rows, cols = box
+    info = reader.info
+    level = best_level_for(info, downsample)
+    level_ds = info.level_downsamples[level]
+    factor = downsample / level_ds  # source (level) px per output px
+    # Source box in level px, covering every output pixel centre plus a margin.
+    margin = _MARGIN + math.ceil(factor)
+    # Start on the global block grid of `resample`, so every box averages the same blocks.
+    block = max(1, math.floor(factor))
+    sx0 = (math.floor(col0 * factor) - margin) // block * block
+    sy0 = (math.floor(row0 * factor) - margin) // block * block
+    sx1 = math.ceil((col0 + cols) * factor) + margin
+    sy1 = math.ceil((row0 + rows) * factor) + margin
+    level0_xy = (round(sx0 * level_ds), round(sy0 * level_ds))
+    region = reader.read_region(level0_xy, level, (sx1 - sx0, sy1 - sy0))
+    return resample(region, (sy0, sx0), factor, (row0, col0, rows, cols))
+
+
+def resample(
+    region: NDArray[np.uint8],
+    region_origin: tuple[float, float],
+    factor: float,
+    box: tuple[int, int, int, int],
+) -> NDArray[np.uint8]:
+    """Resample ``region`` (source pixels) onto the output pixel grid of ``box``.
+
+    Parameters
+    ----------
+    region : ndarray of uint8, shape (h, w, 3)
+        Source pixels; ``region[0, 0]`` is source pixel ``region_origin`` = (row, col).
+    region_origin : (float, float)
+        Source (row, col) of the region's top-left pixel.
+    factor : float
+        Source pixels per output pixel (> 1 shrinks, < 1 enlarges).
+    box : (row0, col0, rows, cols)
+        Output pixels to produce.
+    """
+    row0, col0, rows, cols = box
+    img = region.astype(np.float32)
+    oy, ox = float(region_origin[0]), float(region_origin[1])
+    # Integer block averaging first: exact area averaging, and cheap.
+    block = max(1, math.floor(factor))
+    if block > 1:
+        h = img.shape[0] // block * block
+        w = img.shape[1] // block * block
+        img = img[:h, :w].reshape(h // block, block, w // block, block, 3).mean(axis=(1, 3))
+    rest = factor / block  # remaining shrink factor in [1, 2) (or < 1 when enlarging)
+    if rest > 1.0:
+        sigma = (rest - 1.0) / 2.0  # scikit-image's antialiasing rule
+        img = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0), mode="nearest")
+    # Output pixel centre (r + 0.5) sits at source coordinate (row0 + r + 0.5) * factor;
+    # in the (block-reduced) array whose pixel centres are at index + 0.5.
+    scale_y = factor / block
+    offset = -oy / block - 0.5 + (row0 + 0.5) * scale_y, -ox / block - 0.5 + (col0 + 0.5) * scale_y
+    # Bilinear sampling on an axis-aligned lattice (a diagonal affine map), per channel.
+    out = ndimage.affine_transform(
+        img,
+        (scale_y, scale_y, 1.0),
+        offset=(offset[0], offset[1], 0.0),
+        output_shape=(rows, cols, 3),
+        order=1,
+        mode="nearest",
+    )
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def read_thumbnail(
+    reader: SlideReader, downsample: float, shape: tuple[int, int], block_px: int = 1024
+) -> NDArray[np.uint8]:
+    """The whole slide at ``downsample``, read block by block (bounded memory).
+
+    Returns uint8 (rows, cols, 3) with ``(rows, cols) = shape``.
+    """
+    rows, cols = shape
+    out = np.empty((rows, cols, 3), dtype=np.uint8)
+    for r in range(0, rows, block_px):
+        for c in range(0, cols, block_px):
+            box = (r, c, min(block_px, rows - r), min(block_px, cols - c))
+            out[r : r + box[2], c : c + box[3]] = read_box(reader, downsample, box)
+    return out

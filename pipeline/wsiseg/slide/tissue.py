@@ -1,0 +1,63 @@
+"""Tissue detection on a low-resolution thumbnail.
+
+Brightfield tissue (H&E, IHC) is coloured; glass is white or grey. Otsu's threshold on the
+HSV saturation separates them; dark pixels (pen marks' shadows, black borders, fluorescence
+background) are excluded by a brightness floor, and morphology removes dust and fills gaps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from skimage import color, filters, morphology
+
+# Below this HSV value a pixel is too dark to be brightfield tissue (black slide borders,
+# fluorescence background, scanner padding).
+_MIN_VALUE = 0.2
+
+
+def tissue_mask(
+    rgb: NDArray[np.uint8], *, mpp: float, min_saturation: float, min_area_um2: float
+) -> NDArray[np.bool_]:
+    """Binary tissue mask of a thumbnail.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (rows, cols, 3)
+        The slide at low resolution.
+    mpp : float
+        µm per thumbnail pixel (to turn ``min_area_um2`` into pixels).
+    min_saturation : float
+        Floor under Otsu's saturation threshold, in [0, 1]: a slide of blank glass stays blank.
+    min_area_um2 : float
+        Connected pieces smaller than this are dropped.
+
+    Returns
+    -------
+    ndarray of bool, shape (rows, cols)
+    """
+    hsv = color.rgb2hsv(rgb)
+    saturation, value = hsv[..., 1], hsv[..., 2]
+    usable = value >= _MIN_VALUE
+    if not usable.any():
+        return np.zeros(rgb.shape[:2], dtype=bool)
+    sat = saturation[usable]
+    threshold = min_saturation
+    if np.ptp(sat) > 0:
+        threshold = max(float(filters.threshold_otsu(sat)), min_saturation)
+    mask = (saturation > threshold) & usable
+    # Close small gaps between tissue fragments (~2 px at the thumbnail), then drop dust.
+    mask = morphology.closing(mask, morphology.disk(2))
+    min_px = max(1, int(round(min_area_um2 / mpp**2)))
+    mask = morphology.remove_small_objects(mask, max_size=min_px - 1)
+    # Fill small enclosed holes only: glass touching the border is background, never a hole.
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    large_holes = morphology.remove_small_objects(holes, max_size=min_px - 1)
+    mask = mask | (holes & ~large_holes)
+    return mask
+
+
+def tissue_fraction(mask: NDArray[np.bool_]) -> float:
+    """Share of the slide covered by tissue, in [0, 1]."""
+    return float(mask.mean()) if mask.size else 0.0

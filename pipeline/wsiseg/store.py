@@ -1,0 +1,275 @@
+"""The zarr (v3) slide store: one group per slide, ``<out>/<slide-id>.zarr``.
+
+Arrays, all at the working resolution except ``tissue``:
+
+==============  ==================  =====  ===============================================
+name            shape               dtype  meaning
+==============  ==================  =====  ===============================================
+``image``       (H, W, 3)           uint8  RGB; chunks without tissue are never written
+``guide``       (H, W)              uint8  GuideNet tumor probability × 255, never edited
+``refined``     (H, W)              uint8  probability after refine rounds (= guide first)
+``scribbles``   (H, W)              int8   0 none, +1 tumor, −1 non-tumor (accumulated)
+``tissue``      (h, w)              bool   tissue mask at ``tissue.mask_mpp``
+``tiled``       (chunk rows, cols)  uint8  1 where the ``image`` chunk is complete
+==============  ==================  =====  ===============================================
+
+Group attributes live under the key ``wsiseg``: format version, pipeline version, source
+slide (path, size, mtime, content fingerprint), frame, workflow, stage status, model cards
+and refine rounds. Completed chunks are recorded in the ``tiled`` array rather than in the
+attributes (a departure from DESIGN.md): each tiling task marks its own chunk, so parallel
+writers never race on one attribute document, and a marker is written only after its chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsiseg import __version__
+from wsiseg.config import Workflow, workflow_from_dict
+from wsiseg.errors import WsisegError
+from wsiseg.slide.frame import Frame
+
+STORE_FORMAT = 1
+_FINGERPRINT_BYTES = 1 << 20  # hash the first and last MiB: cheap, and catches rewrites
+
+
+class StoreError(WsisegError):
+    """A slide store is missing, damaged or of another format."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Identity of the slide file a store was built from."""
+
+    path: str
+    size: int
+    mtime: float
+    fingerprint: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> SourceInfo:
+        path = Path(path).resolve()
+        stat = path.stat()
+        return cls(str(path), stat.st_size, stat.st_mtime, file_fingerprint(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mtime": self.mtime,
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceInfo:
+        return cls(str(d["path"]), int(d["size"]), float(d["mtime"]), str(d["fingerprint"]))
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of the file size, its first MiB and its last MiB (hex)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            digest.update(f.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
+class SlideStore:
+    """An open slide store. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+
+    # -- creation / opening ---------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        frame: Frame,
+        source: SourceInfo,
+        workflow: Workflow,
+        tissue: np.ndarray,
+        slide_info: dict[str, Any],
+    ) -> SlideStore:
+        """Create a new, empty store (overwriting nothing: ``path`` must not exist)."""
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"{path}: already exists")
+        rows, cols = frame.working_shape
+        chunk = workflow.tiling.chunk_px
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group.create_array(
+            "image", shape=(rows, cols, 3), chunks=(chunk, chunk, 3), dtype="uint8",
+            fill_value=0, dimension_names=("y", "x", "c"),
+        )
+        for name, dtype in (("guide", "uint8"), ("refined", "uint8"), ("scribbles", "int8")):
+            group.create_array(
+                name, shape=(rows, cols), chunks=(chunk, chunk), dtype=dtype, fill_value=0,
+                dimension_names=("y", "x"),
+            )
+        grid = chunk_grid_shape(frame.working_shape, chunk)
+        group.create_array("tiled", shape=grid, chunks=(1, 1), dtype="uint8", fill_value=0)
+        tissue_arr = group.create_array(
+            "tissue", shape=tissue.shape, chunks=tissue.shape, dtype="bool", fill_value=False,
+        )
+        tissue_arr[...] = tissue
+        attrs = {
+            "format": STORE_FORMAT,
+            "version": __version__,
+            "created": _now(),
+            "source": source.to_dict(),
+            "slide": slide_info,
+            "frame": frame.to_dict(),
+            "workflow": workflow.to_dict(),
+            "stages": {"tiling": "pending", "guide": "pending"},
+            "models": {},
+            "rounds": [],
+        }
+        group.attrs.update({"wsiseg": attrs, "ome": _ome_multiscales(frame)})
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r+") -> SlideStore:
+        """Open an existing store; a missing, foreign or newer-format store is a StoreError."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a wsiseg slide store (no zarr.json)")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except Exception as exc:  # zarr raises several types for a damaged group
+            raise StoreError(f"{path}: cannot open the slide store ({exc})") from None
+        attrs = group.attrs.get("wsiseg")
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{path}: a zarr group, but not a wsiseg slide store")
+        fmt = attrs.get("format")
+        if fmt != STORE_FORMAT:
+            raise StoreError(
+                f"{path}: store format {fmt} is not the format {STORE_FORMAT} of wsiseg "
+                f"{__version__}; rebuild it with `wsiseg tile` (or --force)"
+            )
+        return cls(path, group)
+
+    # -- attributes -----------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs["wsiseg"])
+
+    def update_attrs(self, **changes: Any) -> None:
+        """Replace top-level keys of the ``wsiseg`` attributes (single writer only)."""
+        attrs = self.attrs
+        attrs.update(changes)
+        self.group.attrs["wsiseg"] = attrs
+
+    def set_stage(self, stage: str, status: str) -> None:
+        stages = dict(self.attrs["stages"])
+        stages[stage] = status
+        self.update_attrs(stages=stages)
+
+    def stage(self, stage: str) -> str:
+        return str(self.attrs["stages"].get(stage, "pending"))
+
+    @property
+    def frame(self) -> Frame:
+        return Frame.from_dict(self.attrs["frame"])
+
+    @property
+    def workflow(self) -> Workflow:
+        return workflow_from_dict(self.attrs["workflow"], source=f"{self.path} (stored workflow)")
+
+    @property
+    def source(self) -> SourceInfo:
+        return SourceInfo.from_dict(self.attrs["source"])
+
+    @property
+    def chunk_px(self) -> int:
+        return int(self.array("image").chunks[0])
+
+    @property
+    def tissue_mask(self) -> np.ndarray:
+        return np.asarray(self.array("tissue")[...], dtype=bool)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]  # type: ignore[return-value]
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.array(name)
+
+
+def chunk_grid_shape(shape: tuple[int, int], chunk_px: int) -> tuple[int, int]:
+    """Number of (chunk rows, chunk cols) covering ``shape`` = (rows, cols)."""
+    return -(-shape[0] // chunk_px), -(-shape[1] // chunk_px)
+
+
+def source_changed(store: SlideStore, slide_path: Path) -> str | None:
+    """Why the store no longer matches ``slide_path`` (None when it still does).
+
+    Size or content fingerprint differing means the slide was rewritten. An mtime alone
+    differing (a copy, a touch) is checked against the fingerprint and then accepted.
+    """
+    old = store.source
+    stat = slide_path.stat()
+    if stat.st_size != old.size:
+        return f"size changed ({old.size} → {stat.st_size} bytes)"
+    if stat.st_mtime != old.mtime and file_fingerprint(slide_path) != old.fingerprint:
+        return "content changed (fingerprint differs)"
+    return None
+
+
+def retire_store(path: Path) -> Path:
+    """Move a stale store aside (never delete work): ``<name>.stale-<timestamp>``."""
+    target = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
+def remove_store(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _ome_multiscales(frame: Frame) -> dict[str, Any]:
+    """OME-Zarr (NGFF 0.5) multiscales metadata describing ``image`` in micrometres.
+
+    The image keeps DESIGN.md's interleaved (y, x, c) layout, which networks and thumbnails
+    read without transposing; NGFF readers that insist on channel-first axes see a 3-D
+    array with the physical pixel size on y and x.
+    """
+    mpp = frame.working_mpp
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": "image",
+                "axes": [
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                    {"name": "c", "type": "channel"},
+                ],
+                "datasets": [
+                    {
+                        "path": "image",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [mpp, mpp, 1.0]}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
