@@ -1,0 +1,2 @@
+"""Pathologist scribbles: rasterise (``raster``), encode as distance maps (``encode``), simulate
+(``simulate``)."""
