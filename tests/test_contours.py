@@ -1,0 +1,287 @@
+"""Tests of wsiseg.contours: exact pixel-edge polygons, chunk merging, region mode, memory."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import shapely
+from scipy import ndimage as ndi
+
+from wsiseg.contours import (
+    draw_contours,
+    polygon_stats,
+    tumor_mask,
+    tumor_polygons,
+    uint8_threshold,
+)
+
+
+def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def _random_blobs(rng: np.random.Generator, shape: tuple[int, int], fraction: float,
+                  sigma: float) -> np.ndarray:
+    field = ndi.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field >= np.quantile(field, 1.0 - fraction)
+
+
+def _centres_covered(polygons: list[shapely.Polygon], shape: tuple[int, int]) -> np.ndarray:
+    """How many polygons contain each pixel centre."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
+    count = np.zeros(shape, dtype=int)
+    for polygon in polygons:
+        count += shapely.contains_xy(polygon, xx, yy)
+    return count
+
+
+class RecordingArray:
+    """A 2-D array wrapper that records the size of every read."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.chunks = getattr(array, "chunks", None)
+        self.reads: list[tuple[int, int, int, int]] = []  # (row0, col0, rows, cols)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        r0, r1, _ = rows.indices(self.shape[0])
+        c0, c1, _ = cols.indices(self.shape[1])
+        self.reads.append((r0, c0, r1 - r0, c1 - c0))
+        return np.asarray(self.array[key])
+
+
+# -- threshold -------------------------------------------------------------------------------
+
+
+def test_threshold_rule_at_the_boundary_value() -> None:
+    assert uint8_threshold(0.5) == 128
+    assert uint8_threshold(0.2) == 51  # 0.2 · 255 = 51 exactly, despite float error
+    assert uint8_threshold(0.0) == 0
+    assert uint8_threshold(1.0) == 255
+    codes = np.array([[126, 127, 128, 129]], dtype=np.uint8)
+    assert tumor_mask(codes, 0.5).tolist() == [[False, False, True, True]]
+    floats = np.array([[0.4999, 0.5, 0.5001]])
+    assert tumor_mask(floats, 0.5).tolist() == [[False, True, True]]
+    # 127 and 128 side by side: only the 128 half is traced
+    prob = np.zeros((10, 10), dtype=np.uint8)
+    prob[2:8, 2:5] = 127
+    prob[2:8, 5:8] = 128
+    (polygon,) = tumor_polygons(prob, simplify_px=0)
+    assert polygon.equals(shapely.box(5, 2, 8, 8))
+    with pytest.raises(ValueError, match="threshold"):
+        tumor_polygons(prob, threshold=1.5)
+    with pytest.raises(TypeError, match="uint8"):
+        tumor_polygons(prob.astype(np.int32))
+
+
+# -- exact polygons --------------------------------------------------------------------------
+
+
+def test_disc_with_hole_and_island_inside_the_hole() -> None:
+    shape = (120, 130)
+    centre = (60.0, 64.0)
+    mask = _disc(shape, centre, 50) & ~_disc(shape, centre, 30) | _disc(shape, centre, 12)
+    prob = (mask * 255).astype(np.uint8)
+    for chunk_px in (None, 32, 17):
+        polygons = tumor_polygons(prob, simplify_px=0, chunk_px=chunk_px)
+        assert len(polygons) == 2
+        ring, island = polygons  # sorted by area, largest first
+        assert len(ring.interiors) == 1 and len(island.interiors) == 0
+        labels, _ = ndi.label(mask)
+        assert ring.area == np.sum(labels == labels[60, 64 + 40])
+        assert island.area == np.sum(labels == labels[60, 64])
+        assert shapely.Polygon(ring.interiors[0]).contains(island)
+        assert all(p.is_valid for p in polygons)
+        assert (_centres_covered(polygons, shape) == mask).all()
+
+
+def test_pixel_edge_coordinates() -> None:
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:3, 2:7] = True  # rows 1-2, columns 2-6
+    (polygon,) = tumor_polygons(mask, simplify_px=0)
+    assert polygon.equals(shapely.box(2, 1, 7, 3))  # x = column, y = row, edges on integers
+
+
+def test_corner_touching_pixels_are_separate_polygons() -> None:
+    # 4-connectivity: a diagonal pair is two components; a ring closed only through a corner
+    # is one component whose inner background is a hole touching the shell at that corner
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1, 1] = mask[2, 2] = True
+    mask[4:7, 4:7] = True
+    mask[5, 5] = False
+    mask[4, 4] = False  # the inner background reaches outside through the corner (5, 5)
+    mask[3, 3] = True
+    polygons = tumor_polygons(mask, simplify_px=0)
+    assert len(polygons) == 4  # ring, and three single pixels (1,1), (2,2), (3,3)
+    assert [p.area for p in polygons] == [7.0, 1.0, 1.0, 1.0]
+    assert all(p.is_valid and p.geom_type == "Polygon" for p in polygons)
+    assert (_centres_covered(polygons, mask.shape) == mask).all()
+
+
+def test_blob_across_chunk_corners_is_one_polygon() -> None:
+    shape = (100, 100)
+    mask = _disc(shape, (56, 60), 27)  # over chunk corners (32, 32), (32, 64), (64, 64)...
+    mask[30:34, 10:90] = True  # a bar along a chunk border
+    whole = tumor_polygons(mask, simplify_px=0, chunk_px=1024)
+    chunked = tumor_polygons(mask, simplify_px=0, chunk_px=32)
+    assert len(whole) == len(chunked) == 1
+    assert chunked[0].area == whole[0].area == mask.sum()
+    assert chunked[0].equals(whole[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_blobs_chunked_equals_unchunked(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(60, 160)), int(rng.integers(60, 160)))
+    mask = _random_blobs(rng, shape, fraction=rng.uniform(0.1, 0.6), sigma=rng.uniform(1, 4))
+    mask ^= rng.random(shape) < 0.01  # speckle: single pixels, corner contacts, pin holes
+    labels, n = ndi.label(mask)
+    pixel_counts = sorted(np.bincount(labels.ravel())[1:].tolist())
+    whole = tumor_polygons(mask, simplify_px=0)
+    chunked = tumor_polygons(mask, simplify_px=0, chunk_px=int(rng.integers(7, 40)))
+    for polygons in (whole, chunked):
+        assert len(polygons) == n
+        assert all(p.is_valid and p.geom_type == "Polygon" for p in polygons)
+        assert sorted(p.area for p in polygons) == pixel_counts
+        assert sum(p.area for p in polygons) == mask.sum()
+        assert (_centres_covered(polygons, shape) == mask).all()
+    assert shapely.union_all(whole).equals(shapely.union_all(chunked))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_simplified_polygons_stay_within_one_pixel(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    mask = _random_blobs(rng, (150, 150), fraction=0.3, sigma=5)
+    exact = tumor_polygons(mask, simplify_px=0, chunk_px=48)
+    simple = tumor_polygons(mask, simplify_px=1.0, chunk_px=48)
+    assert len(simple) == len(exact)
+    assert sum(len(p.exterior.coords) for p in simple) < sum(len(p.exterior.coords) for p in exact)
+    for s in simple:
+        (e,) = [e for e in exact if e.representative_point().within(s) or s.contains(e.centroid)
+                and abs(e.area - s.area) <= e.length]
+        assert s.is_valid
+        assert abs(s.area - e.area) <= e.length * 1.0
+        assert shapely.hausdorff_distance(s, e, densify=0.05) <= 1.0 + 1e-9
+
+
+def test_min_area_drops_small_fragments() -> None:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[5:25, 5:25] = True  # 400 px
+    mask[40:43, 40:43] = True  # 9 px
+    mask[50, 10] = True  # 1 px
+    assert len(tumor_polygons(mask, simplify_px=0)) == 3
+    kept = tumor_polygons(mask, simplify_px=0, min_area_px=10)
+    assert [p.area for p in kept] == [400.0]
+    # a fragment is judged whole, not per chunk: 9 px split over four chunks is kept at 9
+    assert [p.area for p in tumor_polygons(mask, simplify_px=0, min_area_px=9,
+                                           chunk_px=41)] == [400.0, 9.0]
+
+
+# -- region mode -----------------------------------------------------------------------------
+
+
+def test_region_returns_touching_polygons_whole() -> None:
+    shape = (256, 256)
+    mask = np.zeros(shape, dtype=bool)
+    mask[10:14, 5:250] = True  # a long bar across eight chunks
+    mask[14:200, 240:244] = True  # ... turning down through seven more
+    mask[100:120, 20:40] = True  # a blob away from the region
+    mask[150:160, 100:110] = True  # another one, inside the region
+    prob = RecordingArray((mask * 255).astype(np.uint8))
+    region = (0, 0, 40, 40)  # holds only the bar's left end
+    polygons = tumor_polygons(prob, chunk_px=32, simplify_px=0, region=region)
+    full = tumor_polygons(mask, simplify_px=0)
+    assert len(polygons) == 1
+    assert polygons[0].equals(full[0])  # the bar, whole, though mostly outside the region
+    assert polygons[0].area == 4 * 245 + 186 * 4
+    read = {(r // 32, c // 32) for r, c, _, _ in prob.reads}
+    assert (3, 0) not in read and (4, 3) not in read  # chunks of the unrelated blobs
+    assert len(read) < 64
+    # a region around the second blob returns it alone
+    (blob,) = tumor_polygons(mask, chunk_px=32, simplify_px=0, region=(140, 90, 30, 30))
+    assert blob.equals(shapely.box(100, 150, 110, 160))
+    assert tumor_polygons(mask, chunk_px=32, region=(60, 60, 20, 20)) == []
+
+
+# -- zarr and memory -------------------------------------------------------------------------
+
+
+def test_zarr_v3_large_array_reads_one_chunk_at_a_time(tmp_path) -> None:
+    zarr = pytest.importorskip("zarr")
+    side, chunk = 8192, 512
+    array = zarr.create_array(store=tmp_path / "refined.zarr", shape=(side, side),
+                              chunks=(chunk, chunk), dtype="uint8")
+    rng = np.random.default_rng(7)
+    expected = 0
+    # blobs straddling chunk corners and borders; everything else is the fill value 0
+    for r, c in [(512, 512), (3000, 1500), (4096, 4096), (6600, 7000), (8000, 100)]:
+        blob = (_random_blobs(rng, (300, 300), fraction=0.4, sigma=6) * 200).astype(np.uint8)
+        blob[_disc((300, 300), (150, 150), 60)] = 255
+        r0, c0 = max(r - 150, 0), max(c - 150, 0)
+        array[r0:r0 + 300, c0:c0 + 300] = blob
+        expected += int((blob >= 128).sum())
+    prob = RecordingArray(array)
+    polygons = tumor_polygons(prob, simplify_px=0)
+    assert max(rows * cols for _, _, rows, cols in prob.reads) <= (chunk + 2) ** 2
+    assert len(prob.reads) == (side // chunk) ** 2  # each chunk read once, chunk-aligned
+    assert sum(p.area for p in polygons) == expected
+    assert all(p.is_valid for p in polygons)
+    # the same from a numpy copy of the corner window, processed unchunked
+    window = np.asarray(array[350:700, 350:700])
+    near = [p for p in polygons if p.intersects(shapely.box(350, 350, 700, 700))]
+    alone = tumor_polygons(window, simplify_px=0)
+    assert sorted(p.area for p in near) == sorted(p.area for p in alone)
+
+
+# -- stats and drawing -----------------------------------------------------------------------
+
+
+def test_polygon_stats_mean_probability() -> None:
+    prob = np.zeros((300, 300), dtype=np.uint8)
+    prob[50:250, 40:260] = 200
+    polygon = shapely.box(60, 70, 240, 230)  # inside the constant region
+    stats = polygon_stats(prob, polygon)
+    assert stats["area_px"] == 180 * 160
+    assert stats["mean_probability"] == pytest.approx(200 / 255)
+    # half over 200, half over 0, with a hole: compare with every pixel centre tested directly
+    shape_with_hole = shapely.Polygon(
+        [(150, 10), (290, 10), (290, 290), (150, 290)], [[(200, 100), (250, 100), (250, 200)]]
+    )
+    yy, xx = np.mgrid[:300, :300] + 0.5
+    inside = shapely.contains_xy(shape_with_hole, xx, yy)
+    stats = polygon_stats(RecordingArray(prob), shape_with_hole)
+    assert stats["mean_probability"] == pytest.approx(prob[inside].mean() / 255)
+    float_stats = polygon_stats(prob / 255.0, shape_with_hole)
+    assert float_stats["mean_probability"] == pytest.approx(stats["mean_probability"])
+    assert math.isnan(polygon_stats(prob, shapely.box(10.6, 10.6, 10.9, 10.9))["mean_probability"])
+
+
+def test_polygon_stats_reads_only_the_bounding_box() -> None:
+    prob = RecordingArray(np.full((2000, 2000), 255, dtype=np.uint8))
+    stats = polygon_stats(prob, shapely.Point(1500, 500).buffer(100))
+    assert stats["mean_probability"] == 1.0
+    for r0, c0, rows, cols in prob.reads:
+        assert r0 >= 399 and c0 >= 1399 and r0 + rows <= 601 and c0 + cols <= 1601
+
+
+def test_draw_contours_changes_pixels_along_the_outline_only() -> None:
+    rgb = np.full((100, 120, 3), 30, dtype=np.uint8)
+    polygon = shapely.Polygon([(20, 20), (200, 20), (200, 160), (20, 160)],
+                              [[(80, 60), (140, 60), (140, 120), (80, 120)]])
+    out = draw_contours(rgb, [polygon], scale=0.5, color=(255, 0, 255), width_px=2)
+    assert (rgb == 30).all()  # the input is not modified
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    changed = np.any(out != rgb, axis=2)
+    assert changed.sum() > 2 * (90 + 70 + 30 + 30)  # both rings drawn
+    assert (out[changed] == (255, 0, 255)).all()
+    yy, xx = np.nonzero(changed)
+    outline = shapely.affinity.scale(polygon, 0.5, 0.5, origin=(0, 0)).boundary
+    distances = shapely.distance(outline, shapely.points(xx + 0.5, yy + 0.5))
+    assert distances.max() <= 2.0  # within the line width of the outline
