@@ -273,3 +273,52 @@ def _ome_multiscales(frame: Frame) -> dict[str, Any]:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class StoreLock:
+    """An exclusive lock on a store (``<store>/.lock``) for commands that change it.
+
+    Taken with ``O_CREAT | O_EXCL``; a lock left by a process that no longer runs (killed)
+    is taken over.
+    """
+
+    def __init__(self, store_path: Path, what: str):
+        self.path = Path(store_path) / ".lock"
+        self.what = what
+
+    def __enter__(self) -> StoreLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _pid_alive(holder):
+                    raise StoreError(
+                        f"{self.path.parent}: another wsiseg process (pid {holder}) is "
+                        f"changing this store; wait for it to finish"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {self.what}\n")
+            return self
+        raise StoreError(f"{self.path.parent}: cannot take the store lock")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

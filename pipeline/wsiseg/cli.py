@@ -1,0 +1,242 @@
+"""Command line: one thin function per command, no logic.
+
+Exit status: 0 when everything succeeded, 1 when some slide (or the command's input) failed,
+2 for usage errors. A :class:`WsisegError` prints its one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from wsiseg import __version__
+from wsiseg.errors import UsageError, WsisegError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from wsiseg.slide.reader import open_slide
+
+    status = 0
+    for path in args.slides:
+        try:
+            reader = open_slide(path)
+        except WsisegError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(reader.info.describe())
+        reader.close()
+    return status
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    from wsiseg.cohort import tile_cohort
+
+    return tile_cohort(
+        args.slides, Path(args.out), workflow=args.workflow, mpp=args.mpp, force=args.force
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from wsiseg.cohort import RunOptions, run_cohort
+
+    options = RunOptions(
+        out_dir=Path(args.out), workflow=args.workflow, guidenet=args.guidenet, mpp=args.mpp,
+        device=args.device, force=args.force, scheduler=args.scheduler, tta=args.tta,
+        export_mask=args.export == "mask" if args.export else False,
+    )
+    return run_cohort(args.slides, options)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from wsiseg.synth import synthesize_cohort
+
+    slides = synthesize_cohort(
+        Path(args.outdir), args.slides, args.size, mpp=args.mpp, seed=args.seed
+    )
+    for s in slides:
+        print(f"{s.slide_path}  truth: {s.truth_geojson_path.name}, {s.truth_mask_path.name}")
+    return 0
+
+
+def cmd_models_init(args: argparse.Namespace) -> int:
+    from wsiseg.config import load_workflow
+    from wsiseg.nets import init_weights, weights_hash
+
+    card = init_weights(
+        args.role, Path(args.out), seed=args.seed, workflow=load_workflow(args.workflow)
+    )
+    digest = weights_hash(Path(args.out))[:12]
+    print(
+        f"{args.out}: random {card.role} weights ({card.in_channels} channels, "
+        f"{card.patch_px} px at {card.working_mpp} µm/px), sha256 {digest}"
+    )
+    return 0
+
+
+def cmd_scribbles_simulate(args: argparse.Namespace) -> int:
+    from wsiseg.scribbles.simulate import preview_png
+
+    preview_png(
+        Path(args.mask), Path(args.out), seed=args.seed,
+        prediction_path=Path(args.prediction) if args.prediction else None,
+    )
+    print(args.out)
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from wsiseg.session import refine_store
+
+    return refine_store(
+        Path(args.store), Path(args.scribbles), refinenet=args.refinenet, refiner=args.refiner,
+        out_dir=Path(args.out) if args.out else None, device=args.device,
+    )
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from wsiseg.session import print_history
+
+    return print_history(Path(args.store))
+
+
+def cmd_undo(args: argparse.Namespace) -> int:
+    from wsiseg.session import undo_store
+
+    return undo_store(Path(args.store), out_dir=Path(args.out) if args.out else None)
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsiseg",
+        description="Tumor segmentation of whole-slide images with a pathologist in the loop.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsiseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    def workflow_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workflow", default=None, help="preset name or YAML file (default)")
+
+    p = add("info", cmd_info, "print what a slide file says about itself")
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+
+    p = add("tile", cmd_tile, "build the slide stores (image, tissue) without a network")
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+    p.add_argument("--force", action="store_true", help="rebuild existing stores")
+    workflow_option(p)
+
+    p = add("run", cmd_run, "GuideNet over every tissue patch; tumor contours as GeoJSON")
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--guidenet", metavar="WEIGHTS", help="GuideNet .safetensors")
+    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--scheduler", metavar="ADDRESS", help="join this Dask cluster")
+    p.add_argument("--force", action="store_true", help="redo slides already done")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rots)")
+    p.add_argument("--export", choices=["mask"], help="also write the tumor mask OME-TIFF")
+    workflow_option(p)
+
+    p = add("refine", cmd_refine, "QuPath scribbles in; refine the windows they touch")
+    p.add_argument("store", metavar="STORE", help="<out>/<slide-id>.zarr from `wsiseg run`")
+    p.add_argument("--scribbles", required=True, metavar="FILE", help="QuPath GeoJSON export")
+    p.add_argument("--refinenet", metavar="WEIGHTS", help="RefineNet .safetensors")
+    p.add_argument("--refiner", choices=["refinenet", "randomwalk"], default=None,
+                   help="randomwalk: scikit-image random walker, no weights needed")
+    p.add_argument("--out", metavar="DIR", help="where the GeoJSON go (default: the store's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = add("history", cmd_history, "list the refine rounds of a slide store")
+    p.add_argument("store", metavar="STORE")
+
+    p = add("undo", cmd_undo, "restore the round before the latest one exactly")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--out", metavar="DIR", help="where the GeoJSON go (default: the store's)")
+
+    p = add("synth", cmd_synth, "write generated H&E-like slides with ground truth")
+    p.add_argument("outdir")
+    p.add_argument("--slides", type=int, default=2)
+    p.add_argument("--size", type=_size, default=(8192, 6144), metavar="WxH")
+    p.add_argument("--mpp", type=_positive_float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+
+    models = sub.add_parser("models", help="model weights").add_subparsers(
+        dest="models_command", required=True, metavar="COMMAND"
+    )
+    p = models.add_parser("init", help="write randomly initialised weights with a model card")
+    p.set_defaults(handler=cmd_models_init)
+    p.add_argument("--role", required=True, choices=["guidenet", "refinenet"])
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--seed", type=int, default=0)
+    workflow_option(p)
+
+    scrib = sub.add_parser("scribbles", help="scribble simulation").add_subparsers(
+        dest="scribbles_command", required=True, metavar="COMMAND"
+    )
+    p = scrib.add_parser("simulate", help="preview simulated scribbles on a mask as a PNG")
+    p.set_defaults(handler=cmd_scribbles_simulate)
+    p.add_argument("mask")
+    p.add_argument("--out", required=True, metavar="PNG")
+    p.add_argument("--prediction", help="a predicted mask: draw correction scribbles")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except WsisegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""What a slide store turns into for people: GeoJSON contours, thumbnail, measurements.
+
+The same writers serve ``wsiseg run`` (round 0), every ``wsiseg refine`` round and
+``wsiseg export``, so a round's files are identical whichever command wrote them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from PIL import Image
+
+from wsiseg import __version__
+from wsiseg.contours import draw_contours, polygon_stats, tumor_polygons
+from wsiseg.qupath import WSISEG_SOURCE, Annotation, write_annotations
+from wsiseg.store import SlideStore
+
+# Thumbnails are at most this many pixels on their long side.
+THUMBNAIL_PX = 1024
+
+
+@dataclass(frozen=True)
+class SlideMeasurements:
+    """Per-slide figures of one round (areas in mm²)."""
+
+    round: int
+    tissue_mm2: float
+    tumor_mm2: float
+    tumor_fraction: float
+    foci: int
+    largest_focus_mm2: float
+
+
+def round_polygons(
+    store: SlideStore, array: str = "refined", region: tuple[int, int, int, int] | None = None
+) -> list[shapely.Polygon]:
+    """Tumor polygons of ``array`` in working pixels, filtered by the workflow.
+
+    ``region`` (row0, col0, rows, cols) limits the work to the components touching it.
+    """
+    wf = store.workflow
+    cfg = wf.contours
+    min_area_px = cfg.min_area_um2 / wf.working_mpp**2
+    return tumor_polygons(
+        store[array], threshold=cfg.threshold, simplify_px=cfg.simplify_px,
+        min_area_px=min_area_px, region=region,
+    )
+
+
+def annotations_for(
+    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str
+) -> list[Annotation]:
+    """QuPath annotations (QuPath-frame level-0 px) for a round's polygons."""
+    frame = store.frame
+    cfg = store.workflow.contours
+    models = store.attrs.get("models", {})
+    model_hash = str(models.get("guidenet", {}).get("sha256", ""))[:12]
+    # The working grid rounds up to whole pixels: clip to the slide so QuPath sees no
+    # coordinate beyond the image.
+    slide_box = shapely.box(0, 0, *frame.level0_size)
+    out = []
+    for k, poly in enumerate(polygons, start=1):
+        stats = polygon_stats(store["refined"], poly)
+        area_um2 = float(poly.area) * frame.working_mpp**2
+        out.append(
+            Annotation(
+                geometry=frame.transform_geometry(
+                    shapely.intersection(frame.transform_geometry(poly, "working", "level0"),
+                                         slide_box),
+                    "level0", "qupath",
+                ),
+                class_name=cfg.class_name,
+                color=tuple(cfg.color),
+                name=f"tumor_{k:04d}",
+                locked=True,
+                measurements={
+                    "Area µm^2": round(area_um2, 2),
+                    "Mean tumor probability": round(float(stats["mean_probability"]), 4),
+                },
+                metadata={
+                    "source": WSISEG_SOURCE, "version": __version__, "round": str(round_k),
+                    "model": model_hash, "slide": slide_id,
+                },
+                # Deterministic ids: re-exporting the same round gives the same file.
+                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsiseg/{slide_id}/{round_k}/{k}")),
+            )
+        )
+    return out
+
+
+def write_round_geojson(
+    store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
+    polygons: list[shapely.Polygon] | None = None,
+) -> tuple[Path, list[shapely.Polygon]]:
+    """Write round k's contours into the store (``rounds/r<k>.geojson``, the record) and
+    publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the latest)."""
+    if polygons is None:
+        polygons = round_polygons(store)
+    annotations = annotations_for(store, polygons, round_k, slide_id)
+    record = store.path / "rounds" / f"r{round_k}.geojson"
+    record.parent.mkdir(exist_ok=True)
+    write_annotations(record, annotations)
+    return publish_round(store, out_dir, slide_id, round_k), polygons
+
+
+def publish_round(store: SlideStore, out_dir: Path, slide_id: str, round_k: int) -> Path:
+    """Copy round k's stored GeoJSON to ``out_dir`` as that round's file and the latest."""
+    record = store.path / "rounds" / f"r{round_k}.geojson"
+    _atomic_copy(record, out_dir / f"{slide_id}.r{round_k}.geojson")
+    latest = out_dir / f"{slide_id}.geojson"
+    _atomic_copy(record, latest)
+    return latest
+
+
+def write_thumbnail(
+    store: SlideStore, path: Path, polygons: list[shapely.Polygon], max_px: int = THUMBNAIL_PX
+) -> Path:
+    """PNG of the slide at ≤ ``max_px`` on the long side with the contours drawn."""
+    image = store["image"]
+    rows, cols = image.shape[:2]
+    step = max(1, int(np.ceil(max(rows, cols) / max_px)))
+    thumb = _strided_read(image, step)
+    color = tuple(store.workflow.contours.color)
+    drawn = draw_contours(thumb, polygons, scale=1.0 / step, color=color)
+    _atomic_write_png(drawn, path)
+    return path
+
+
+def measurements(
+    store: SlideStore, polygons: list[shapely.Polygon], round_k: int
+) -> SlideMeasurements:
+    wf = store.workflow
+    tissue = store.tissue_mask
+    tissue_mm2 = float(tissue.sum()) * wf.tissue.mask_mpp**2 / 1e6
+    areas_mm2 = [float(p.area) * wf.working_mpp**2 / 1e6 for p in polygons]
+    tumor_mm2 = float(sum(areas_mm2))
+    return SlideMeasurements(
+        round=round_k,
+        tissue_mm2=round(tissue_mm2, 4),
+        tumor_mm2=round(tumor_mm2, 4),
+        tumor_fraction=round(tumor_mm2 / tissue_mm2, 4) if tissue_mm2 > 0 else 0.0,
+        foci=len(polygons),
+        largest_focus_mm2=round(max(areas_mm2, default=0.0), 4),
+    )
+
+
+def _strided_read(image, step: int) -> np.ndarray:
+    """Every ``step``-th pixel of a (H, W, 3) array, read one chunk row at a time."""
+    rows = image.shape[0]
+    chunk = image.chunks[0]
+    parts = []
+    for r0 in range(0, rows, chunk):
+        block = np.asarray(image[r0 : min(rows, r0 + chunk)])
+        first = (-r0) % step
+        parts.append(block[first::step, ::step])
+    thumb = np.concatenate(parts, axis=0)
+    # Non-tissue chunks were never written (fill 0): show them as glass, not black.
+    blank = thumb.max(axis=2) == 0
+    thumb[blank] = 255
+    return thumb
+
+
+def _atomic_write_png(rgb: np.ndarray, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(src.read_bytes())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,147 @@
+"""Refine rounds kept inside the slide store: what each round overwrote, its contours.
+
+Layout inside ``<slide-id>.zarr``:
+
+- ``rounds/r<k>.geojson`` — the round's contours exactly as exported (QuPath frame);
+  ``wsiseg export`` and the next refine read them from the store alone.
+- zarr group ``history/r<k>`` — for every box the round changed, the ``refined`` and
+  ``scribbles`` pixels from before it (attributes hold the boxes). ``wsiseg undo`` writes
+  them back, so the previous round comes back exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+from wsiseg.errors import WsisegError
+from wsiseg.qupath import is_wsiseg_feature, read_annotations
+from wsiseg.store import SlideStore, StoreLock
+
+
+@dataclass(frozen=True)
+class Backup:
+    """Pixels of one box before a round; ``refined`` None when the round did not touch it."""
+
+    region: tuple[int, int, int, int]  # (row0, col0, rows, cols), working px
+    refined: np.ndarray | None
+    scribbles: np.ndarray
+
+
+def round_geojson_path(store: SlideStore, round_k: int) -> Path:
+    return store.path / "rounds" / f"r{round_k}.geojson"
+
+
+def save_backup(store: SlideStore, round_k: int, backups: list[Backup]) -> None:
+    group = store.group.require_group("history")
+    name = f"r{round_k}"
+    if name in group:
+        del group[name]  # left by a round that failed before it was recorded
+    g = group.create_group(name)
+    boxes = []
+    for i, b in enumerate(backups):
+        arrays = {"scribbles": b.scribbles}
+        if b.refined is not None:
+            arrays["refined"] = b.refined
+        for key, data in arrays.items():
+            arr = g.create_array(f"{key}_{i}", shape=data.shape, dtype=data.dtype,
+                                 chunks=data.shape, fill_value=0)
+            arr[...] = data
+        boxes.append({"region": list(b.region), "refined": b.refined is not None})
+    g.attrs["boxes"] = boxes
+
+
+def load_backup(store: SlideStore, round_k: int) -> list[Backup]:
+    try:
+        g = store.group["history"][f"r{round_k}"]
+    except KeyError:
+        raise WsisegError(f"{store.path}: round {round_k} has no undo record") from None
+    out = []
+    for i, box in enumerate(g.attrs["boxes"]):
+        refined = np.asarray(g[f"refined_{i}"][...]) if box["refined"] else None
+        out.append(Backup(tuple(box["region"]), refined, np.asarray(g[f"scribbles_{i}"][...])))
+    return out
+
+
+def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
+    """A round's tumor polygons in working px, read back from its stored GeoJSON."""
+    path = round_geojson_path(store, round_k)
+    if not path.exists():
+        raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({path.name})")
+    frame = store.frame
+    out = []
+    for a in read_annotations(path):
+        geom = frame.transform_geometry(a.geometry, "qupath", "working")
+        out.extend(shapely.get_parts(geom))
+    return out
+
+
+def latest_polygons_by_id(store: SlideStore) -> dict[str, shapely.Geometry]:
+    """Our contours of the latest round by feature id (QuPath frame), to spot edits."""
+    history = store.attrs.get("rounds") or []
+    if not history:
+        return {}
+    path = round_geojson_path(store, int(history[-1]["round"]))
+    if not path.exists():
+        return {}
+    return {a.id: a.geometry for a in read_annotations(path) if a.id and is_wsiseg_feature(a)}
+
+
+def recontour(
+    store: SlideStore, previous: list[shapely.Polygon], regions: list[tuple[int, int, int, int]]
+) -> list[shapely.Polygon]:
+    """Contours after a round: previous polygons away from the changed regions are kept;
+    the regions are contoured anew (whole components that touch them)."""
+    from wsiseg.outputs import round_polygons
+
+    if not regions:
+        return list(previous)
+    # Exported polygons are simplified (≤ 1 px) and rounded: grow the regions by 2 px so a
+    # polygon that touched a region is always replaced, never kept twice.
+    boxes = [shapely.box(c0 - 2, r0 - 2, c0 + cols + 2, r0 + rows + 2)
+             for r0, c0, rows, cols in regions]
+    changed = shapely.union_all(boxes)
+    kept = [p for p in previous if not shapely.intersects(p, changed)]
+    fresh: dict[bytes, shapely.Polygon] = {}
+    for region in regions:
+        for p in round_polygons(store, region=region):
+            fresh[shapely.to_wkb(shapely.normalize(p))] = p  # a component touching 2 regions
+    polygons = kept + list(fresh.values())
+    polygons.sort(key=lambda p: -p.area)
+    return polygons
+
+
+def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
+    """Restore the round before the latest one exactly; returns the round now current."""
+    from wsiseg.outputs import publish_round
+
+    with StoreLock(store.path, "undo"):
+        history = list(store.attrs.get("rounds") or [])
+        if len(history) < 2:
+            raise WsisegError(f"{store.path}: nothing to undo (only round 0, the run)")
+        last = int(history[-1]["round"])
+        for b in load_backup(store, last):
+            r0, c0, rows, cols = b.region
+            sl = np.s_[r0 : r0 + rows, c0 : c0 + cols]
+            store["scribbles"][sl] = b.scribbles
+            if b.refined is not None:
+                store["refined"][sl] = b.refined
+        history.pop()
+        current = int(history[-1]["round"])
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        undone = round_geojson_path(store, last)
+        if undone.exists():  # kept, renamed: nothing written is lost
+            os.replace(undone, undone.with_name(f"r{last}.undone-{stamp}.geojson"))
+        if out_dir is not None:
+            out_round = out_dir / f"{slide_id}.r{last}.geojson"
+            if out_round.exists():
+                os.replace(out_round, out_dir / f"{slide_id}.r{last}.undone-{stamp}.geojson")
+            publish_round(store, out_dir, slide_id, current)
+        del store.group["history"][f"r{last}"]
+        store.update_attrs(rounds=history, measurements=history[-1].get("measurements"))
+        return current

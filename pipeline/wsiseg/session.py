@@ -1,0 +1,85 @@
+"""The pathologist's loop on one slide store: ``refine``, ``history``, ``undo``.
+
+Thin glue between the CLI and :mod:`wsiseg.refine` / :mod:`wsiseg.rounds`: it opens the
+store, picks the refiner, and prints what happened.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from wsiseg.errors import UsageError, WsisegError
+from wsiseg.store import SlideStore
+
+
+def slide_id_of(store_path: Path) -> str:
+    name = store_path.name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
+def refine_store(
+    store_path: Path, scribbles: Path, *, refinenet: str | None = None,
+    refiner: str | None = None, out_dir: Path | None = None, device: str = "auto",
+) -> int:
+    from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
+
+    store = SlideStore.open(store_path)
+    if not scribbles.is_file():
+        raise WsisegError(f"{scribbles}: no such scribble file")
+    wf = store.workflow
+    kind = refiner or ("refinenet" if refinenet else None)
+    if kind is None:
+        from wsiseg.nets import missing_weights_error
+
+        raise UsageError(
+            f"{missing_weights_error('refinenet')} (or use --refiner randomwalk, no weights)"
+        )
+    if kind == "refinenet":
+        if not refinenet:
+            raise UsageError("--refiner refinenet needs --refinenet WEIGHTS")
+        from wsiseg.infer import resolve_device
+        from wsiseg.nets import load_weights
+
+        dev = resolve_device(device)
+        model, card = load_weights(Path(refinenet), role="refinenet", workflow=wf, device=dev)
+        fn = refinenet_refiner(model, card, dev, wf.refinenet.batch_size)
+    else:
+        fn = randomwalk_refiner(wf.refinenet.randomwalk_beta, wf.refinenet.confident_margin)
+    out = out_dir or store_path.parent
+    result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind)
+    if result.new_pixels == 0:
+        print(f"{scribbles}: nothing new to refine (round {result.round} stays current)")
+        return 0
+    print(
+        f"round {result.round}: {result.new_pixels} new scribble px, {len(result.windows)} "
+        f"windows refined ({kind}, {result.refine_s:.2f} s of {result.seconds:.2f} s); tumor "
+        f"{result.tumor_mm2_before:.3f} → {result.tumor_mm2_after:.3f} mm²; {result.geojson}"
+    )
+    return 0
+
+
+def print_history(store_path: Path) -> int:
+    store = SlideStore.open(store_path, mode="r")
+    rounds = store.attrs.get("rounds") or []
+    if not rounds:
+        print(f"{store_path}: no rounds yet (run `wsiseg run` first)", file=sys.stderr)
+        return 1
+    print(f"{'round':>5}  {'time':<24} {'kind':<8} {'tumor':>6} {'non-tumor':>9} "
+          f"{'ignored':>7} {'windows':>7} {'tumor mm² before → after':>26}")
+    for r in rounds:
+        s = r.get("scribbles") or {}
+        before = r.get("tumor_mm2_before", r.get("tumor_mm2", 0.0))
+        print(f"{r['round']:>5}  {r['time']:<24} {r.get('refiner', r['kind']):<8} "
+              f"{s.get('tumor', 0):>6} {s.get('non_tumor', 0):>9} {s.get('ignored', 0):>7} "
+              f"{r.get('windows', 0):>7} {before:>12.4f} → {r.get('tumor_mm2', 0.0):.4f}")
+    return 0
+
+
+def undo_store(store_path: Path, out_dir: Path | None = None) -> int:
+    from wsiseg.rounds import undo
+
+    store = SlideStore.open(store_path)
+    current = undo(store, out_dir or store_path.parent, slide_id_of(store_path))
+    print(f"{store_path}: back at round {current}")
+    return 0

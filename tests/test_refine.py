@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import shapely
+
+from wsiseg.errors import WsisegError
+from wsiseg.qupath import read_annotations, validate_feature_collection
+from wsiseg.refine import affected_windows, randomwalk_refiner, refine_round
+from wsiseg.rounds import undo
+from wsiseg.store import StoreError, StoreLock
+
+from conftest import CMU_SVS, QUPATH_FIXTURES, real
+from storekit import (
+    assert_unchanged,
+    blobs,
+    feature,
+    run_store,
+    store_snapshot,
+    write_export,
+)
+
+SLIDE_ID = "cmu"
+
+
+@pytest.fixture()
+def cmu_run(tmp_path, small_workflow):
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, blobs)
+    return store, out
+
+
+def tissue_point(store, k: int = 0) -> tuple[float, float]:
+    """A working-px (x, y) well inside tissue."""
+    from scipy import ndimage
+
+    tissue = store.tissue_mask
+    inner = ndimage.binary_erosion(tissue, iterations=3)
+    rr, cc = np.nonzero(inner)
+    i = (len(rr) * (k + 1)) // 5
+    rows, cols = store.frame.working_shape
+    return (cc[i] + 0.5) * cols / tissue.shape[1], (rr[i] + 0.5) * rows / tissue.shape[0]
+
+
+def to_qupath(store, geom):
+    return store.frame.transform_geometry(geom, "working", "qupath")
+
+
+def qupath_like_export(store, out, path):
+    """Brush polygon with a hole, a polyline, points, an edited AI contour, and noise."""
+    x0, y0 = tissue_point(store, 0)
+    x1, y1 = tissue_point(store, 2)
+    x2, y2 = tissue_point(store, 3)
+    brush = shapely.Polygon(
+        shapely.box(x0 - 12, y0 - 12, x0 + 12, y0 + 12).exterior.coords,
+        [shapely.box(x0 - 3, y0 - 3, x0 + 3, y0 + 3).exterior.coords],
+    )
+    line = shapely.LineString([(x1 - 20, y1), (x1, y1 + 5), (x1 + 20, y1 - 5)])
+    points = shapely.MultiPoint([(x2, y2), (x2 + 6, y2 + 6)])
+    ai = json.loads((out / f"{SLIDE_ID}.geojson").read_text())["features"][0]
+    edited = shapely.geometry.shape(ai["geometry"]).buffer(40)  # pathologist grew it
+    ai["geometry"] = json.loads(shapely.to_geojson(shapely.set_precision(edited, 0.01)))
+    features = [
+        feature(to_qupath(store, brush), "Tumor"),
+        feature(to_qupath(store, line), "Stroma"),
+        feature(to_qupath(store, points), "Tumor"),
+        ai,
+        feature(to_qupath(store, shapely.box(x0, y0, x0 + 5, y0 + 5)), None),  # unclassified
+        feature(to_qupath(store, shapely.box(x1, y1, x1 + 5, y1 + 5)), "Region*"),
+        feature(to_qupath(store, shapely.box(x1, y1, x1 + 5, y1 + 5)), "Tumor",
+                objectType="detection"),
+    ]
+    return write_export(path, features)
+
+
+def window_mask(shape, windows, window_px):
+    mask = np.zeros(shape, dtype=bool)
+    for r, c in windows:
+        mask[r : r + window_px, c : c + window_px] = True
+    return mask
+
+
+def test_round_trip_changes_only_the_scribbled_windows_and_undo_restores(cmu_run, tmp_path):
+    store, out = cmu_run
+    before = store_snapshot(store, out)
+    export = qupath_like_export(store, out, tmp_path / "scribbles.geojson")
+    refiner = randomwalk_refiner(130.0, 0.4)
+    result = refine_round(store, export, out, SLIDE_ID, refiner, "randomwalk")
+    assert result.round == 1 and result.new_pixels > 0 and result.windows
+    wf = store.workflow
+    inside = window_mask(store.frame.working_shape, result.windows, wf.refinenet.window_px)
+    refined = np.asarray(store["refined"][...])
+    changed = refined != before["refined"]
+    assert changed.any()
+    assert not (changed & ~inside).any(), "pixels outside the affected windows changed"
+    np.testing.assert_array_equal(np.asarray(store["guide"][...]), before["guide"])
+    scribbles = np.asarray(store["scribbles"][...])
+    assert (scribbles > 0).any() and (scribbles < 0).any()  # tumor brush + stroma line
+    history = store.attrs["rounds"]
+    counts = history[-1]["scribbles"]
+    assert counts == {"tumor": 2, "non_tumor": 1, "ignored": 2, "edited_ai": 1}
+    # Every file validates by QuPath's rules and lies inside the slide.
+    w, h = store.frame.level0_size
+    for name in (f"{SLIDE_ID}.geojson", f"{SLIDE_ID}.r0.geojson", f"{SLIDE_ID}.r1.geojson"):
+        data = json.loads((out / name).read_text())
+        assert validate_feature_collection(data, bounds=(w, h)) == []
+    latest = (out / f"{SLIDE_ID}.geojson").read_bytes()
+    assert latest == (out / f"{SLIDE_ID}.r1.geojson").read_bytes()
+    # Undo: round 0 again, byte for byte.
+    assert undo(store, out, SLIDE_ID) == 0
+    assert_unchanged(store, out, before)
+    assert len(list(out.glob(f"{SLIDE_ID}.r1.undone-*.geojson"))) == 1
+
+
+def test_same_export_twice_adds_nothing(cmu_run, tmp_path):
+    store, out = cmu_run
+    export = qupath_like_export(store, out, tmp_path / "s.geojson")
+    refiner = randomwalk_refiner(130.0, 0.4)
+    first = refine_round(store, export, out, SLIDE_ID, refiner, "randomwalk")
+    snap = store_snapshot(store, out)
+    again = refine_round(store, export, out, SLIDE_ID, refiner, "randomwalk")
+    assert first.new_pixels > 0 and again.new_pixels == 0 and again.round == first.round
+    assert_unchanged(store, out, snap)
+
+
+def test_a_new_export_adds_only_what_is_new(cmu_run, tmp_path):
+    store, out = cmu_run
+    refiner = randomwalk_refiner(130.0, 0.4)
+    x, y = tissue_point(store, 1)
+    a = feature(to_qupath(store, shapely.box(x - 8, y - 8, x + 8, y + 8)), "Tumor")
+    refine_round(store, write_export(tmp_path / "a.geojson", [a]), out, SLIDE_ID, refiner, "rw")
+    n_after_a = int((np.asarray(store["scribbles"][...]) != 0).sum())
+    x2, y2 = tissue_point(store, 3)
+    b = feature(to_qupath(store, shapely.box(x2 - 4, y2 - 4, x2 + 4, y2 + 4)), "Stroma")
+    second = refine_round(store, write_export(tmp_path / "b.geojson", [a, b]), out, SLIDE_ID,
+                          refiner, "rw")
+    assert second.round == 2
+    assert second.new_pixels == int((np.asarray(store["scribbles"][...]) != 0).sum()) - n_after_a
+    assert second.new_pixels == 64  # only the 8×8 stroma box is new
+
+
+def test_affected_windows_cover_every_new_pixel_with_context():
+    new = np.zeros((1000, 1500), dtype=bool)
+    new[10, 10] = new[500, 700] = new[999, 1499] = True
+    windows = affected_windows(new, (0, 0, 1000, 1500), (1000, 1500), 384, 64)
+    for r, c in zip(*np.nonzero(new), strict=True):
+        holders = [(wr, wc) for wr, wc in windows if wr <= r < wr + 384 and wc <= c < wc + 384]
+        assert holders
+        # context on each side unless the slide border is closer
+        wr, wc = holders[0]
+        assert min(r - wr, wr + 384 - r) >= 64 or wr == 0 or wr + 384 == 1000
+    assert len(windows) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON|malformed|JSON"),
+        ("", "empty"),
+        ('{"type": "Feature", "geometry": {"type": "Circle", "coordinates": [1, 2]}, '
+         '"properties": {}}', "Circle|geometry type"),
+        ('{"type": "Feature", "geometry": null, "properties": {}}', "geometry"),
+        ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [NaN, 5]}, '
+         '"properties": {"classification": {"name": "Tumor", "color": [1, 2, 3]}}}',
+         "finite|NaN"),
+        ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1e12, 5]}, '
+         '"properties": {"classification": {"name": "Tumor", "color": [1, 2, 3]}}}',
+         "huge|large|range"),
+    ],
+)
+def test_bad_scribble_files_change_nothing(cmu_run, tmp_path, content, message):
+    store, out = cmu_run
+    before = store_snapshot(store, out)
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(content)
+    with pytest.raises(WsisegError, match=message) as err:
+        refine_round(store, bad, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+    assert "bad.geojson" in str(err.value)
+    assert_unchanged(store, out, before)
+
+
+def test_scribbles_outside_the_slide_or_off_tissue_are_refused(cmu_run, tmp_path):
+    store, out = cmu_run
+    before = store_snapshot(store, out)
+    w, h = store.frame.level0_size
+    outside = feature(shapely.box(w + 100, h + 100, w + 200, h + 200), "Tumor")
+    with pytest.raises(WsisegError, match="outside the slide"):
+        refine_round(store, write_export(tmp_path / "o.geojson", [outside]), out, SLIDE_ID,
+                     randomwalk_refiner(130.0, 0.4), "rw")
+    # Another slide's export: scribbles on glass of this one.
+    glass = feature(shapely.box(20, 20, 300, 300), "Tumor")
+    with pytest.raises(WsisegError, match="another slide"):
+        refine_round(store, write_export(tmp_path / "g.geojson", [glass]), out, SLIDE_ID,
+                     randomwalk_refiner(130.0, 0.4), "rw")
+    assert_unchanged(store, out, before)
+
+
+def test_self_intersecting_polygon_and_unknown_class_are_not_fatal(cmu_run, tmp_path):
+    store, out = cmu_run
+    x, y = tissue_point(store, 1)
+    bowtie = shapely.Polygon([(x - 10, y - 10), (x + 10, y + 10), (x + 10, y - 10),
+                              (x - 10, y + 10), (x - 10, y - 10)])
+    feats = [feature(to_qupath(store, bowtie), "Tumor"),
+             feature(to_qupath(store, shapely.box(x, y, x + 4, y + 4)), "Mystery class")]
+    result = refine_round(store, write_export(tmp_path / "s.geojson", feats), out, SLIDE_ID,
+                          randomwalk_refiner(130.0, 0.4), "rw")
+    assert result.new_pixels > 0
+    assert store.attrs["rounds"][-1]["unknown_classes"] == ["Mystery class"]
+
+
+def test_refine_before_run_is_refused(tmp_path, small_workflow):
+    from wsiseg.tiling import tile_slide
+
+    store = tile_slide(real(CMU_SVS), tmp_path / "never.zarr", small_workflow).store
+    export = write_export(tmp_path / "s.geojson", [feature(shapely.box(0, 0, 9, 9), "Tumor")])
+    with pytest.raises(WsisegError, match="never run"):
+        refine_round(store, export, tmp_path, "never", randomwalk_refiner(130.0, 0.4), "rw")
+
+
+def test_two_refines_of_one_slide_cannot_run_at_once(cmu_run, tmp_path):
+    store, out = cmu_run
+    x, y = tissue_point(store, 1)
+    export = write_export(tmp_path / "s.geojson",
+                          [feature(to_qupath(store, shapely.box(x, y, x + 9, y + 9)), "Tumor")])
+    with StoreLock(store.path, "test"), pytest.raises(StoreError, match="another wsiseg process"):
+        refine_round(store, export, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+
+
+def test_undo_with_only_round_zero_is_an_error(cmu_run):
+    store, out = cmu_run
+    with pytest.raises(WsisegError, match="nothing to undo"):
+        undo(store, out, SLIDE_ID)
+
+
+def test_qupath_fixtures_parse_as_scribble_sources():
+    """The real QuPath files read as annotations the refine step can map."""
+    anns = read_annotations(real(QUPATH_FIXTURES / "polygon.geojson"))
+    assert len(anns) == 1 and anns[0].class_name is None  # unclassified → ignored
+    assert len(anns[0].geometry.geoms[0].interiors) == 26
