@@ -73,6 +73,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_cohort(args.slides, options)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from wsiseg.export import export_stores
+
+    return export_stores(
+        args.stores, round_k=args.round, what=args.what,
+        out_dir=Path(args.out) if args.out else None, force=args.force,
+    )
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from wsiseg.synth import synthesize_cohort
 
@@ -186,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("undo", cmd_undo, "restore the round before the latest one exactly")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--out", metavar="DIR", help="where the GeoJSON go (default: the store's)")
+
+    p = add("export", cmd_export, "a round's tumor mask (OME-TIFF), GeoJSON and measurements")
+    p.add_argument("stores", nargs="+", metavar="STORE")
+    p.add_argument("--round", type=int, metavar="K", help="default: the latest round")
+    p.add_argument("--what", default="mask,geojson,measurements",
+                   help="comma-separated: mask,prob,geojson,measurements")
+    p.add_argument("--out", metavar="DIR", help="default: each store's folder")
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
 
     p = add("synth", cmd_synth, "write generated H&E-like slides with ground truth")
     p.add_argument("outdir")

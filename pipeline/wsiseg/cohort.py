@@ -179,8 +179,11 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     return 1 if failed else 0
 
 
-def slide_outputs(out_dir: Path, slide_id: str) -> list[Path]:
-    return [out_dir / f"{slide_id}.geojson", out_dir / f"{slide_id}.png"]
+def slide_outputs(out_dir: Path, slide_id: str, export_mask: bool = False) -> list[Path]:
+    paths = [out_dir / f"{slide_id}.geojson", out_dir / f"{slide_id}.png"]
+    if export_mask:
+        paths.append(out_dir / f"{slide_id}.r0.mask.ome.tif")
+    return paths
 
 
 def run_one(
@@ -215,7 +218,7 @@ def _run_one(
 
         open_slide(slide)  # raises the one-line reason (missing, directory, ...)
     if store_path.exists() and not options.force:
-        done = _done_row(store_path, slide, slide_id, out_dir)
+        done = _done_row(store_path, slide, slide_id, out_dir, options.export_mask)
         if done is not None:
             return done
     if options.force and store_path.exists():
@@ -232,7 +235,7 @@ def _run_one(
             model=model, normalise=lambda t: normalise_rgb(t, card), tissue=store.tissue_mask,
             patch_px=wf.guidenet.patch_px, stride_px=wf.guidenet.stride_px,
             batch_size=wf.guidenet.batch_size, device=device, band_px=store.chunk_px,
-            tta=options.tta,
+            tta=options.tta, clip_to_tissue=True,
         )
         store.update_attrs(models={"guidenet": {
             "card": card.to_dict(), "sha256": weights_hash(Path(options.guidenet)),
@@ -240,12 +243,12 @@ def _run_one(
         }}, inference={"patches": stats.patches, "forward_s": round(stats.forward_s, 3),
                        "total_s": round(stats.total_s, 3), "tta": options.tta})
         store.set_stage("guide", "done")
-    m = publish_run(store, out_dir, slide_id)
+    m = publish_run(store, out_dir, slide_id, export_mask=options.export_mask)
     return SlideRow(str(slide), slide_id, "done", tissue_mm2=m.tissue_mm2,
                     tumor_mm2=m.tumor_mm2, tumor_fraction=m.tumor_fraction)
 
 
-def publish_run(store: SlideStore, out_dir: Path, slide_id: str):
+def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False):
     """Round 0 of a store whose ``guide``/``refined`` are complete: GeoJSON, thumbnail,
     measurements; the slide counts as done only after this."""
     from wsiseg.outputs import measurements, write_round_geojson, write_thumbnail
@@ -260,11 +263,17 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str):
             "measurements": asdict(m),
         }])
     store.update_attrs(measurements=asdict(m))
+    if export_mask:
+        from wsiseg.export import export_store
+
+        export_store(store.path, round_k=0, what={"mask"}, out_dir=out_dir, force=True)
     store.set_stage("export", "done")  # last: only now does the slide count as done
     return m
 
 
-def _done_row(store_path: Path, slide: Path, slide_id: str, out_dir: Path) -> SlideRow | None:
+def _done_row(
+    store_path: Path, slide: Path, slide_id: str, out_dir: Path, export_mask: bool
+) -> SlideRow | None:
     from wsiseg.store import source_changed
 
     try:
@@ -273,7 +282,7 @@ def _done_row(store_path: Path, slide: Path, slide_id: str, out_dir: Path) -> Sl
         return None
     if store.stage("export") != "done" or source_changed(store, slide):
         return None
-    if not all(p.exists() for p in slide_outputs(out_dir, slide_id)):
+    if not all(p.exists() for p in slide_outputs(out_dir, slide_id, export_mask)):
         return None
     m = store.attrs.get("measurements", {})
     return SlideRow(str(slide), slide_id, "skipped", reason="already done",

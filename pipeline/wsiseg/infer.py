@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from wsiseg.errors import WsisegError
 
@@ -522,8 +523,12 @@ class _BandBlender:
 class _BandWriter:
     """Writes finished bands into every output on one background thread."""
 
-    def __init__(self, outputs: Sequence[WritableMap]) -> None:
+    def __init__(
+        self, outputs: Sequence[WritableMap], clip: NDArray[np.bool_] | None = None,
+        width: int = 0, height: int = 0,
+    ) -> None:
         self.outputs = outputs
+        self.clip, self.width, self.height = clip, width, height
         self.write_s = 0.0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsiseg-infer-writer")
         self._pending: deque[Future[None]] = deque()
@@ -537,6 +542,8 @@ class _BandWriter:
         if event is not None:
             event.synchronize()  # the device → host copy has landed
         t0 = time.perf_counter()
+        if self.clip is not None:
+            band = band * _mask_rows(self.clip, row0, row1, self.height, self.width)
         for output in self.outputs:
             output[row0:row1, :] = band
         self.write_s += time.perf_counter() - t0
@@ -547,6 +554,16 @@ class _BandWriter:
                 self._pending.popleft().result()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=not wait)
+
+
+def _mask_rows(
+    mask: NDArray[np.bool_], row0: int, row1: int, height: int, width: int
+) -> NDArray[np.bool_]:
+    """Rows [row0, row1) of a low-resolution mask, upsampled (nearest) to (height, width)."""
+    mh, mw = mask.shape
+    rr = np.minimum(((np.arange(row0, row1) + 0.5) * mh / height).astype(np.int64), mh - 1)
+    cc = np.minimum(((np.arange(width) + 0.5) * mw / width).astype(np.int64), mw - 1)
+    return mask[np.ix_(rr, cc)]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -566,6 +583,7 @@ def infer_to_store(
     band_px: int,
     progress: Callable[[int], None] | None = None,
     tta: bool = False,
+    clip_to_tissue: bool = False,
 ) -> InferStats:
     """Run GuideNet over every tissue patch of ``image`` and write the blended probabilities.
 
@@ -597,6 +615,8 @@ def infer_to_store(
         Called with the number of patches done since the previous call.
     tta : bool
         Average each patch over the 8 dihedral transforms before blending.
+    clip_to_tissue : bool
+        Write 0 outside the tissue mask (grown by one mask pixel): glass is never tumor.
 
     Returns
     -------
@@ -615,7 +635,10 @@ def infer_to_store(
     on_cuda = device.type == "cuda"
     rows_per_read = _chunk_rows(image) or band_px
     reader = _PatchReader(image, origins, patch_px, batch_size, rows_per_read, pin=on_cuda)
-    writer = _BandWriter(outputs)
+    # Glass is never tumor: with clip_to_tissue, probabilities outside the tissue mask (grown
+    # by one mask pixel so coarse mask edges do not cut tumor borders) are written as 0.
+    clip = ndimage.binary_dilation(tissue) if clip_to_tissue else None
+    writer = _BandWriter(outputs, clip, width, height)
     blender = _BandBlender(height, width, patch_px, band_px, device, writer)
     timings: list[tuple[Any, Any]] = []  # CUDA events around each forward pass
     ok = False

@@ -1,0 +1,172 @@
+"""`wsiseg run` end to end (issue 3): outputs, GeoJSON validity, bad input, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+from wsiseg.cli import main
+from wsiseg.qupath import read_annotations, validate_feature_collection
+from wsiseg.store import SlideStore
+
+from conftest import CMU_SVS, real
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    from wsiseg.nets import init_weights
+
+    d = tmp_path_factory.mktemp("weights")
+    init_weights("guidenet", d / "g.safetensors", seed=1)
+    init_weights("refinenet", d / "r.safetensors", seed=1)
+    return {"guidenet": d / "g.safetensors", "refinenet": d / "r.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def cmu_out(tmp_path_factory, weights) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    status = main(["run", str(real(CMU_SVS)), "--out", str(out),
+                   "--guidenet", str(weights["guidenet"])])
+    assert status == 0
+    return out
+
+
+def summary(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "summary.csv").open() as f:
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+def check_geojson(path: Path, store: SlideStore) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["type"] == "FeatureCollection"
+    assert validate_feature_collection(data, bounds=store.frame.level0_size) == []
+    for f in data["features"]:
+        props = f["properties"]
+        assert props["objectType"] == "annotation" and props["isLocked"] is True
+        assert props["classification"]["name"] == "Tumor (AI)"
+        assert props["metadata"]["source"] == "wsiseg" and props["metadata"]["round"] == "0"
+        assert all(np.isfinite(v) for v in props["measurements"].values())
+    return data
+
+
+def test_run_on_the_real_svs(cmu_out):
+    slide_id = "cmu-1-small-region"
+    for name in (f"{slide_id}.geojson", f"{slide_id}.r0.geojson", f"{slide_id}.png",
+                 "summary.csv"):
+        assert (cmu_out / name).is_file()
+    store = SlideStore.open(cmu_out / f"{slide_id}.zarr", mode="r")
+    assert store.stage("guide") == "done" and store.stage("export") == "done"
+    data = check_geojson(cmu_out / f"{slide_id}.geojson", store)
+    assert data["features"], "random weights still give some tumor on this slide"
+    row = summary(cmu_out)[slide_id]
+    assert row["status"] == "done"
+    assert float(row["tissue_mm2"]) > 0 and 0 <= float(row["tumor_fraction"]) <= 1.0
+    # guide == refined after a run; glass outside the tissue mask is 0
+    guide = np.asarray(store["guide"][...])
+    np.testing.assert_array_equal(guide, np.asarray(store["refined"][...]))
+    tissue = store.tissue_mask
+    rows, cols = guide.shape
+    rr = np.minimum((np.arange(rows) + 0.5) * tissue.shape[0] / rows, tissue.shape[0] - 1)
+    cc = np.minimum((np.arange(cols) + 0.5) * tissue.shape[1] / cols, tissue.shape[1] - 1)
+    from scipy import ndimage
+
+    grown = ndimage.binary_dilation(tissue)
+    outside = ~grown[np.ix_(rr.astype(int), cc.astype(int))]
+    assert outside.any() and (guide[outside] == 0).all()
+
+
+def test_polygons_with_holes_survive_the_reader(cmu_out):
+    slide_id = "cmu-1-small-region"
+    store = SlideStore.open(cmu_out / f"{slide_id}.zarr", mode="r")
+    from wsiseg.outputs import round_polygons
+
+    polygons = round_polygons(store)
+    annotations = read_annotations(cmu_out / f"{slide_id}.geojson")
+    assert len(annotations) == len(polygons)
+    assert any(len(p.interiors) for p in polygons), "the test needs a polygon with holes"
+    slide_box = shapely.box(0, 0, *store.frame.level0_size)
+    for poly, ann in zip(polygons, annotations, strict=True):
+        expected = shapely.intersection(
+            store.frame.transform_geometry(poly, "working", "level0"), slide_box)
+        assert ann.geometry.area == pytest.approx(expected.area, rel=1e-4, abs=1.0)
+        holes = sum(len(p.interiors) for p in shapely.get_parts(ann.geometry))
+        assert holes == sum(len(p.interiors) for p in shapely.get_parts(expected))
+
+
+def test_run_on_a_generated_slide(synth_slides, weights, tmp_path):
+    out = tmp_path / "out"
+    slide = synth_slides[0].slide_path
+    assert main(["run", str(slide), "--out", str(out), "--guidenet",
+                 str(weights["guidenet"]), "--export", "mask"]) == 0
+    slide_id = slide.stem
+    store = SlideStore.open(out / f"{slide_id}.zarr", mode="r")
+    check_geojson(out / f"{slide_id}.geojson", store)
+    assert (out / f"{slide_id}.r0.mask.ome.tif").is_file()
+    assert summary(out)[slide_id]["status"] == "done"
+
+
+def test_a_bad_file_among_good_slides(cmu_out, weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(cmu_out, out)  # the good slide is already done here
+    bad = tmp_path / "notes.svs"
+    bad.write_text("not a slide")
+    status = main(["run", str(CMU_SVS), str(bad), "--out", str(out), "--guidenet",
+                   str(weights["guidenet"])])
+    assert status == 1
+    rows = summary(out)
+    assert rows["cmu-1-small-region"]["status"] == "skipped"  # done before: not redone
+    assert rows["notes"]["status"] == "failed" and "notes.svs" in rows["notes"]["reason"]
+    assert "notes.svs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["role", "corrupt", "pickle"])
+def test_bad_weights_are_refused_before_any_slide(weights, tmp_path, capsys, kind):
+    if kind == "role":
+        path = weights["refinenet"]
+    elif kind == "corrupt":
+        path = tmp_path / "cut.safetensors"
+        path.write_bytes(weights["guidenet"].read_bytes()[:4096])
+    else:
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    out = tmp_path / "out"
+    status = main(["run", str(CMU_SVS), "--out", str(out), "--guidenet", str(path)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert path.name in err and len(err.strip().splitlines()) == 1
+    assert not list(out.glob("*.zarr"))
+
+
+def test_no_weights_says_how_to_get_them(tmp_path, capsys):
+    status = main(["run", str(CMU_SVS), "--out", str(tmp_path / "out")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "wsiseg train" in err and "wsiseg demo" in err
+
+
+def test_interrupted_run_resumes_without_redoing_inference(cmu_out, weights, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(cmu_out, out)
+    slide_id = "cmu-1-small-region"
+    store = SlideStore.open(out / f"{slide_id}.zarr")
+    # As if killed after inference, before the outputs were written.
+    store.set_stage("export", "pending")
+    (out / f"{slide_id}.geojson").unlink()
+    inference_before = store.attrs["inference"]
+    guide_mtime = max(p.stat().st_mtime for p in (out / f"{slide_id}.zarr" / "guide").rglob("*"))
+    assert main(["run", str(CMU_SVS), "--out", str(out), "--guidenet",
+                 str(weights["guidenet"])]) == 0
+    store = SlideStore.open(out / f"{slide_id}.zarr", mode="r")
+    assert store.attrs["inference"] == inference_before
+    assert max(p.stat().st_mtime
+               for p in (out / f"{slide_id}.zarr" / "guide").rglob("*")) == guide_mtime
+    again = (out / f"{slide_id}.geojson").read_bytes()
+    assert again == (cmu_out / f"{slide_id}.geojson").read_bytes()
+    assert summary(out)[slide_id]["status"] == "done"
