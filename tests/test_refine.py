@@ -239,3 +239,49 @@ def test_qupath_fixtures_parse_as_scribble_sources():
     anns = read_annotations(real(QUPATH_FIXTURES / "polygon.geojson"))
     assert len(anns) == 1 and anns[0].class_name is None  # unclassified → ignored
     assert len(anns[0].geometry.geoms[0].interiors) == 26
+
+
+def test_refine_raises_tumor_iou_on_a_generated_slide(synth_slides, small_workflow, tmp_path):
+    """A GuideNet that is unsure over part of a tumor; one tumor brush there; random walker."""
+    from scipy import ndimage
+
+    from wsiseg.synth import read_truth_mask
+
+    s = synth_slides[0]
+    truth_holder = {}
+
+    def guide(rows: int, cols: int) -> np.ndarray:
+        truth = read_truth_mask(s.truth_mask_path, (rows, cols))
+        truth_holder["truth"] = truth
+        prob = ndimage.gaussian_filter(truth.astype(np.float32), 2) * 255
+        labels, n = ndimage.label(truth)
+        biggest = 1 + int(np.argmax(ndimage.sum(truth, labels, range(1, n + 1))))
+        rr, cc = np.nonzero(labels == biggest)
+        r0, c0 = int(np.median(rr)), int(np.median(cc))
+        truth_holder["missed"] = (r0, c0)
+        prob[r0 - 60 : r0 + 60, c0 - 60 : c0 + 60] = 0.45 * 255  # unsure: no seeds here
+        return prob.astype(np.uint8)
+
+    out = tmp_path / "out"
+    store = run_store(s.slide_path, out, "synth", small_workflow, guide)
+    truth = truth_holder["truth"]
+    r0, c0 = truth_holder["missed"]
+    region = np.zeros_like(truth)
+    region[r0 - 60 : r0 + 60, c0 - 60 : c0 + 60] = True
+    brush_px = ndimage.binary_erosion(truth & region, iterations=8)
+    assert brush_px.sum() > 50
+    # One brush stroke along the tumor's core inside the unsure square, as polygons.
+    from wsiseg.contours import tumor_polygons
+
+    brush = shapely.union_all(tumor_polygons(brush_px.astype(np.uint8) * 255, simplify_px=0))
+    export = write_export(tmp_path / "s.geojson", [feature(to_qupath(store, brush), "Tumor")])
+    guide_before = np.asarray(store["refined"][...]) >= 128
+    result = refine_round(store, export, out, "synth", randomwalk_refiner(130.0, 0.4), "rw")
+    inside = window_mask(truth.shape, result.windows, store.workflow.refinenet.window_px)
+    refined = np.asarray(store["refined"][...]) >= 128
+
+    def iou(pred):
+        a, b = pred[inside], truth[inside]
+        return (a & b).sum() / max(1, (a | b).sum())
+
+    assert iou(refined) > iou(guide_before) + 0.02
