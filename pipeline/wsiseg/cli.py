@@ -82,6 +82,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from wsiseg.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(
+        out_dir=Path(args.out), minutes_guidenet=args.minutes, minutes_refinenet=args.minutes,
+        seed=args.seed,
+    ))
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from wsiseg.synth import synthesize_cohort
 
@@ -203,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: mask,prob,geojson,measurements")
     p.add_argument("--out", metavar="DIR", help="default: each store's folder")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
+
+    p = add("demo", cmd_demo, "the whole loop on a generated cohort, on CPU, in minutes")
+    p.add_argument("--out", default="demo-out", metavar="DIR")
+    p.add_argument("--minutes", type=_positive_float, default=2.5,
+                   help="training budget per network (minutes)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("synth", cmd_synth, "write generated H&E-like slides with ground truth")
     p.add_argument("outdir")
