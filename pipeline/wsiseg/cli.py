@@ -149,6 +149,37 @@ def cmd_undo(args: argparse.Namespace) -> int:
     return undo_store(Path(args.store), out_dir=Path(args.out) if args.out else None)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from wsiseg import train
+
+    out = Path(args.out)
+    common = dict(
+        slides=[Path(s) for s in args.slides], annotations=[Path(a) for a in args.annotations],
+        patch_folders=[Path(p) for p in args.patch_folder], out=out, workflow=args.workflow,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr, seed=args.seed,
+        device=args.device, max_minutes=args.max_minutes, resume=not args.restart,
+        cache_dir=Path(args.cache) if args.cache else out.parent / f"{out.stem}.cache",
+        val_fraction=args.val_fraction, mpp=args.mpp,
+    )
+    if not args.annotations:
+        common["annotations"] = None
+    if args.batch_size:
+        common["batch_size"] = args.batch_size
+    if args.train_command == "guidenet":
+        result = train.train_guidenet(**common)
+    else:
+        result = train.train_refinenet(
+            guidenet=Path(args.guidenet), scribble_mix=args.scribble_mix,
+            second_pass_prob=args.second_pass, scribble_kind=args.scribble_kind, **common,
+        )
+    print(
+        f"{result.weights}: best validation IoU {result.best_val_iou:.3f} after "
+        f"{result.epochs_run} epochs ({result.steps} steps, {result.seconds:.0f} s, "
+        f"stopped: {result.stopped})"
+    )
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -225,6 +256,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=(8192, 6144), metavar="WxH")
     p.add_argument("--mpp", type=_positive_float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+
+    trainers = sub.add_parser("train", help="train GuideNet or RefineNet").add_subparsers(
+        dest="train_command", required=True, metavar="NETWORK"
+    )
+    for name, help_text in (
+        ("guidenet", "train GuideNet from annotated slides or image/mask patch pairs"),
+        ("refinenet", "train RefineNet on a GuideNet's errors with simulated scribbles"),
+    ):
+        p = trainers.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=cmd_train)
+        p.add_argument("--slides", nargs="*", default=[], metavar="SLIDE")
+        p.add_argument("--annotations", nargs="*", default=[], metavar="FILE",
+                       help="QuPath GeoJSON exports or mask images (or folders), by slide name")
+        p.add_argument("--patch-folder", action="append", default=[], metavar="DIR",
+                       help="a folder with images/ and masks/ patch pairs (repeatable)")
+        p.add_argument("--out", required=True, metavar="FILE", help="weights .safetensors")
+        p.add_argument("--epochs", type=int, default=20)
+        p.add_argument("--steps-per-epoch", type=int, default=100)
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--lr", type=_positive_float, default=1e-3)
+        p.add_argument("--val-fraction", type=float, default=0.2,
+                       help="share of slides held out for validation")
+        p.add_argument("--max-minutes", type=_positive_float, help="stop after this long")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+        p.add_argument("--cache", metavar="DIR", help="slide stores (default: beside --out)")
+        p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+        workflow_option(p)
+        if name == "refinenet":
+            p.add_argument("--guidenet", required=True, metavar="WEIGHTS")
+            p.add_argument("--scribble-mix", type=float, default=0.5,
+                           help="share of DeepScribble scribbles (else human-like)")
+            p.add_argument("--second-pass", type=float, default=0.3,
+                           help="share of steps with a second, corrective scribble pass")
+            p.add_argument("--scribble-kind", choices=["distance", "raw", "none"],
+                           default="distance", help="scribble channels (ablation)")
 
     models = sub.add_parser("models", help="model weights").add_subparsers(
         dest="models_command", required=True, metavar="COMMAND"
