@@ -285,3 +285,14 @@ def test_refine_raises_tumor_iou_on_a_generated_slide(synth_slides, small_workfl
         return (a & b).sum() / max(1, (a | b).sum())
 
     assert iou(refined) > iou(guide_before) + 0.02
+
+
+def test_random_walker_on_a_window_seeded_everywhere():
+    """A confident GuideNet seeds every pixel: the seeds are the answer (no crash)."""
+    guide = np.zeros((32, 32), np.uint8)
+    guide[:, :16] = 255  # confident tumor left, confident non-tumor right
+    fake = {"image": np.full((32, 32, 3), 200, np.uint8), "guide": guide,
+            "scribbles": np.zeros((32, 32), np.int8)}
+    (prob,) = randomwalk_refiner(130.0, 0.4)(fake, [(0, 0)], 32)
+    assert prob.shape == (32, 32)
+    assert (prob[:, :16] == 1).all() and (prob[:, 16:] == 0).all()

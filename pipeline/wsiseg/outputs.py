@@ -21,6 +21,9 @@ from wsiseg.contours import draw_contours, polygon_stats, tumor_polygons
 from wsiseg.qupath import WSISEG_SOURCE, Annotation, write_annotations
 from wsiseg.store import SlideStore
 
+#: The measurement holding a contour's mean tumor probability.
+MEAN_PROBABILITY = "Mean tumor probability"
+
 # Thumbnails are at most this many pixels on their long side.
 THUMBNAIL_PX = 1024
 
@@ -54,9 +57,15 @@ def round_polygons(
 
 
 def annotations_for(
-    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str
+    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str,
+    means: list[float | None] | None = None,
 ) -> list[Annotation]:
-    """QuPath annotations (QuPath-frame level-0 px) for a round's polygons."""
+    """QuPath annotations (QuPath-frame level-0 px) for a round's polygons.
+
+    ``means`` gives polygons' mean tumor probability where it is already known (polygons a
+    refine round kept); the others are measured on ``refined``, so a round's cost follows
+    the changed regions, not the slide.
+    """
     frame = store.frame
     cfg = store.workflow.contours
     models = store.attrs.get("models", {})
@@ -66,7 +75,9 @@ def annotations_for(
     slide_box = shapely.box(0, 0, *frame.level0_size)
     out = []
     for k, poly in enumerate(polygons, start=1):
-        stats = polygon_stats(store["refined"], poly)
+        mean = means[k - 1] if means is not None else None
+        if mean is None:
+            mean = float(polygon_stats(store["refined"], poly)["mean_probability"])
         area_um2 = float(poly.area) * frame.working_mpp**2
         out.append(
             Annotation(
@@ -81,7 +92,7 @@ def annotations_for(
                 locked=True,
                 measurements={
                     "Area µm^2": round(area_um2, 2),
-                    "Mean tumor probability": round(float(stats["mean_probability"]), 4),
+                    MEAN_PROBABILITY: round(mean, 4),
                 },
                 metadata={
                     "source": WSISEG_SOURCE, "version": __version__, "round": str(round_k),
@@ -96,13 +107,14 @@ def annotations_for(
 
 def write_round_geojson(
     store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
-    polygons: list[shapely.Polygon] | None = None,
+    polygons: list[shapely.Polygon] | None = None, means: list[float | None] | None = None,
 ) -> tuple[Path, list[shapely.Polygon]]:
     """Write round k's contours into the store (``rounds/r<k>.geojson``, the record) and
-    publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the latest)."""
+    publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the latest).
+    ``means``: see :func:`annotations_for`."""
     if polygons is None:
         polygons = round_polygons(store)
-    annotations = annotations_for(store, polygons, round_k, slide_id)
+    annotations = annotations_for(store, polygons, round_k, slide_id, means)
     record = store.path / "rounds" / f"r{round_k}.geojson"
     record.parent.mkdir(exist_ok=True)
     write_annotations(record, annotations)

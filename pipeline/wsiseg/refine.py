@@ -349,6 +349,11 @@ def randomwalk_refiner(beta: float, confident_margin: float) -> Refiner:
                 # One label only: nothing to separate; follow the scribbles' class.
                 out.append(np.full(guide.shape, 1.0 if (seeds == 1).any() else 0.0, np.float32))
                 continue
+            if not (seeds == 0).any():
+                # Every pixel seeded (a confident GuideNet): nothing left to walk, and
+                # random_walker would return its seeds' one-hot rather than probabilities.
+                out.append((seeds == 1).astype(np.float32))
+                continue
             with warnings.catch_warnings():
                 # cg_j's tolerance lets probabilities stray ~1e-3 outside [0, 1]: clipped.
                 warnings.simplefilter("ignore", UserWarning)
@@ -414,9 +419,12 @@ def refine_round(
             blended = blend_windows(old, region, members, [prob_of[w] for w in members],
                                     window_px, context_px)
             store["refined"][_sl(region)] = blended
-        previous = rounds.polygons_of_round(store, round_k - 1)
-        polygons = rounds.recontour(store, previous, [r for r, _ in regions])
-        latest, polygons = write_round_geojson(store, out_dir, slide_id, round_k, polygons)
+        previous = rounds.contours_of_round(store, round_k - 1)
+        contours = rounds.recontour(store, previous, [r for r, _ in regions])
+        latest, polygons = write_round_geojson(
+            store, out_dir, slide_id, round_k, [p for p, _ in contours],
+            means=[m for _, m in contours],
+        )
         m = measurements(store, polygons, round_k)
         seconds = time.perf_counter() - t0
         history.append({

@@ -70,6 +70,16 @@ def load_backup(store: SlideStore, round_k: int) -> list[Backup]:
 
 def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
     """A round's tumor polygons in working px, read back from its stored GeoJSON."""
+    return [p for p, _ in contours_of_round(store, round_k)]
+
+
+def contours_of_round(
+    store: SlideStore, round_k: int
+) -> list[tuple[shapely.Polygon, float | None]]:
+    """A round's tumor polygons in working px with their recorded mean tumor probability
+    (``None`` where the file has none), read back from the round's stored GeoJSON."""
+    from wsiseg.outputs import MEAN_PROBABILITY
+
     path = round_geojson_path(store, round_k)
     if not path.exists():
         raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({path.name})")
@@ -77,7 +87,9 @@ def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
     out = []
     for a in read_annotations(path):
         geom = frame.transform_geometry(a.geometry, "qupath", "working")
-        out.extend(shapely.get_parts(geom))
+        mean = (a.measurements or {}).get(MEAN_PROBABILITY)
+        mean = float(mean) if isinstance(mean, int | float) else None
+        out.extend((part, mean) for part in shapely.get_parts(geom))
     return out
 
 
@@ -93,10 +105,12 @@ def latest_polygons_by_id(store: SlideStore) -> dict[str, shapely.Geometry]:
 
 
 def recontour(
-    store: SlideStore, previous: list[shapely.Polygon], regions: list[tuple[int, int, int, int]]
-) -> list[shapely.Polygon]:
-    """Contours after a round: previous polygons away from the changed regions are kept;
-    the regions are contoured anew (whole components that touch them)."""
+    store: SlideStore, previous: list[tuple[shapely.Polygon, float | None]],
+    regions: list[tuple[int, int, int, int]],
+) -> list[tuple[shapely.Polygon, float | None]]:
+    """Contours after a round: previous polygons away from the changed regions are kept with
+    their mean probability (``refined`` did not change under them); the regions are contoured
+    anew (whole components that touch them), their mean left ``None`` to be measured."""
     from wsiseg.outputs import round_polygons
 
     if not regions:
@@ -106,14 +120,14 @@ def recontour(
     boxes = [shapely.box(c0 - 2, r0 - 2, c0 + cols + 2, r0 + rows + 2)
              for r0, c0, rows, cols in regions]
     changed = shapely.union_all(boxes)
-    kept = [p for p in previous if not shapely.intersects(p, changed)]
+    kept = [(p, m) for p, m in previous if not shapely.intersects(p, changed)]
     fresh: dict[bytes, shapely.Polygon] = {}
     for region in regions:
         for p in round_polygons(store, region=region):
             fresh[shapely.to_wkb(shapely.normalize(p))] = p  # a component touching 2 regions
-    polygons = kept + list(fresh.values())
-    polygons.sort(key=lambda p: -p.area)
-    return polygons
+    contours = kept + [(p, None) for p in fresh.values()]
+    contours.sort(key=lambda pm: -pm[0].area)
+    return contours
 
 
 def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
