@@ -66,11 +66,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wsiseg.cohort import RunOptions, run_cohort
 
     options = RunOptions(
-        out_dir=Path(args.out), workflow=args.workflow, guidenet=args.guidenet, mpp=args.mpp,
+        out_dir=args.out, workers=args.workers, threads_per_worker=args.threads_per_worker,
+        workflow=args.workflow, guidenet=args.guidenet, mpp=args.mpp,
         device=args.device, force=args.force, scheduler=args.scheduler, tta=args.tta,
         export_mask=args.export == "mask" if args.export else False,
     )
     return run_cohort(args.slides, options)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from wsiseg.cohort import print_status
+
+    return print_status(Path(args.out_dir))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -214,11 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidenet", metavar="WEIGHTS", help="GuideNet .safetensors")
     p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--scheduler", metavar="ADDRESS", help="join this Dask cluster")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="join this Dask cluster (tcp://host:port or a scheduler file)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="local Dask workers (default: from cores, memory, GPUs; 0: in process)")
+    p.add_argument("--threads-per-worker", type=int, metavar="T")
     p.add_argument("--force", action="store_true", help="redo slides already done")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rots)")
     p.add_argument("--export", choices=["mask"], help="also write the tumor mask OME-TIFF")
     workflow_option(p)
+
+    p = add("status", cmd_status, "print a run's ledger: slides done, failed (why), pending")
+    p.add_argument("out_dir", metavar="DIR")
 
     p = add("refine", cmd_refine, "QuPath scribbles in; refine the windows they touch")
     p.add_argument("store", metavar="STORE", help="<out>/<slide-id>.zarr from `wsiseg run`")

@@ -1,27 +1,44 @@
-"""Many slides: slide ids, the per-slide run, the cohort summary.
+"""Many slides: slide ids, the per-slide run on Dask distributed, ledger, summary, report.
 
 A slide is *done* only when its store says so and all of its outputs exist; a rerun skips
 done slides (``--force`` redoes them). One slide's failure never stops the others: it
 becomes a row of ``summary.csv`` with a one-line reason, and the exit status is 1.
+
+Scale-out: one Dask task per slide (tiling, GuideNet, contours and outputs all run inside the
+worker). By default a LocalCluster sized to the machine is started and closed by the run (one
+worker per GPU, each pinned to its device and carrying a ``GPU`` resource; on CPU one worker
+per 4 cores and 3 GiB); ``--scheduler ADDRESS`` joins an existing cluster instead. Each worker
+process loads GuideNet once per weights file and device. A worker that dies mid-slide has the
+slide retried on another worker; a slide whose worker dies twice is failed with its reason.
+The driving process alone writes ``ledger.json`` (workers send a ``start`` event), and writes
+``summary.csv`` and ``report.html``. Outputs go to a local path or ``file://`` URL that every
+worker can reach (a shared filesystem on a multi-machine cluster).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import logging
 import os
+import queue
+import re
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import urllib.parse
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from wsiseg.config import Workflow, load_workflow
 from wsiseg.errors import UsageError, WsisegError
+from wsiseg.ledger import LEDGER_NAME, Ledger, format_status, now_iso
+from wsiseg.report import REPORT_NAME, write_report
 from wsiseg.store import SlideStore, StoreError, file_fingerprint
 
 log = logging.getLogger(__name__)
@@ -34,7 +51,15 @@ SUMMARY_FIELDS = (
 
 @dataclass(frozen=True)
 class RunOptions:
-    out_dir: Path
+    """Options of ``wsiseg run``.
+
+    ``out_dir`` is a path or a ``file://`` URL. ``workers``: ``None`` sizes a LocalCluster to
+    the machine (a single-worker cluster runs in this process instead), ``0`` runs in this
+    process, ``N`` starts N workers (at most one per GPU). ``threads_per_worker``: slides a
+    worker runs at once (default 1). ``scheduler`` joins an existing Dask cluster.
+    """
+
+    out_dir: Path | str
     workflow: str | None = None
     guidenet: str | None = None
     mpp: float | None = None
@@ -44,6 +69,8 @@ class RunOptions:
     tta: bool = False
     export_mask: bool = False
     progress: bool = True
+    workers: int | None = None
+    threads_per_worker: int | None = None
 
 
 @dataclass
@@ -153,32 +180,601 @@ def tile_cohort(
 
 # -- run -------------------------------------------------------------------------------------
 def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
-    """``wsiseg run``: every slide to store + GeoJSON + thumbnail; ``summary.csv``."""
-    from tqdm import tqdm
+    """``wsiseg run``: every slide to store + GeoJSON + thumbnail; ``summary.csv``,
+    ``ledger.json`` and ``report.html``.
 
+    Slides already done (store and outputs complete) are recorded, not recomputed. The others
+    run on Dask distributed, one task per slide (see the module docstring for the cluster),
+    or in this process when ``options.workers == 0`` or a cluster would have a single worker.
+    Ctrl-C puts the slides that were running back to ``pending`` in the ledger and re-raises.
+
+    Returns
+    -------
+    int
+        0 when every slide is done, 1 when some slide failed.
+    """
     from wsiseg.nets import load_weights, missing_weights_error
 
     wf = load_workflow(options.workflow)
     if not options.guidenet:
         raise UsageError(str(missing_weights_error("guidenet")))
-    ensure_out_dir(options.out_dir)
+    _check_cluster_options(options)
+    out_dir = resolve_out_dir(options.out_dir)
+    options = replace(options, out_dir=out_dir)
+    ensure_out_dir(out_dir)
+    # Checked here, before any slide or worker, so bad weights are one error, not N failures.
     model, card = load_weights(Path(options.guidenet), role="guidenet", workflow=wf)
-    paths = [Path(s) for s in slides]
-    ids = assign_slide_ids(paths, options.out_dir)
-    rows: list[SlideRow] = []
-    bar = tqdm(paths, desc="slides", unit="slide", disable=not options.progress, file=sys.stderr)
-    for path in bar:
-        bar.set_postfix_str(path.name)
-        rows.append(run_one(path, ids[path], wf, model, card, options))
-        write_summary(options.out_dir / "summary.csv", rows)
+    paths = list({Path(s).resolve(): Path(s) for s in slides}.values())  # each slide once
+    ids = assign_slide_ids(paths, out_dir)
+    with _run_lock(out_dir):
+        cohort = _Cohort(out_dir, Ledger.load(out_dir), options.progress)
+        todo = cohort.start(paths, ids, options)
+        serial = not todo or _runs_in_process(options, len(todo))
+        try:
+            if serial:
+                cohort.set_cluster("in process", 1 if todo else 0)
+                _run_in_process(todo, ids, wf, model, card, options, cohort)
+            else:
+                _run_on_cluster(todo, ids, wf, options, cohort)
+        except KeyboardInterrupt:
+            back = cohort.interrupt()
+            print(f"interrupted: {len(back)} running slide(s) back to pending in "
+                  f"{cohort.ledger.path}", file=sys.stderr)
+            raise
+        except WsisegError:  # e.g. the scheduler cannot be reached: the ledger stays true
+            cohort.interrupt()
+            raise
+        rows = cohort.finish()
     failed = [r for r in rows if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.reason}", file=sys.stderr)
     done = len(rows) - len(failed)
-    print(f"{done} of {len(rows)} slides done; summary: {options.out_dir / 'summary.csv'}")
+    print(f"{done} of {len(rows)} slides done; summary: {out_dir / 'summary.csv'}, "
+          f"report: {out_dir / REPORT_NAME}")
     return 1 if failed else 0
 
 
+def print_status(out_dir: Path | str) -> int:
+    """``wsiseg status DIR``: the run ledger as a table plus totals.
+
+    Returns 0, or 1 with a one-line message when ``DIR`` has no ledger.
+    """
+    try:
+        path = resolve_out_dir(out_dir)
+        if not (path / LEDGER_NAME).is_file():
+            raise WsisegError(f"{path}: no run ledger here ({LEDGER_NAME}); "
+                              "is it the --out directory of a wsiseg run?")
+        ledger = Ledger.load(path)
+    except WsisegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(ledger))
+    return 0
+
+
+def resolve_out_dir(out_dir: Path | str) -> Path:
+    """The local directory of ``--out``: a path, or a ``file://`` URL.
+
+    ``Path("file:///x")`` collapses to ``file:/x``; both spellings are accepted.
+
+    Raises
+    ------
+    UsageError
+        Another fsspec protocol (``s3://``, ``gs://``, ...): not supported yet.
+    """
+    text = str(out_dir)
+    match = _URL_SCHEME.match(text)
+    if match is None:
+        return Path(text)
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise UsageError(f"--out {text}: a file:// URL must name a local path "
+                             f"(host {parsed.netloc!r} given)")
+        return Path(urllib.parse.unquote(parsed.path))
+    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", text)  # Path ate a "/"
+    raise UsageError(
+        f"--out {text}: {scheme}:// outputs are not supported yet; give a local path or a "
+        "file:// URL on a filesystem every worker shares"
+    )
+
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path) -> Iterator[None]:
+    from wsiseg.store import StoreLock
+
+    try:
+        with StoreLock(out_dir, "wsiseg run"):
+            yield
+    except StoreError:
+        raise WsisegError(
+            f"{out_dir}: another wsiseg run is using this output directory; wait for it to "
+            "finish (or remove its .lock if that process is gone)"
+        ) from None
+
+
+class _Cohort:
+    """The driving side of a run: ledger, summary rows and progress, one writer."""
+
+    def __init__(self, out_dir: Path, ledger: Ledger, progress: bool):
+        self.out_dir, self.ledger, self.progress = out_dir, ledger, progress
+        self.rows: list[SlideRow] = []
+        self.run: dict = {}
+        self.bar = None
+        self.t0 = time.perf_counter()
+
+    def start(self, paths: Sequence[Path], ids: dict[Path, str], options: RunOptions
+              ) -> list[Path]:
+        """Record done slides (not recomputed), queue the others; returns those to run."""
+        todo = []
+        for path in paths:
+            slide_id = ids[path]
+            row = None
+            if not options.force and path.is_file():
+                row = _done_row(self.out_dir / f"{slide_id}.zarr", path, slide_id, self.out_dir,
+                                options.export_mask)
+            if row is None:
+                todo.append(path)
+                self.ledger.mark_pending(slide_id, str(path))
+            else:
+                self.rows.append(row)
+                self.ledger.mark_done_before(slide_id, str(path), _measurements(row))
+        self.run = {"started": now_iso(), "finished": "", "wall_s": None, "slides": len(paths),
+                    "skipped": len(paths) - len(todo), "done": 0, "failed": 0,
+                    "interrupted": False, "cluster": "", "workers": 0}
+        self.ledger.runs = [*self.ledger.runs[-(_RUNS_KEPT - 1):], self.run]
+        self.ledger.save()
+        if self.rows:
+            write_summary(self.out_dir / "summary.csv", self.rows)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(todo), desc="slides", unit="slide",
+                        disable=not self.progress, file=sys.stderr)
+        return todo
+
+    def set_cluster(self, description: str, workers: int) -> None:
+        self.run.update(cluster=description, workers=workers)
+        self.ledger.save()
+
+    def started(self, slide_id: str, worker: str, when: str | None = None) -> None:
+        self.ledger.mark_started(slide_id, worker, when)
+        self.ledger.save()
+
+    def finished(self, row: SlideRow, worker: str = "") -> None:
+        ok = row.status != "failed"
+        self.ledger.mark_finished(row.slide_id, ok=ok, reason=row.reason, seconds=row.seconds,
+                                  worker=worker or row.extra.get("worker", ""),
+                                  measurements=_measurements(row))
+        self.run["done" if ok else "failed"] += 1
+        self.rows.append(row)
+        self.ledger.save()
+        write_summary(self.out_dir / "summary.csv", self.rows)
+        if self.bar is not None:
+            self.bar.set_postfix_str(row.slide_id)
+            self.bar.update(1)
+
+    def interrupt(self) -> list[str]:
+        back = self.ledger.mark_interrupted()
+        self.run.update(interrupted=True, finished=now_iso())
+        self._close()
+        return back
+
+    def finish(self) -> list[SlideRow]:
+        self.run.update(finished=now_iso(), wall_s=round(time.perf_counter() - self.t0, 3))
+        self._close()
+        return self.rows
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.ledger.save()
+        write_summary(self.out_dir / "summary.csv", self.rows)
+        write_report(self.out_dir, self.ledger)
+
+
+_RUNS_KEPT = 100  # run records kept in the ledger
+
+
+def _measurements(row: SlideRow) -> dict:
+    m = {"tissue_mm2": row.tissue_mm2, "tumor_mm2": row.tumor_mm2,
+         "tumor_fraction": row.tumor_fraction, "foci": row.extra.get("foci")}
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def _run_in_process(
+    todo: Sequence[Path], ids: dict[Path, str], wf: Workflow, model, card, options: RunOptions,
+    cohort: _Cohort,
+) -> None:
+    for path in todo:
+        cohort.started(ids[path], "in process")
+        cohort.finished(run_one(path, ids[path], wf, model, card, options), "in process")
+
+
+# -- Dask distributed ------------------------------------------------------------------------
+#: Topic of the events a slide task sends when it starts (the ledger counts attempts by them).
+EVENT_TOPIC = "wsiseg-slide"
+
+#: Modules a worker process needs; imported once by the forkserver, then forked per worker.
+_WORKER_PRELOAD = ("distributed", "numpy", "torch", "segmentation_models_pytorch", "skimage",
+                   "openslide", "PIL", "safetensors", "wsiseg.cohort", "wsiseg.nets",
+                   "wsiseg.infer", "wsiseg.tiling", "wsiseg.outputs")
+
+# Sizing of the default LocalCluster on CPU: a slide task uses several cores (tiling threads,
+# torch threads) and a few GiB (torch, the model, chunk-sized buffers).
+_CORES_PER_CPU_WORKER = 4
+_WORKER_MEMORY = 3 * 2**30
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """The default LocalCluster for a run.
+
+    Attributes
+    ----------
+    workers : int
+        Worker processes.
+    threads_per_worker : int
+        Slides a worker runs at once.
+    cpu_threads : int
+        Torch intra-op threads and tiling threads of one slide task.
+    memory_limit : int
+        Bytes per worker (the nanny restarts a worker above 95 %).
+    gpus : tuple of str
+        CUDA devices, one worker each (pinned with ``CUDA_VISIBLE_DEVICES``); empty on CPU.
+    """
+
+    workers: int
+    threads_per_worker: int
+    cpu_threads: int
+    memory_limit: int
+    gpus: tuple[str, ...] = ()
+
+
+def plan_local_cluster(
+    device: str, slides: int, workers: int | None = None, threads_per_worker: int | None = None
+) -> ClusterPlan:
+    """Size a LocalCluster to this machine: one worker per GPU, else per 4 cores and 3 GiB.
+
+    ``workers`` caps the count (never above the GPUs on CUDA); there are never more workers
+    than ``slides``.
+    """
+    import psutil
+
+    from wsiseg.infer import resolve_device
+
+    cores = _usable_cores()
+    memory = int(psutil.virtual_memory().total)
+    threads = threads_per_worker or 1
+    resolved = resolve_device(device)
+    gpus: tuple[str, ...] = ()
+    if resolved.type == "cuda":
+        import torch
+
+        ordinals = ([resolved.index] if resolved.index is not None
+                    else list(range(torch.cuda.device_count())))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = visible.split(",") if visible else None
+        gpus = tuple(names[i].strip() if names else str(i) for i in ordinals)
+        n = len(gpus) if workers is None else min(workers, len(gpus))
+    else:
+        n = workers or max(1, min(cores // _CORES_PER_CPU_WORKER, memory // _WORKER_MEMORY))
+    n = max(1, min(n, slides))
+    return ClusterPlan(
+        workers=n, threads_per_worker=threads, cpu_threads=max(1, cores // (n * threads)),
+        memory_limit=memory // n, gpus=gpus[:n],
+    )
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _check_cluster_options(options: RunOptions) -> None:
+    if options.workers is not None and options.workers < 0:
+        raise UsageError(f"--workers: must be 0 (in this process) or more, got {options.workers}")
+    if options.threads_per_worker is not None and options.threads_per_worker < 1:
+        raise UsageError(
+            f"--threads-per-worker: must be 1 or more, got {options.threads_per_worker}")
+    if options.scheduler and options.workers == 0:
+        raise UsageError("--scheduler and --workers 0 contradict each other: pick one")
+
+
+def _runs_in_process(options: RunOptions, todo: int) -> bool:
+    """No cluster: ``workers == 0``, or a default cluster would have a single worker."""
+    if options.scheduler:
+        return False
+    if options.workers is not None:
+        return options.workers == 0
+    plan = plan_local_cluster(options.device, todo, None, options.threads_per_worker)
+    return plan.workers <= 1
+
+
+def _run_on_cluster(
+    todo: Sequence[Path], ids: dict[Path, str], wf: Workflow, options: RunOptions,
+    cohort: _Cohort,
+) -> None:
+    """One task per slide on Dask distributed; results recorded as they complete."""
+    from distributed import as_completed
+
+    with _cluster_client(options, len(todo)) as (client, setup):
+        print(f"dask: {setup.description}", file=sys.stderr)
+        cohort.set_cluster(setup.description, setup.workers)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        client.subscribe_topic(EVENT_TOPIC, events.put)
+        task_options = replace(options, device=setup.device)
+        # Largest slides first, so that the cohort does not end waiting on one big slide.
+        futures = {
+            client.submit(
+                slide_task, str(path), ids[path], wf, task_options, setup.cpu_threads,
+                key=f"wsiseg-slide-{ids[path]}-{uuid.uuid4().hex[:8]}", pure=False,
+                resources=setup.resources, retries=1, priority=_size_mib(path),
+            ): path
+            for path in todo
+        }
+        try:
+            pending = as_completed(futures)
+            while not pending.is_empty():
+                _drain_events(events, cohort, wait_s=0.25)
+                for future in pending.next_batch(block=False):
+                    path = futures[future]
+                    row = _task_row(future, path, ids[path])
+                    _drain_events(events, cohort, wait_s=0.0)  # its start before its end
+                    cohort.finished(row)
+        except KeyboardInterrupt:
+            client.cancel(list(futures), force=True)
+            raise
+        finally:
+            client.unsubscribe_topic(EVENT_TOPIC)
+
+
+def _size_mib(path: Path) -> int:
+    try:
+        return path.stat().st_size >> 20
+    except OSError:
+        return 0
+
+
+def _drain_events(events: queue.SimpleQueue, cohort: _Cohort, wait_s: float) -> None:
+    try:
+        event = events.get(timeout=wait_s) if wait_s > 0 else events.get_nowait()
+        while True:
+            _, msg = event
+            if isinstance(msg, dict) and msg.get("event") == "start":
+                cohort.started(msg["slide_id"], msg.get("worker", ""), msg.get("time"))
+            event = events.get_nowait()
+    except queue.Empty:
+        return
+
+
+def _task_row(future, path: Path, slide_id: str) -> SlideRow:
+    """The row a slide task returned, or a failed row saying why the task did not return."""
+    from distributed import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker:
+        reason = (f"{path}: the worker running this slide died on every attempt (out of "
+                  "memory, killed or crashed); see the worker logs")
+    except Exception as exc:  # noqa: BLE001 - any task error is this slide's failure only
+        reason = f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]
+    return SlideRow(str(path), slide_id, "failed", reason=reason)
+
+
+@dataclass(frozen=True)
+class _ClusterSetup:
+    description: str
+    workers: int
+    cpu_threads: int | None
+    resources: dict[str, float] | None
+    device: str
+
+
+@contextlib.contextmanager
+def _cluster_client(options: RunOptions, todo: int) -> Iterator[tuple[object, _ClusterSetup]]:
+    """A client on ``options.scheduler``, or on a LocalCluster started (and closed) here."""
+    import dask
+    from distributed import Client
+
+    if options.scheduler:
+        try:
+            client = _connect(options.scheduler)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise WsisegError(f"--scheduler {options.scheduler}: cannot reach the Dask "
+                              f"scheduler ({type(exc).__name__}: {exc})") from None
+        try:
+            workers = client.scheduler_info(n_workers=-1).get("workers", {})
+            gpu_workers = sum(1 for w in workers.values() if w.get("resources", {}).get("GPU"))
+            use_gpu = gpu_workers > 0 and options.device != "cpu"
+            description = (f"scheduler {options.scheduler}, {_plural(len(workers), 'worker')}"
+                           f"{f' ({gpu_workers} with a GPU resource)' if gpu_workers else ''}"
+                           f", dashboard {client.dashboard_link}")
+            if not workers:
+                description += "; no workers yet: slides wait until some join"
+            yield client, _ClusterSetup(description, len(workers), None,
+                                        {"GPU": 1} if use_gpu else None, options.device)
+        finally:
+            client.close()
+        return
+
+    plan = plan_local_cluster(options.device, todo, options.workers, options.threads_per_worker)
+    config = {
+        # A slide whose worker dies twice is failed (KilledWorker) rather than retried on.
+        "distributed.scheduler.allowed-failures": 1,
+        "distributed.worker.multiprocessing-method": _start_method(),
+    }
+    with dask.config.set(config):  # for the whole run: restarted workers start the same way
+        cluster = _local_cluster(plan)
+        client = Client(cluster)
+        try:
+            kind = f"{len(plan.gpus)} GPU(s) {', '.join(plan.gpus)}" if plan.gpus else "CPU"
+            description = (
+                f"LocalCluster, {_plural(plan.workers, 'worker')} × "
+                f"{_plural(plan.threads_per_worker, 'thread')}, "
+                f"{kind}, {plan.cpu_threads} torch thread(s) per slide, "
+                f"dashboard {client.dashboard_link}"
+            )
+            yield client, _ClusterSetup(
+                description, plan.workers, plan.cpu_threads,
+                {"GPU": 1} if plan.gpus else None, "cuda" if plan.gpus else options.device,
+            )
+        finally:
+            client.close()
+            cluster.close()
+
+
+def _connect(scheduler: str):
+    """A client on a scheduler address (``tcp://host:8786``) or a scheduler file (``*.json``,
+    as ``dask scheduler --scheduler-file`` writes it)."""
+    from distributed import Client
+
+    if scheduler.endswith(".json"):
+        if not Path(scheduler).is_file():
+            raise WsisegError(f"--scheduler {scheduler}: no such scheduler file")
+        return Client(scheduler_file=scheduler, timeout="30s")
+    return Client(scheduler, timeout="30s")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _local_cluster(plan: ClusterPlan):
+    """Worker processes on loopback: a LocalCluster, or one pinned worker per GPU."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    if not plan.gpus:
+        return LocalCluster(
+            n_workers=plan.workers, threads_per_worker=plan.threads_per_worker,
+            processes=True, memory_limit=plan.memory_limit, host="127.0.0.1",
+            dashboard_address=":0",
+        )
+    # Like dask-cuda's LocalCUDACluster: each worker sees only its GPU, also after a restart.
+    workers = {
+        f"gpu-{gpu}": {"cls": Nanny, "options": {
+            "host": "127.0.0.1", "nthreads": plan.threads_per_worker,
+            "memory_limit": plan.memory_limit, "resources": {"GPU": 1},
+            "env": {"CUDA_VISIBLE_DEVICES": gpu},
+        }}
+        for gpu in plan.gpus
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="wsiseg")
+
+
+def _start_method() -> str:
+    """``forkserver`` where there is one: torch and wsiseg are imported once by the fork
+    server, so workers (and workers restarted after a crash) start in about a second."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    import dask
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        context = get_mp_context()  # distributed sets its own preload list once, first
+    context.set_forkserver_preload(list(_WORKER_PRELOAD))  # no effect once the server runs
+    return "forkserver"
+
+
+# -- inside a worker -------------------------------------------------------------------------
+_MODELS: dict[tuple, tuple] = {}  # this worker process's GuideNets: (path, stat, device) → …
+
+
+def slide_task(
+    slide: str, slide_id: str, wf: Workflow, options: RunOptions, cpu_threads: int | None
+) -> SlideRow:
+    """One slide inside a Dask worker: tiling, GuideNet, contours, outputs.
+
+    Sends a ``start`` event first (the ledger's attempt counter), loads GuideNet once per
+    worker process and device, and never raises for the slide's own problems (a failed row).
+    """
+    import torch
+
+    worker = _worker_address()
+    _send_start(slide_id, worker)
+    # WSISEG_TORCH_THREADS in a worker's environment overrides the plan (or sets the count on
+    # a joined cluster, whose nannies start workers with OMP_NUM_THREADS=1).
+    threads = int(os.environ.get("WSISEG_TORCH_THREADS", "0") or 0) or cpu_threads
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model, card = cached_guidenet(options.guidenet, wf, options.device)
+    except WsisegError as exc:
+        row = SlideRow(slide, slide_id, "failed", reason=str(exc))
+    else:
+        row = run_one(Path(slide), slide_id, wf, model, card, options,
+                      tile_workers=threads or None)
+    row.extra["worker"] = worker
+    return row
+
+
+def cached_guidenet(weights: str | Path, wf: Workflow, device: str):
+    """GuideNet and its card, loaded once per process for a weights file and device."""
+    from wsiseg.infer import resolve_device
+    from wsiseg.nets import load_weights
+
+    path = Path(weights).resolve()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise WsisegError(f"{weights}: cannot read the GuideNet weights on this worker "
+                          f"({exc.strerror or type(exc).__name__})") from None
+    resolved = resolve_device(device)
+    key = (str(path), stat.st_mtime_ns, stat.st_size, str(resolved))
+    if key not in _MODELS:
+        for old in [k for k in _MODELS if k[0] == key[0] or len(_MODELS) >= 4]:
+            del _MODELS[old]  # weights replaced on disk, or too many kept
+        model, card = load_weights(path, role="guidenet", workflow=wf)
+        _MODELS[key] = (model, card)
+    return _MODELS[key]
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "in process"
+
+
+def _send_start(slide_id: str, worker: str) -> None:
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(EVENT_TOPIC, {"event": "start", "slide_id": slide_id,
+                                             "worker": worker, "time": now_iso()})
+    except (ImportError, ValueError):
+        pass
+
+
+def _crash_for_tests() -> None:
+    """TEST-ONLY hook: kill the worker process once, mid-slide.
+
+    With ``WSISEG_TEST_CRASH_ONCE=<file>`` in a Dask worker's environment, the first slide
+    task to get here (after tiling, before GuideNet) creates ``<file>`` and exits the worker
+    process with ``os._exit(1)``, as a kill or an out-of-memory would; later tasks see the
+    file and go on. Never acts outside a Dask worker. Used by ``tests/test_cohort.py``.
+    """
+    marker = os.environ.get("WSISEG_TEST_CRASH_ONCE")
+    if not marker or _worker_address() == "in process":
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
+
+
+# -- one slide -----------------------------------------------------------------------------
 def slide_outputs(out_dir: Path, slide_id: str, export_mask: bool = False) -> list[Path]:
     paths = [out_dir / f"{slide_id}.geojson", out_dir / f"{slide_id}.png"]
     if export_mask:
@@ -187,12 +783,16 @@ def slide_outputs(out_dir: Path, slide_id: str, export_mask: bool = False) -> li
 
 
 def run_one(
-    slide: Path, slide_id: str, wf: Workflow, model, card, options: RunOptions
+    slide: Path, slide_id: str, wf: Workflow, model, card, options: RunOptions,
+    tile_workers: int | None = None,
 ) -> SlideRow:
-    """Run one slide; never raises (a failure is a row with its reason)."""
+    """Run one slide; never raises (a failure is a row with its reason).
+
+    ``tile_workers``: threads reading the slide (default: the workflow's, else all cores).
+    """
     t0 = time.perf_counter()
     try:
-        row = _run_one(slide, slide_id, wf, model, card, options)
+        row = _run_one(slide, slide_id, wf, model, card, options, tile_workers)
     except WsisegError as exc:
         row = SlideRow(str(slide), slide_id, "failed", reason=str(exc))
     except Exception as exc:  # a bug or an unforeseen file problem: still one row
@@ -204,7 +804,8 @@ def run_one(
 
 
 def _run_one(
-    slide: Path, slide_id: str, wf: Workflow, model, card, options: RunOptions
+    slide: Path, slide_id: str, wf: Workflow, model, card, options: RunOptions,
+    tile_workers: int | None = None,
 ) -> SlideRow:
     from wsiseg.infer import infer_to_store, resolve_device
     from wsiseg.nets import normalise_rgb, weights_hash
@@ -223,7 +824,8 @@ def _run_one(
             return done
     if options.force and store_path.exists():
         retire_store(store_path)
-    store = tile_slide(slide, store_path, wf, mpp=options.mpp).store
+    store = tile_slide(slide, store_path, wf, mpp=options.mpp, workers=tile_workers).store
+    _crash_for_tests()
     if source_changed(store, slide):  # pragma: no cover - tile_slide rebuilt it
         raise WsisegError(f"{slide}: changed while running")
     if store.stage("guide") != "done":
@@ -245,7 +847,8 @@ def _run_one(
         store.set_stage("guide", "done")
     m = publish_run(store, out_dir, slide_id, export_mask=options.export_mask)
     return SlideRow(str(slide), slide_id, "done", tissue_mm2=m.tissue_mm2,
-                    tumor_mm2=m.tumor_mm2, tumor_fraction=m.tumor_fraction)
+                    tumor_mm2=m.tumor_mm2, tumor_fraction=m.tumor_fraction,
+                    extra={"foci": m.foci})
 
 
 def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False):
@@ -287,7 +890,7 @@ def _done_row(
     m = store.attrs.get("measurements", {})
     return SlideRow(str(slide), slide_id, "skipped", reason="already done",
                     tissue_mm2=m.get("tissue_mm2"), tumor_mm2=m.get("tumor_mm2"),
-                    tumor_fraction=m.get("tumor_fraction"))
+                    tumor_fraction=m.get("tumor_fraction"), extra={"foci": m.get("foci")})
 
 
 def write_summary(path: Path, rows: Sequence[SlideRow]) -> None:
