@@ -1,0 +1,808 @@
+"""Shared helpers of the benchmark scripts: generated slides, peak memory, stage timers, tables.
+
+Not a test module and not part of the package. The scripts beside this file import it (they
+put their own folder on ``sys.path``); it also runs the measurement *phases* of ``run.py`` and
+``gpu.py`` as child processes, so that each phase starts from a fresh interpreter and its
+peak memory is its own::
+
+    python scripts/bench/common.py --phase pipeline '<json arguments>'
+
+prints one JSON line (the phase's result) as the last line of stdout.
+
+Phases
+------
+``network``     GuideNet alone on the tissue patches of a store, pre-extracted into memory
+                (on the device, for CUDA), same batch size, eval / inference mode; bf16
+                autocast and channels-last on CUDA, exactly as :mod:`wsiseg.infer` runs it.
+``pipeline``    ``wsiseg run`` end to end (``wsiseg.cli.main``), with timers around the
+                package's stages and, on CUDA, the GPU utilisation sampled in a thread.
+``tiatoolbox``  TIAToolbox's ``SemanticSegmentor`` on the same slide with the same network
+                (our smp U-Net wrapped in a TIAToolbox ``ModelABC``), patch, stride and mpp.
+``tile``        ``wsiseg tile`` of one slide (``wsiseg.tiling.tile_slide``) with N workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------- arguments
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WxH"`` → ``(W, H)`` level-0 pixels."""
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def default_cache() -> Path:
+    """Where generated slides are kept between runs (``$WSISEG_BENCH_CACHE`` overrides)."""
+    env = os.environ.get("WSISEG_BENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "wsiseg-bench"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", type=Path, default=default_cache(),
+                        help="folder of generated slides, reused between runs "
+                             "(default: $WSISEG_BENCH_CACHE or ~/.cache/wsiseg-bench)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch folder for stores and outputs (default: a temp dir, "
+                             "removed at the end)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated slides")
+
+
+@contextlib.contextmanager
+def scratch(work: Path | None, prefix: str) -> Iterator[Path]:
+    """``work`` as given (kept), or a temporary folder removed afterwards."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+# -------------------------------------------------------------------------- generated slides
+
+
+def generated_slide(cache: Path, size: tuple[int, int], mpp: float, seed: int = 0):
+    """A generated slide (:func:`wsiseg.synth.synthesize_slide`) of ``size`` at ``mpp``, cached.
+
+    The same arguments return the same files without drawing them again (the generator is
+    deterministic and writes atomically, so a file that exists is complete).
+
+    Returns
+    -------
+    wsiseg.synth.SyntheticSlide
+    """
+    from wsiseg.synth import SyntheticSlide, synthesize_slide
+
+    width, height = size
+    slide_id = f"synth-{width}x{height}-mpp{mpp:g}-seed{seed}"
+    paths = [cache / f"{slide_id}{s}" for s in (".tiff", ".truth.tiff", ".truth.geojson")]
+    if all(p.exists() for p in paths):
+        return SyntheticSlide(*paths, level0_size=(width, height), mpp=float(mpp),
+                              truth_mpp=2.0)
+    t0 = time.perf_counter()
+    slide = synthesize_slide(cache, slide_id, (width, height), mpp, seed)
+    log(f"generated {slide.slide_path.name} ({width * height / 1e6:.0f} Mpx) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return slide
+
+
+def slide_copies(slide: Path, folder: Path, n: int) -> list[Path]:
+    """``n`` names for one slide file (hard links where possible, else copies).
+
+    ``wsiseg run`` treats each name as its own slide (own store, own outputs), so a cohort of
+    ``n`` slides costs one generation.
+    """
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        dst = folder / f"slide-{i:03d}{slide.suffix}"
+        if not dst.exists():
+            try:
+                os.link(slide, dst)
+            except OSError:
+                shutil.copyfile(slide, dst)
+        out.append(dst)
+    return out
+
+
+def guidenet_weights(path: Path, seed: int = 0) -> Path:
+    """Random GuideNet weights with a model card (``wsiseg models init``), written once."""
+    from wsiseg.config import load_workflow
+    from wsiseg.nets import init_weights
+
+    if not path.exists():
+        init_weights("guidenet", path, seed=seed, workflow=load_workflow())
+    return path
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+class PeakRSS:
+    """Peak memory of a process (and its children), sampled in a thread with psutil.
+
+    A sample is the process's resident set (RSS) plus, for each child process (e.g. a
+    DataLoader worker), its unique set (USS: the pages only it holds), so pages a forked
+    worker shares with its parent are counted once.
+
+    Parameters
+    ----------
+    pid : int, optional
+        The process to watch (default: this one). Watch a child only after it has exec'ed:
+        a freshly forked child still shows its parent's pages.
+    interval_s : float
+        Sampling period; peaks shorter than this can be missed.
+    children : bool
+        Add the children's unique memory.
+
+    Attributes
+    ----------
+    start_mib, peak_mib : float
+        Memory when sampling began, and the largest sample, MiB.
+    """
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.02,
+                 children: bool = True) -> None:
+        import psutil
+
+        self._proc = psutil.Process(pid or os.getpid())
+        self.interval_s = interval_s
+        self.children = children
+        self.start_mib = 0.0
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def sample_mib(self) -> float:
+        import psutil
+
+        try:
+            total = self._proc.memory_info().rss
+        except psutil.Error:  # the process has ended
+            return 0.0
+        if self.children:
+            with contextlib.suppress(psutil.Error):
+                for child in self._proc.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        total += child.memory_full_info().uss
+        return total / MIB
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.sample_mib())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRSS:
+        self.start_mib = self.peak_mib = self.sample_mib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_mib = max(self.peak_mib, self.sample_mib())
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class StageTimer:
+    """Accumulated wall time of functions, by wrapping them where the package looks them up.
+
+    ``timer.wrap(module_or_class, "name")`` replaces the attribute by a timing wrapper (a
+    function the package imports *inside* its callers is looked up at call time, so wrapping
+    the defining module is enough; a name imported at module level must be wrapped in the
+    importing module). Calls made from several threads add up: for stages run by a thread
+    pool the total is thread-seconds, not wall time. Nested stages are each counted whole.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    spans: dict[str, list[tuple[float, float]]] = field(
+        default_factory=lambda: defaultdict(list))
+    results: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    _undo: list[tuple[Any, str, Any]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wrap(self, owner: Any, name: str, label: str | None = None, *,
+             keep_result: bool = False) -> None:
+        original = getattr(owner, name)
+        label = label or name
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                t1 = time.perf_counter()
+                with self._lock:
+                    self.seconds[label] += t1 - t0
+                    self.calls[label] += 1
+                    self.spans[label].append((t0, t1))
+            if keep_result:
+                with self._lock:
+                    self.results[label].append(result)
+            return result
+
+        self._undo.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        while self._undo:
+            owner, name, original = self._undo.pop()
+            setattr(owner, name, original)
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {k: {"seconds": round(v, 4), "calls": self.calls[k]}
+                for k, v in self.seconds.items()}
+
+
+# ------------------------------------------------------------------------------ GPU sampling
+
+
+class GpuUtilisation:
+    """GPU utilisation (%) sampled in a thread: ``torch.cuda.utilization`` (NVML), else
+    ``nvidia-smi``. ``samples`` holds ``(perf_counter time, percent)``."""
+
+    def __init__(self, interval_s: float = 0.1, device: int = 0) -> None:
+        self.interval_s = interval_s
+        self.device = device
+        self.samples: list[tuple[float, float]] = []
+        self.source = "none"
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-util", daemon=True)
+
+    def _read(self) -> Callable[[], float] | None:
+        import torch
+
+        try:
+            torch.cuda.utilization(self.device)
+            self.source = "torch.cuda.utilization (NVML)"
+            return lambda: float(torch.cuda.utilization(self.device))
+        except Exception as exc:  # no pynvml / nvidia-ml-py
+            self.error = f"torch.cuda.utilization: {exc}"
+
+        def smi() -> float:
+            out = subprocess.run(
+                ["nvidia-smi", f"--id={self.device}", "--query-gpu=utilization.gpu",
+                 "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5,
+            )
+            return float(out.stdout.strip().splitlines()[0])
+
+        try:
+            smi()
+            self.source = "nvidia-smi"
+            return smi
+        except Exception as exc:
+            self.error += f"; nvidia-smi: {exc}"
+            return None
+
+    def _run(self) -> None:
+        read = self._read()
+        while read is not None and not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.samples.append((time.perf_counter(), read()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> GpuUtilisation:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self, spans: Sequence[tuple[float, float]] | None = None) -> float | None:
+        """Mean utilisation, over all samples or those inside ``spans``."""
+        values = [u for t, u in self.samples
+                  if spans is None or any(a <= t <= b for a, b in spans)]
+        return sum(values) / len(values) if values else None
+
+
+# ------------------------------------------------------------------------------- reporting
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def command_line() -> str:
+    """The command that reproduces this run, relative to the repository root when inside."""
+    def rel(p: str) -> str:
+        with contextlib.suppress(ValueError):
+            return str(Path(p).absolute().relative_to(REPO))
+        return p
+
+    python = rel(sys.executable)
+    return shlex.join([python, rel(sys.argv[0]), *sys.argv[1:]])
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model and cores, memory, Python, torch, device, wsiseg version and git commit."""
+    import psutil
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "cpu": f"{cpu}, {usable} usable cores ({os.cpu_count()} logical)",
+        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
+    }
+    with contextlib.suppress(OSError):
+        info["load average"] = " ".join(Path("/proc/loadavg").read_text().split()[:3]) + \
+            " (1, 5, 15 min, at the end of the run: other work on the machine)"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    try:
+        import wsiseg
+
+        info["wsiseg"] = wsiseg.__version__
+    except ImportError:
+        pass
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit:
+            info["commit"] = commit + (" (+ uncommitted changes)" if dirty else "")
+    return info
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; numbers right-aligned (floats as given: format them first)."""
+    def numeric(col: int) -> bool:
+        cells = [r[col] for r in rows if r[col] not in ("", None, "–")]
+        return bool(cells) and all(
+            isinstance(c, int | float) or _looks_numeric(str(c)) for c in cells)
+
+    align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _looks_numeric(text: str) -> bool:
+    text = text.replace("×", "").replace("%", "").replace(",", "").strip()
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def print_report(title: str, tables: Sequence[tuple[str, str]], notes: Sequence[str] = ()) -> None:
+    """The command line, the machine, then each (caption, table), then notes, on stdout."""
+    print(f"\n## {title}\n")
+    print(f"`{command_line()}`\n")
+    for key, value in machine_info().items():
+        print(f"- {key}: {value}")
+    for caption, table in tables:
+        print(f"\n{caption}\n\n{table}" if caption else f"\n{table}")
+    for note in notes:
+        print(f"\n{note}")
+    sys.stdout.flush()
+
+
+def stage_rows(stages: dict, infer_stats: list[dict], total_s: float) -> list[list]:
+    """Where the pipeline's time goes: wall stages, thread-seconds, and the infer breakdown."""
+    rows = []
+    for label, v in stages.items():
+        share = f"{100 * v['seconds'] / total_s:.0f} %" if "(wall)" in label else ""
+        rows.append([label, v["calls"], fmt(v["seconds"], 2), share])
+    for key in ("forward_s", "read_s", "write_s", "wait_s"):
+        total = sum(s[key] for s in infer_stats)
+        rows.append([f"infer: {key[:-2]}" + (" (thread-s)" if key in ("read_s", "write_s")
+                                              else ""), "", fmt(total, 2), ""])
+    return rows
+
+
+def fastest(results: list[ChildResult]) -> ChildResult:
+    """The run with the fewest seconds (the least disturbed by other load), else the first."""
+    timed = [r for r in results if "seconds" in r.data]
+    return min(timed, key=lambda r: r.data["seconds"]) if timed else results[0]
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------- child phases
+
+
+@dataclass
+class ChildResult:
+    data: dict[str, Any]
+    wall_s: float  # including interpreter start and imports
+    peak_rss_mib: float  # the child's own sample (see PeakRSS), after its imports
+    returncode: int
+    stderr_tail: str
+
+
+def run_phase(phase: str, **kwargs: Any) -> ChildResult:
+    """Run ``common.py --phase PHASE`` in a fresh interpreter and read its JSON result."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, json.dumps(kwargs)]
+    with tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        tail = err.read()[-3000:]
+    data: dict[str, Any] = {}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        with contextlib.suppress(json.JSONDecodeError):
+            data = json.loads(line)
+            break
+    if proc.returncode != 0 and not data:
+        data = {"error": f"exit status {proc.returncode}: {tail.strip().splitlines()[-1:]}"}
+    return ChildResult(data, wall, float(data.get("peak_rss_mib", 0.0)), proc.returncode, tail)
+
+
+def _device(name: str):
+    from wsiseg.infer import resolve_device
+
+    return resolve_device(name)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def store_patches(store_path: Path, patch_px: int, stride_px: int):
+    """The tissue patches ``wsiseg run`` computes for a store: origins and their pixels.
+
+    Returns
+    -------
+    origins : ndarray of int64, shape (N, 2)
+    pixels : ndarray of uint8, shape (N, P, P, 3)
+    """
+    import numpy as np
+
+    from wsiseg.infer import patch_origins, tissue_patch_mask
+    from wsiseg.store import SlideStore
+
+    store = SlideStore.open(store_path, mode="r")
+    image = store["image"]
+    shape = tuple(int(n) for n in image.shape[:2])
+    origins = patch_origins(shape, patch_px, stride_px)
+    origins = origins[tissue_patch_mask(origins, patch_px, store.tissue_mask, shape)]
+    pixels = np.zeros((len(origins), patch_px, patch_px, 3), np.uint8)
+    band = store.chunk_px
+    for r0 in range(0, shape[0], band):  # one band of rows at a time: each chunk read once
+        sel = np.nonzero((origins[:, 0] >= r0) & (origins[:, 0] < r0 + band))[0]
+        if sel.size == 0:
+            continue
+        rows = np.asarray(image[r0 : min(shape[0], r0 + band + patch_px)])
+        for i in sel:
+            r, c = int(origins[i, 0]) - r0, int(origins[i, 1])
+            patch = rows[r : r + patch_px, c : c + patch_px]
+            pixels[i, : patch.shape[0], : patch.shape[1]] = patch
+    return origins, pixels
+
+
+def phase_network(store: str, weights: str, device: str, batch_size: int,
+                  patch_px: int, stride_px: int, repeats: int = 1) -> dict[str, Any]:
+    """GuideNet alone on the store's tissue patches (pre-extracted; on the device for CUDA)."""
+    import torch
+
+    from wsiseg.infer import _autocast_dtype, prepare_model
+    from wsiseg.nets import load_weights, normalise_rgb
+
+    dev = _device(device)
+    model, card = load_weights(Path(weights), role="guidenet", device=dev)
+    prepare_model(model, dev)
+    t0 = time.perf_counter()
+    _, pixels = store_patches(Path(store), patch_px, stride_px)
+    extract_s = time.perf_counter() - t0
+    patches = torch.from_numpy(pixels).to(dev)  # (N, P, P, 3) uint8, device-resident
+    dtype = _autocast_dtype(dev)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        x = normalise_rgb(batch.permute(0, 3, 1, 2), card)  # channels-last view, as infer.py
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+        return torch.sigmoid(out[:, 0].float())
+
+    n = len(patches)
+    with torch.inference_mode():
+        forward(patches[:batch_size])  # warm-up (cuDNN autotuning, allocator, oneDNN)
+        _sync(dev)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            for i in range(0, n, batch_size):
+                forward(patches[i : i + batch_size])
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    return {"patches": n, "seconds": min(times), "all_seconds": times,
+            "extract_s": extract_s, "device": str(dev), "autocast": str(dtype),
+            "batch_size": batch_size}
+
+
+def _instrument_pipeline(timer: StageTimer) -> None:
+    """Timers around the stages of ``wsiseg run`` (see each label)."""
+    import wsiseg.cohort
+    import wsiseg.infer
+    import wsiseg.outputs
+    import wsiseg.slide.reader
+    import wsiseg.slide.resample
+    import wsiseg.tiling
+
+    timer.wrap(wsiseg.tiling, "tile_slide", "tile (wall)")
+    timer.wrap(wsiseg.tiling, "detect_tissue", "tissue mask (wall)")
+    timer.wrap(wsiseg.tiling, "read_box", "read+resample (thread-s)")
+    timer.wrap(wsiseg.slide.reader.OpenSlideReader, "read_region", "read_region (thread-s)")
+    timer.wrap(wsiseg.slide.resample, "resample", "resample (thread-s)")
+    timer.wrap(wsiseg.infer, "infer_to_store", "infer (wall)", keep_result=True)
+    timer.wrap(wsiseg.cohort, "publish_run", "publish (wall)")
+    timer.wrap(wsiseg.outputs, "tumor_polygons", "contours")
+    timer.wrap(wsiseg.outputs, "annotations_for", "annotations")
+    timer.wrap(wsiseg.outputs, "write_thumbnail", "thumbnail")
+
+
+def phase_pipeline(slides: list[str], out: str, weights: str, device: str,
+                   sample_gpu: bool = False) -> dict[str, Any]:
+    """``wsiseg run SLIDE... --out OUT --guidenet W --device D`` in this process, timed.
+
+    The packages are imported before the clock starts (``segmentation_models_pytorch`` pulls
+    in timm, torchvision and torch._dynamo: seconds, more where no bytecode is cached); loading
+    the weights, everything after, is counted.
+    """
+    import csv
+
+    import segmentation_models_pytorch  # noqa: F401  (imports are not the run's cost)
+
+    import wsiseg.cli
+    import wsiseg.nets
+
+    timer = StageTimer()
+    _instrument_pipeline(timer)
+    timer.wrap(wsiseg.nets, "load_weights", "load weights (wall)")
+    argv = ["run", *slides, "--out", out, "--guidenet", weights, "--device", device]
+    gpu = GpuUtilisation() if sample_gpu else contextlib.nullcontext()
+    with PeakRSS(children=False) as rss, gpu:
+        t0 = time.perf_counter()
+        status = wsiseg.cli.main(argv)
+        seconds = time.perf_counter() - t0
+    timer.restore()
+    with (Path(out) / "summary.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    stats = [vars(s) for s in timer.results.get("infer (wall)", [])]
+    result: dict[str, Any] = {
+        "status": status, "seconds": seconds, "slides": rows, "stages": timer.as_dict(),
+        "infer_stats": stats, "peak_rss_mib": rss.peak_mib, "start_rss_mib": rss.start_mib,
+    }
+    if sample_gpu:
+        infer_spans = timer.spans.get("infer (wall)", [])
+        result["gpu_util"] = {
+            "source": gpu.source, "error": gpu.error, "samples": len(gpu.samples),
+            "mean_run": gpu.mean(), "mean_infer": gpu.mean(infer_spans),
+            "mean_outside_infer": _mean_outside(gpu.samples, infer_spans),
+        }
+        import torch
+
+        if torch.cuda.is_available():
+            result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
+    return result
+
+
+def _mean_outside(samples: list[tuple[float, float]],
+                  spans: Sequence[tuple[float, float]]) -> float | None:
+    values = [u for t, u in samples if not any(a <= t <= b for a, b in spans)]
+    return sum(values) / len(values) if values else None
+
+
+def tiatoolbox_model(weights: Path, device: str):
+    """Our GuideNet as a TIAToolbox ``ModelABC``: same network, same normalisation; on CUDA
+    the same bf16 autocast and channels-last layout as :mod:`wsiseg.infer`.
+
+    ``infer_batch`` returns (N, P, P, 2) float32 ``[1 - p, p]``, so TIAToolbox's argmax gives
+    the tumor mask and its probability map holds ``p`` in channel 1.
+    """
+    import torch
+    from tiatoolbox.models.architecture.utils import argmax_last_axis
+    from tiatoolbox.models.models_abc import ModelABC
+
+    from wsiseg.infer import _autocast_dtype
+    from wsiseg.nets import load_weights, normalise_rgb
+
+    net, card = load_weights(weights, role="guidenet")
+    if torch.device(device).type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # kept by TIAToolbox's .to(device)
+
+    class GuideNetForTiatoolbox(ModelABC):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.card = card
+            self.class_dict = {0: "background", 1: "tumor"}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        @staticmethod
+        def postproc(image: Any) -> Any:
+            """Probabilities (H, W, 2) → class labels (H, W), as TIAToolbox's own UNet."""
+            return argmax_last_axis(image=image)
+
+        @staticmethod
+        def infer_batch(model: torch.nn.Module, batch_data: torch.Tensor, *,
+                        device: str) -> Any:
+            inner = getattr(model, "module", model)
+            dev = torch.device(device)
+            inner.eval()
+            x = batch_data.to(dev, non_blocking=True)  # (N, P, P, 3) uint8 from the loader
+            x = normalise_rgb(x.permute(0, 3, 1, 2), inner.card)
+            dtype = _autocast_dtype(dev)
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype,
+                                                        enabled=dtype is not None):
+                p = torch.sigmoid(model(x)[:, 0].float())
+            return torch.stack([1 - p, p], dim=-1).cpu().numpy()
+
+    return GuideNetForTiatoolbox()
+
+
+def phase_tiatoolbox(slide: str, out: str, weights: str, device: str, batch_size: int,
+                     patch_px: int, stride_px: int, mpp: float, workers: int,
+                     output_type: str = "qupath", stub_simpleitk: bool = False) -> dict[str, Any]:
+    """TIAToolbox 2.1 ``SemanticSegmentor.run`` in WSI mode on the slide, timed by stage.
+
+    ``stub_simpleitk``: where SimpleITK is missing (its wheel alone is 50 MB), put an empty
+    module in its place. TIAToolbox imports it at import time for slide registration only,
+    which ``SemanticSegmentor`` never calls; the stub fails loudly if anything does use it.
+    """
+    stubbed = False
+    if stub_simpleitk:
+        try:
+            import SimpleITK  # noqa: F401
+        except ImportError:
+            import types
+
+            stub = types.ModuleType("SimpleITK")
+
+            def _missing(name: str) -> Any:
+                raise AttributeError(f"SimpleITK.{name}: SimpleITK is stubbed in this benchmark")
+
+            stub.__getattr__ = _missing  # type: ignore[method-assign]
+            sys.modules["SimpleITK"] = stub
+            stubbed = True
+    try:
+        import tiatoolbox
+        from tiatoolbox import rcParam
+        from tiatoolbox.models.engine.io_config import IOSegmentorConfig
+        from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
+        from tiatoolbox.wsicore.wsireader import OpenSlideWSIReader
+    except Exception as exc:  # ImportError, or a missing dependency of TIAToolbox's imports
+        return {"skipped": f"TIAToolbox cannot be imported here ({type(exc).__name__}: {exc})"}
+
+    dev = _device(device)
+    # torch.compile off: (a) and (b) run the network uncompiled; compiling is a separate
+    # question (and TIAToolbox enables it only on V100/A100/H100).
+    rcParam["torch_compile_mode"] = "disable"
+    model = tiatoolbox_model(Path(weights), str(dev))
+    engine = SemanticSegmentor(model=model, batch_size=batch_size, num_workers=workers,
+                               device=str(dev), verbose=False)
+    timer = StageTimer()
+    for name in ("get_dataloader", "infer_wsi", "post_process_wsi", "save_predictions"):
+        timer.wrap(engine, name, keep_result=name == "get_dataloader")
+    resolution = [{"units": "mpp", "resolution": mpp}]
+    ioconfig = IOSegmentorConfig(
+        input_resolutions=resolution, output_resolutions=resolution,
+        patch_input_shape=(patch_px, patch_px), patch_output_shape=(patch_px, patch_px),
+        stride_shape=(stride_px, stride_px), save_resolution=resolution[0],
+    )
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        # TIAToolbox's WSIReader.open takes a generic tiled TIFF for a plain image
+        # (VirtualWSIReader: the whole level 0 in memory, no mpp); open it with OpenSlide,
+        # as TIAToolbox opens SVS/NDPI/MRXS scans, so both sides read the same pyramid.
+        reader = OpenSlideWSIReader(Path(slide))
+        output = engine.run([reader], patch_mode=False, ioconfig=ioconfig,
+                            save_dir=Path(out), overwrite=True, output_type=output_type,
+                            return_probabilities=True, auto_get_mask=True)
+        seconds = time.perf_counter() - t0
+    loaders = timer.results.get("get_dataloader", [])
+    patches = sum(len(dl.dataset) for dl in loaders)
+    return {"seconds": seconds, "patches": patches, "stages": timer.as_dict(),
+            "version": tiatoolbox.__version__, "workers": workers, "device": str(dev),
+            "output_type": output_type, "outputs": [str(v) for v in dict(output).values()],
+            "simpleitk_stubbed": stubbed,
+            "peak_rss_mib": rss.peak_mib}
+
+
+def phase_tile(slide: str, store: str, workers: int) -> dict[str, Any]:
+    """``wsiseg tile`` of one slide into a fresh store with ``workers`` threads."""
+    import numpy as np
+
+    import wsiseg.slide.reader
+    import wsiseg.slide.resample
+    import wsiseg.tiling
+    from wsiseg.config import load_workflow
+
+    timer = StageTimer()
+    timer.wrap(wsiseg.tiling, "detect_tissue", "tissue mask (wall)")
+    timer.wrap(wsiseg.slide.reader.OpenSlideReader, "read_region", "read_region (thread-s)")
+    timer.wrap(wsiseg.slide.resample, "resample", "resample (thread-s)")
+    wf = load_workflow()
+    start_mib = PeakRSS().sample_mib()
+    with PeakRSS(children=False) as rss:
+        t0 = time.perf_counter()
+        result = wsiseg.tiling.tile_slide(slide, store, wf, workers=workers)
+        seconds = time.perf_counter() - t0
+    timer.restore()
+    s = result.store
+    rows, cols = s.frame.working_shape
+    chunk = s.chunk_px
+    done = np.asarray(s["tiled"][...], bool)
+    # Working pixels actually written: the tissue chunks, clipped at the slide's edges.
+    heights = np.minimum(chunk, rows - np.arange(done.shape[0]) * chunk)
+    widths = np.minimum(chunk, cols - np.arange(done.shape[1]) * chunk)
+    written = int((done * np.outer(heights, widths)).sum())
+    return {"seconds": seconds, "working_px": rows * cols, "written_px": written,
+            "chunks": result.chunks_total, "chunk_px": chunk, "workers": workers,
+            "stages": timer.as_dict(), "start_rss_mib": start_mib, "peak_rss_mib": rss.peak_mib,
+            "working_shape": [rows, cols]}
+
+
+PHASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "network": phase_network, "pipeline": phase_pipeline, "tiatoolbox": phase_tiatoolbox,
+    "tile": phase_tile,
+}
+
+
+def child_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=sorted(PHASES), required=True)
+    parser.add_argument("arguments", help="JSON object of the phase's keyword arguments")
+    args = parser.parse_args(argv)
+    with PeakRSS() as rss:
+        result = PHASES[args.phase](**json.loads(args.arguments))
+    result.setdefault("peak_rss_mib", rss.peak_mib)  # phases that sample their own keep it
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

@@ -1,0 +1,218 @@
+"""Benchmark a refine round: latency by number of scribbled windows, on a small and a large slide.
+
+For each of two generated slides (:mod:`wsiseg.synth`), the 1× ``--size`` and one of
+``--area-factor`` × its area, a slide store is built with :func:`wsiseg.tiling.tile_slide` and
+round 0 published (:func:`wsiseg.cohort.publish_run`). Its ``guide`` is the slide's ground
+truth blurred (σ = 8 working px), squeezed into [0.3, 0.7] plus noise (σ = 0.05): the random
+walker (seeded where the guide is within 0.4 of 0 or 1) has an uncertain band around every
+tumor border and scattered unseeded pixels everywhere to solve, like a real GuideNet output (a
+GuideNet pass over the large slide would cost minutes on a CPU and change nothing below).
+Then, for 1, 4 and 16 scribbled windows (``--windows``), a QuPath-style GeoJSON export with
+one brush stroke in the core of each of that many refine windows (alternately Tumor and
+Stroma) is refined with :func:`wsiseg.refine.refine_round` (what ``wsiseg refine`` runs), once
+with RefineNet (random weights, ``wsiseg models init``) and once with ``--refiner
+randomwalk``; each round is undone (:func:`wsiseg.rounds.undo`) before the next, so every
+round starts from the same store.
+
+A round should cost in proportion to the scribbled windows, not the slide: the two slides'
+rows should match at equal windows.
+
+    .venv/bin/python scripts/bench/refine.py --size 4096x4096 --mpp 1.0 --area-factor 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import fmt, markdown_table  # noqa: E402
+
+STAGES = (  # (module, function, label): the parts of a round, wrapped where refine_round calls
+    ("wsiseg.refine", "load_scribbles", "parse"),
+    ("wsiseg.refine", "rasterize_new", "rasterise"),
+    ("wsiseg.rounds", "save_backup", "backup"),
+    ("wsiseg.refine", "blend_windows", "blend"),
+    ("wsiseg.rounds", "polygons_of_round", "read previous contours"),
+    ("wsiseg.rounds", "recontour", "re-contour"),
+    ("wsiseg.outputs", "write_round_geojson", "write GeoJSON"),
+    ("wsiseg.outputs", "annotations_for", "  of which polygon stats"),
+    ("wsiseg.outputs", "measurements", "measurements"),
+)
+
+
+def build_store(slide, store_path: Path):
+    """Tile the slide and publish round 0 with a guide made from its ground truth."""
+    import numpy as np
+    from scipy import ndimage
+
+    from wsiseg.cohort import publish_run
+    from wsiseg.config import load_workflow
+    from wsiseg.store import SlideStore
+    from wsiseg.synth import read_truth_mask
+    from wsiseg.tiling import tile_slide
+
+    if store_path.exists():
+        store = SlideStore.open(store_path)
+        if store.stage("export") == "done":
+            return store
+        raise SystemExit(f"{store_path}: an unfinished store from an earlier run; remove it")
+    wf = load_workflow()
+    t0 = time.perf_counter()
+    store = tile_slide(slide.slide_path, store_path, wf).store
+    rows, cols = store.frame.working_shape
+    truth = read_truth_mask(slide.truth_mask_path, (rows, cols))
+    band, margin = store.chunk_px, 32  # blurred band by band (margin 4σ): bounded memory
+    rng = np.random.default_rng(0)
+    for r0 in range(0, rows, band):
+        a0, a1 = max(0, r0 - margin), min(rows, r0 + band + margin)
+        p = ndimage.gaussian_filter(truth[a0:a1].astype(np.float32), sigma=8.0)
+        p = p[r0 - a0 : r0 - a0 + min(band, rows - r0)]
+        noise = rng.normal(0.0, 0.05, p.shape).astype(np.float32)
+        guide = np.clip(np.rint(255 * (0.3 + 0.4 * p + noise)), 0, 255).astype(np.uint8)
+        store["guide"][r0 : r0 + guide.shape[0]] = guide
+        store["refined"][r0 : r0 + guide.shape[0]] = guide
+    store.set_stage("guide", "done")
+    publish_run(store, store_path.parent, store_path.name.removesuffix(".zarr"))
+    common.log(f"built {store_path.name} ({cols}×{rows} working px) in "
+               f"{time.perf_counter() - t0:.1f} s")
+    return store
+
+
+def core_centres(store, rng) -> list[tuple[float, float]]:
+    """Working-px (x, y) centres of refine-window cores that lie wholly on tissue, shuffled."""
+
+    wf = store.workflow
+    window, context = wf.refinenet.window_px, wf.refinenet.context_px
+    stride = window - 2 * context
+    rows, cols = store.frame.working_shape
+    tissue = store.tissue_mask
+    sy, sx = tissue.shape[0] / rows, tissue.shape[1] / cols
+    out = []
+    for i in range(max(0, (rows - window) // stride)):
+        for j in range(max(0, (cols - window) // stride)):
+            r0, c0 = i * stride + context, j * stride + context  # the core's corner
+            t = tissue[int(r0 * sy) : math.ceil((r0 + stride) * sy),
+                       int(c0 * sx) : math.ceil((c0 + stride) * sx)]
+            if t.size and t.all():
+                out.append((c0 + stride / 2, r0 + stride / 2))
+    order = rng.permutation(len(out))
+    return [out[k] for k in order]
+
+
+def write_scribbles(store, path: Path, centres: list[tuple[float, float]]) -> Path:
+    """A QuPath export: one 80-px brush stroke (8 px wide) per centre, Tumor / Stroma."""
+    import shapely
+
+    from wsiseg.qupath import Annotation, write_annotations
+
+    annotations = []
+    for k, (x, y) in enumerate(centres):
+        stroke = shapely.LineString([(x - 40, y - 8), (x, y + 8), (x + 40, y)]).buffer(4)
+        annotations.append(Annotation(
+            geometry=store.frame.transform_geometry(stroke, "working", "qupath"),
+            class_name="Tumor" if k % 2 == 0 else "Stroma"))
+    write_annotations(path, annotations)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=common.parse_size, default=(4096, 4096), metavar="WxH",
+                        help="level-0 size of the 1× slide (default 4096x4096)")
+    parser.add_argument("--mpp", type=float, default=1.0, help="level-0 µm/px (default 1.0)")
+    parser.add_argument("--area-factor", type=int, default=16,
+                        help="area of the large slide over the 1× slide (default 16)")
+    parser.add_argument("--windows", default="1,4,16", help="scribbled windows per round")
+    parser.add_argument("--refiners", default="refinenet,randomwalk")
+    parser.add_argument("--device", default="cpu", help="RefineNet's device (default cpu)")
+    common.add_common_args(parser)
+    args = parser.parse_args(argv)
+
+    import importlib
+
+    import numpy as np
+
+    from wsiseg.config import load_workflow
+    from wsiseg.infer import resolve_device
+    from wsiseg.nets import init_weights, load_weights
+    from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
+    from wsiseg.rounds import undo
+
+    counts = [int(n) for n in args.windows.split(",")]
+    edge = math.sqrt(args.area_factor)
+    sizes = [("1×", args.size),
+             (f"{args.area_factor}×", (round(args.size[0] * edge), round(args.size[1] * edge)))]
+    wf = load_workflow()
+    rows = []
+    with common.scratch(args.work, "wsiseg-bench-refine-") as work:
+        device = resolve_device(args.device)
+        refiners = {}
+        for name in args.refiners.split(","):
+            if name == "refinenet":
+                weights = work / "refinenet-random.safetensors"
+                if not weights.exists():
+                    init_weights("refinenet", weights, workflow=wf)
+                model, card = load_weights(weights, role="refinenet", workflow=wf,
+                                           device=device)
+                refiners[name] = refinenet_refiner(model, card, device,
+                                                   wf.refinenet.batch_size)
+            elif name == "randomwalk":
+                refiners[name] = randomwalk_refiner(wf.refinenet.randomwalk_beta,
+                                                    wf.refinenet.confident_margin)
+            else:
+                parser.error(f"--refiners: unknown refiner {name!r}")
+        for label, size in sizes:
+            slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
+            store_path = work / f"{slide.slide_path.stem}.zarr"
+            store = build_store(slide, store_path)
+            slide_id = store_path.name.removesuffix(".zarr")
+            centres = core_centres(store, np.random.default_rng(args.seed))
+            if len(centres) < max(counts) + 1:
+                raise SystemExit(f"{slide.slide_path.name}: only {len(centres)} window cores "
+                                 f"on tissue; use a larger --size")
+            srows, scols = store.frame.working_shape
+            for name, refiner in refiners.items():
+                # Warm-up round (1 window, not reported): first-call costs of the network.
+                warm = write_scribbles(store, work / f"{slide_id}-{name}-warm.geojson",
+                                       centres[-1:])
+                refine_round(store, warm, work, slide_id, refiner, name)
+                undo(store, work, slide_id)
+                for n in counts:
+                    path = write_scribbles(store, work / f"{slide_id}-{name}-{n}.geojson",
+                                           centres[:n])
+                    timer = common.StageTimer()
+                    for module, func, stage in STAGES:
+                        timer.wrap(importlib.import_module(module), func, stage)
+                    try:
+                        result = refine_round(store, path, work, slide_id, refiner, name)
+                    finally:
+                        timer.restore()
+                    undo(store, work, slide_id)
+                    st = {k: v["seconds"] for k, v in timer.as_dict().items()}
+                    rows.append([
+                        label, f"{scols}×{srows}", name, len(result.windows),
+                        fmt(result.seconds, 2), fmt(result.refine_s, 2),
+                        fmt(result.seconds - result.refine_s, 2),
+                        *(fmt(st.get(s), 2) for _, _, s in STAGES),
+                    ])
+                    common.log(f"{label} {name} {n} windows: {result.seconds:.2f} s")
+    headers = ["slide", "working px", "refiner", "windows", "round (s)", "refiner (s)",
+               "rest (s)", *(s.strip() for _, _, s in STAGES)]
+    common.print_report(
+        "wsiseg refine: round latency by scribbled windows and slide size",
+        [("One brush stroke per window core; each round undone before the next. 'rest' is "
+          "the round minus the refiner: reading and rasterising the scribbles, the undo "
+          "record, blending, re-contouring and writing the round's GeoJSON.",
+          markdown_table(headers, rows))],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
