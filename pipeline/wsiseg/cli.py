@@ -172,7 +172,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         common["annotations"] = None
     if args.batch_size:
         common["batch_size"] = args.batch_size
-    if args.train_command == "guidenet":
+    if args.train_command == "guidenet" and args.scribbles_only:
+        from wsiseg.train.scribble2label import train_guidenet_scribbles_only
+
+        scribbles = common.pop("annotations")
+        result = train_guidenet_scribbles_only(
+            scribbles=scribbles, tau=args.tau, alpha=args.alpha, gamma=args.gamma,
+            lam=args.lam, warmup_epochs=args.warmup_epochs,
+            random_walk_seeds=args.random_walk_seeds, **common)
+    elif args.train_command == "guidenet":
         result = train.train_guidenet(**common)
     else:
         result = train.train_refinenet(
@@ -185,6 +193,92 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"stopped: {result.stopped})"
     )
     return 0
+
+
+def cmd_eval_masks(args: argparse.Namespace) -> int:
+    from wsiseg.evaluate import evaluate_masks, format_mask_table
+
+    report = evaluate_masks(
+        [Path(p) for p in args.predictions], [Path(t) for t in args.truth],
+        array=args.array, threshold=args.threshold,
+        out_csv=Path(args.csv) if args.csv else None,
+    )
+    print(format_mask_table(report))
+    return 0
+
+
+def cmd_eval_interactive(args: argparse.Namespace) -> int:
+    from wsiseg import evaluate
+    from wsiseg.config import load_workflow
+    from wsiseg.train.data import match_annotations
+
+    wf = load_workflow(args.workflow)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"refinenet", "randomwalk", "watershed", "guidenet"})
+    if unknown:
+        raise UsageError(f"--methods: unknown {', '.join(unknown)} "
+                         f"(choose from refinenet, randomwalk, watershed, guidenet)")
+    if bool(args.patch_folder) == bool(args.stores):
+        raise UsageError("give either --patch-folder DIR or STORE... with --truth")
+    refiners: dict[str, evaluate.Refiner] = {}
+    window_px, threshold = wf.refinenet.window_px, wf.contours.threshold
+    if "refinenet" in methods:
+        if not args.refinenet:
+            raise UsageError("--refinenet WEIGHTS is needed for the refinenet method "
+                             "(or leave it out of --methods)")
+        refiners["RefineNet"], card = evaluate.refinenet_refiner(
+            Path(args.refinenet), device=args.device)
+        window_px, threshold = card.patch_px, card.threshold
+    margin = wf.refinenet.confident_margin
+    if "randomwalk" in methods:
+        beta = wf.refinenet.randomwalk_beta
+        refiners[f"RW (scribbles + GuideNet ±{margin:g})"] = evaluate.randomwalk_refiner(
+            beta=beta, confident_margin=margin)
+        refiners["RW (scribbles only)"] = evaluate.randomwalk_refiner(
+            beta=beta, confident_margin=None)
+    if "watershed" in methods:
+        refiners[f"WS (scribbles + GuideNet ±{margin:g})"] = evaluate.watershed_refiner(
+            confident_margin=margin)
+        refiners["WS (scribbles only)"] = evaluate.watershed_refiner(confident_margin=None)
+    if "guidenet" in methods:
+        refiners["GuideNet alone"] = evaluate.guidenet_refiner()
+    if args.patch_folder:
+        if not args.guidenet:
+            raise UsageError("--guidenet WEIGHTS is needed to predict the patches' start")
+        windows = evaluate.windows_from_patch_folder(
+            Path(args.patch_folder), Path(args.guidenet), window_px=window_px,
+            device=args.device)
+    else:
+        if not args.truth:
+            raise UsageError("--truth FILE... (or FOLDER) is needed with slide stores")
+        windows = []
+        for store, truth in match_annotations([Path(s) for s in args.stores],
+                                              [Path(t) for t in args.truth]):
+            windows += evaluate.windows_from_store(store, truth, window_px=window_px)
+    lo, hi = args.iou_range
+    chosen = evaluate.select_windows(
+        windows, iou_range=(lo, hi), min_tumor_fraction=args.min_tumor,
+        max_windows=args.max_windows, threshold=threshold, seed=args.seed)
+    print(f"{len(chosen)} of {len(windows)} windows of {window_px}² px with GuideNet IoU "
+          f"{lo:.2f}–{hi:.2f}", file=sys.stderr)
+    result = evaluate.evaluate_interactive(
+        chosen, refiners, max_interactions=args.interactions, threshold=threshold,
+        seed=args.seed, progress=(lambda m: print(m, file=sys.stderr)) if args.verbose else None)
+    title = f"{len(chosen)} windows of {window_px}², GuideNet IoU {lo:.2f}–{hi:.2f}"
+    paths = evaluate.write_interactive_report(result, Path(args.out), title=title)
+    print(paths["table_md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH like 0.5,0.75: {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 ≤ LOW ≤ HIGH ≤ 1, got {text!r}")
+    return lo, hi
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -299,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", metavar="DIR", help="slide stores (default: beside --out)")
         p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
         workflow_option(p)
+        if name == "guidenet":
+            p.add_argument("--scribbles-only", action="store_true",
+                           help="train from QuPath scribbles alone (Scribble2Label): "
+                                "--annotations are then scribble exports")
+            p.add_argument("--random-walk-seeds", action="store_true",
+                           help="with --scribbles-only: grow scribbles by a random walker first")
+            p.add_argument("--tau", type=float, default=0.8, help="pseudo-label threshold τ")
+            p.add_argument("--alpha", type=float, default=0.2, help="EMA weight α")
+            p.add_argument("--gamma", type=int, default=5, help="epochs between averages γ")
+            p.add_argument("--lam", type=float, default=0.5, help="pseudo-label loss weight λ")
+            p.add_argument("--warmup-epochs", type=int, default=5)
         if name == "refinenet":
             p.add_argument("--guidenet", required=True, metavar="WEIGHTS")
             p.add_argument("--scribble-mix", type=float, default=0.5,
@@ -307,6 +412,42 @@ def build_parser() -> argparse.ArgumentParser:
                            help="share of steps with a second, corrective scribble pass")
             p.add_argument("--scribble-kind", choices=["distance", "raw", "none"],
                            default="distance", help="scribble channels (ablation)")
+
+    evals = sub.add_parser("eval", help="evaluate against ground truth").add_subparsers(
+        dest="eval_command", required=True, metavar="COMMAND"
+    )
+    p = evals.add_parser("masks", help="IoU, Dice and the PAIP 2019 score per slide",
+                         description="IoU, Dice and the PAIP 2019 score per slide")
+    p.set_defaults(handler=cmd_eval_masks)
+    p.add_argument("predictions", nargs="+", metavar="PREDICTION",
+                   help="slide stores (*.zarr), mask images, or folders of them")
+    p.add_argument("--truth", nargs="+", required=True, metavar="FILE",
+                   help="GeoJSON or mask files (or folders), matched to predictions by name")
+    p.add_argument("--array", choices=["refined", "guide"], default="refined")
+    p.add_argument("--threshold", type=float, help="default: each store's contour threshold")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+
+    help_text = "DeepScribble's interactive protocol with a simulated pathologist"
+    p = evals.add_parser("interactive", help=help_text, description=help_text)
+    p.set_defaults(handler=cmd_eval_interactive)
+    p.add_argument("stores", nargs="*", metavar="STORE", help="slide stores from `wsiseg run`")
+    p.add_argument("--truth", nargs="+", metavar="FILE",
+                   help="the stores' ground truth (GeoJSON or masks, or folders), by name")
+    p.add_argument("--patch-folder", metavar="DIR", help="images/ and masks/ patch pairs")
+    p.add_argument("--guidenet", metavar="WEIGHTS", help="GuideNet (for --patch-folder)")
+    p.add_argument("--refinenet", metavar="WEIGHTS", help="RefineNet .safetensors")
+    p.add_argument("--methods", default="refinenet,randomwalk,watershed,guidenet",
+                   help="comma-separated: refinenet,randomwalk,watershed,guidenet")
+    p.add_argument("--interactions", type=int, default=20)
+    p.add_argument("--iou-range", type=_range, default=(0.5, 0.75), metavar="LOW,HIGH",
+                   help="keep windows whose GuideNet IoU lies here (the paper's 0.5,0.75)")
+    p.add_argument("--min-tumor", type=float, default=0.0,
+                   help="least tumor share of a kept window's truth")
+    p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--out", required=True, metavar="DIR", help="tables, curves and plot")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    workflow_option(p)
 
     models = sub.add_parser("models", help="model weights").add_subparsers(
         dest="models_command", required=True, metavar="COMMAND"
