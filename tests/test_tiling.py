@@ -185,3 +185,19 @@ def test_kill_9_mid_run_then_restart_gives_identical_image(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(result.store["image"][...]), np.asarray(clean["image"][...])
     )
+
+
+def test_resample_on_an_integer_factor_is_the_block_average():
+    from wsiseg.slide.resample import resample
+
+    rng = np.random.default_rng(0)
+    region = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(resample(region, (0, 0), 1.0, (4, 6, 20, 30)), region[4:24, 6:36])
+    blocks = region.astype(np.float64).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+    expected = np.clip(np.rint(blocks), 0, 255).astype(np.uint8)
+    # The region starts 4 source px (2 output px) before the box, as read_box reads it.
+    assert np.array_equal(resample(region, (-4, -4), 2.0, (0, 0, 28, 28)), expected[2:30, 2:30])
+    # A box reaching past the region is clamped at the edge (mode "nearest"), not cut short.
+    edge = resample(region, (0, 0), 2.0, (20, 20, 16, 16))
+    assert edge.shape == (16, 16, 3)
+    assert np.array_equal(edge[-1, -1], expected[-1, -1])

@@ -94,6 +94,13 @@ def resample(
     # in the (block-reduced) array whose pixel centres are at index + 0.5.
     scale_y = factor / block
     offset = -oy / block - 0.5 + (row0 + 0.5) * scale_y, -ox / block - 0.5 + (col0 + 0.5) * scale_y
+    if scale_y == 1.0 and offset[0].is_integer() and offset[1].is_integer():
+        # An integer factor on the block grid (e.g. 1.0 → 2.0 µm/px): output pixels are the
+        # block averages themselves, and bilinear sampling would be an identity shift that
+        # costs half of the chunk's time. Slice instead when the box lies inside.
+        r, c = int(offset[0]), int(offset[1])
+        if r >= 0 and c >= 0 and r + rows <= img.shape[0] and c + cols <= img.shape[1]:
+            return np.clip(np.rint(img[r : r + rows, c : c + cols]), 0, 255).astype(np.uint8)
     # Bilinear sampling on an axis-aligned lattice (a diagonal affine map), per channel.
     out = ndimage.affine_transform(
         img,
