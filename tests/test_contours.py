@@ -210,6 +210,24 @@ def test_region_returns_touching_polygons_whole() -> None:
     assert tumor_polygons(mask, chunk_px=32, region=(60, 60, 20, 20)) == []
 
 
+def test_several_regions_trace_each_component_once() -> None:
+    mask = np.zeros((256, 256), dtype=bool)
+    mask[10:14, 5:250] = True  # the bar of the test above, touched by both regions
+    mask[150:160, 100:110] = True  # a blob in the second region
+    mask[100:120, 20:40] = True  # and one in neither
+    prob = RecordingArray((mask * 255).astype(np.uint8))
+    regions = [(0, 0, 40, 40), (0, 200, 40, 40), (140, 90, 30, 30)]
+    polygons = tumor_polygons(prob, chunk_px=32, simplify_px=0, regions=regions)
+    full = tumor_polygons(mask, simplify_px=0)
+    assert len(polygons) == 2  # the bar once, though two regions touch it, and the blob
+    assert polygons[0].equals(full[0]) and polygons[1].equals(shapely.box(100, 150, 110, 160))
+    chunks = [(r // 32, c // 32) for r, c, _, _ in prob.reads]
+    assert len(chunks) == len(set(chunks))  # every chunk read once
+    assert (3, 0) not in chunks  # not the blob that no region touches
+    with pytest.raises(ValueError, match="region or regions"):
+        tumor_polygons(mask, region=(0, 0, 1, 1), regions=[(0, 0, 1, 1)])
+
+
 # -- zarr and memory -------------------------------------------------------------------------
 
 

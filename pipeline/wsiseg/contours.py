@@ -51,7 +51,7 @@ Background chunks cost only their read.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -231,11 +231,11 @@ class _Merger:
     """Chunk-by-chunk tracing with the pieces that meet across chunk sides joined."""
 
     def __init__(self, prob: ArrayLike2D, threshold: float, block: tuple[int, int],
-                 region: tuple[int, int, int, int]) -> None:
+                 regions: list[tuple[int, int, int, int]]) -> None:
         self.prob = prob
         self.threshold = threshold
         self.block = block
-        self.region = region
+        self.regions = regions
         self.grid = (-(-prob.shape[0] // block[0]), -(-prob.shape[1] // block[1]))
         self.done: set[tuple[int, int]] = set()
         self.pending: dict[tuple[int, int, str], NDArray[np.int64]] = {}
@@ -280,10 +280,11 @@ class _Merger:
             elif ids.any():
                 self.pending[(i, j, side)] = ids
 
-        rr0, cc0, rrows, rcols = self.region
-        window = labels[max(rr0 - r0, 0): max(rr0 + rrows - r0, 0),
-                        max(cc0 - c0, 0): max(cc0 + rcols - c0, 0)]
-        in_region = set(np.unique(window[window > 0]).tolist())
+        in_region: set[int] = set()
+        for rr0, cc0, rrows, rcols in self.regions:
+            window = labels[max(rr0 - r0, 0): max(rr0 + rrows - r0, 0),
+                            max(cc0 - c0, 0): max(cc0 + rcols - c0, 0)]
+            in_region.update(np.unique(window[window > 0]).tolist())
         for label, polygon in enumerate(polygons, start=1):
             if label in on_border:
                 self.border_pieces[offset + label] = polygon
@@ -419,6 +420,7 @@ def tumor_polygons(
     simplify_px: float = 1.0,
     min_area_px: float = 0.0,
     region: tuple[int, int, int, int] | None = None,
+    regions: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> list[shapely.Polygon]:
     """Tumor outlines of a probability map, one polygon (with holes) per tumor component.
 
@@ -444,6 +446,9 @@ def tumor_polygons(
         Only return the components with at least one pixel in this window, each one whole:
         the work starts with the chunks overlapping the window and grows, chunk by chunk, into
         every chunk that such a component continues into, until all of them are closed.
+    regions : sequence of (row0, col0, rows, cols), optional
+        Several windows at once (instead of ``region``): the components touching any of them,
+        each traced once however many windows it touches.
 
     Returns
     -------
@@ -464,19 +469,24 @@ def tumor_polygons(
     if not (0.0 <= simplify_px <= 1.0):
         raise ValueError(f"simplify_px must be within [0, 1] working px, got {simplify_px}")
     height, width = shape
-    if region is None:
-        region = (0, 0, height, width)
-    row0, col0, rows, cols = (int(v) for v in region)
-    if rows < 0 or cols < 0:
-        raise ValueError(f"region must have a non-negative size, got {region}")
-    row1, col1 = min(row0 + rows, height), min(col0 + cols, width)
-    row0, col0 = max(row0, 0), max(col0, 0)
-    if row1 <= row0 or col1 <= col0:
+    if region is not None and regions is not None:
+        raise ValueError("give region or regions, not both")
+    if regions is None:
+        regions = [(0, 0, height, width) if region is None else region]
+    boxes = []
+    for box in regions:
+        row0, col0, rows, cols = (int(v) for v in box)
+        if rows < 0 or cols < 0:
+            raise ValueError(f"region must have a non-negative size, got {box}")
+        row1, col1 = min(row0 + rows, height), min(col0 + cols, width)
+        row0, col0 = max(row0, 0), max(col0, 0)
+        if row1 > row0 and col1 > col0:
+            boxes.append((row0, col0, row1 - row0, col1 - col0))
+    if not boxes:
         return []
 
-    merger = _Merger(prob, threshold, _block_shape(prob, chunk_px),
-                     (row0, col0, row1 - row0, col1 - col0))
-    todo = merger.chunks_in(row0, col0, row1 - row0, col1 - col0)
+    merger = _Merger(prob, threshold, _block_shape(prob, chunk_px), boxes)
+    todo = set().union(*(merger.chunks_in(*box) for box in boxes))
     while todo:
         for i, j in sorted(todo):  # raster order keeps few chunk sides pending
             merger.process(i, j)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,18 +42,20 @@ class SlideMeasurements:
 
 
 def round_polygons(
-    store: SlideStore, array: str = "refined", region: tuple[int, int, int, int] | None = None
+    store: SlideStore, array: str = "refined",
+    regions: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> list[shapely.Polygon]:
     """Tumor polygons of ``array`` in working pixels, filtered by the workflow.
 
-    ``region`` (row0, col0, rows, cols) limits the work to the components touching it.
+    ``regions`` (row0, col0, rows, cols each) limit the work to the components touching any
+    of them, each traced once.
     """
     wf = store.workflow
     cfg = wf.contours
     min_area_px = cfg.min_area_um2 / wf.working_mpp**2
     return tumor_polygons(
         store[array], threshold=cfg.threshold, simplify_px=cfg.simplify_px,
-        min_area_px=min_area_px, region=region,
+        min_area_px=min_area_px, regions=regions,
     )
 
 

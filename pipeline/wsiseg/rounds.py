@@ -121,11 +121,8 @@ def recontour(
              for r0, c0, rows, cols in regions]
     changed = shapely.union_all(boxes)
     kept = [(p, m) for p, m in previous if not shapely.intersects(p, changed)]
-    fresh: dict[bytes, shapely.Polygon] = {}
-    for region in regions:
-        for p in round_polygons(store, region=region):
-            fresh[shapely.to_wkb(shapely.normalize(p))] = p  # a component touching 2 regions
-    contours = kept + [(p, None) for p in fresh.values()]
+    fresh = round_polygons(store, regions=regions)  # each component traced once
+    contours = kept + [(p, None) for p in fresh]
     contours.sort(key=lambda pm: -pm[0].area)
     return contours
 
