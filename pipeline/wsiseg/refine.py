@@ -80,13 +80,22 @@ Refiner = Callable[[SlideStore, list[tuple[int, int]], int], list[np.ndarray]]
 
 
 # -- 1. scribbles from a QuPath export -------------------------------------------------------
-def load_scribbles(path: Path, store: SlideStore) -> ScribbleSet:
-    """Parse a QuPath export into labelled working-pixel geometries."""
+def load_scribbles(
+    path: Path, store: SlideStore, latest: list[Annotation] | None = None
+) -> ScribbleSet:
+    """Parse a QuPath export into labelled working-pixel geometries.
+
+    ``latest`` are the annotations of the store's latest round (read from its stored GeoJSON
+    when not given): an edited AI contour is compared with its exported original.
+    """
     annotations, warnings = read_annotations_report(path)
     wf = store.workflow
     mapping = ClassMapping.from_workflow(wf.scribbles)
     frame = store.frame
-    previous = rounds.latest_polygons_by_id(store)  # our exported contours, QuPath frame
+    if latest is None:
+        history = store.attrs.get("rounds") or []
+        latest = rounds.round_annotations(store, int(history[-1]["round"])) if history else []
+    previous = rounds.polygons_by_id(latest)  # our exported contours, QuPath frame
     shapes: list[tuple[shapely.Geometry, int]] = []
     edits: list[tuple[shapely.Geometry, int]] = []
     counts = {"tumor": 0, "non_tumor": 0, "ignored": 0, "edited_ai": 0}
@@ -380,11 +389,12 @@ def refine_round(
         )
     with StoreLock(store.path, "refine"):
         wf: Workflow = store.workflow
-        scribbles = load_scribbles(scribble_file, store)
-        for w in scribbles.warnings:
-            log.warning("%s", w)
         history = store.attrs["rounds"]
         round_k = int(history[-1]["round"]) + 1
+        latest = rounds.round_annotations(store, round_k - 1)  # parsed once, used twice
+        scribbles = load_scribbles(scribble_file, store, latest)
+        for w in scribbles.warnings:
+            log.warning("%s", w)
         before_mm2 = float(history[-1].get("tumor_mm2", 0.0))
         digest = file_fingerprint(Path(scribble_file))
         if any(r.get("scribble_sha256") == digest for r in history):
@@ -419,7 +429,7 @@ def refine_round(
             blended = blend_windows(old, region, members, [prob_of[w] for w in members],
                                     window_px, context_px)
             store["refined"][_sl(region)] = blended
-        previous = rounds.contours_of_round(store, round_k - 1)
+        previous = rounds.contours_of_round(store, round_k - 1, latest)
         contours = rounds.recontour(store, previous, [r for r, _ in regions])
         latest, polygons = write_round_geojson(
             store, out_dir, slide_id, round_k, [p for p, _ in contours],

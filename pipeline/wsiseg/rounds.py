@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 
 from wsiseg.errors import WsisegError
-from wsiseg.qupath import is_wsiseg_feature, read_annotations
+from wsiseg.qupath import Annotation, is_wsiseg_feature, read_annotations
 from wsiseg.store import SlideStore, StoreLock
 
 
@@ -73,19 +73,27 @@ def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
     return [p for p, _ in contours_of_round(store, round_k)]
 
 
-def contours_of_round(
-    store: SlideStore, round_k: int
-) -> list[tuple[shapely.Polygon, float | None]]:
-    """A round's tumor polygons in working px with their recorded mean tumor probability
-    (``None`` where the file has none), read back from the round's stored GeoJSON."""
-    from wsiseg.outputs import MEAN_PROBABILITY
-
+def round_annotations(store: SlideStore, round_k: int) -> list[Annotation]:
+    """The annotations of a round's stored GeoJSON (QuPath frame), parsed once per round."""
     path = round_geojson_path(store, round_k)
     if not path.exists():
         raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({path.name})")
+    return read_annotations(path)
+
+
+def contours_of_round(
+    store: SlideStore, round_k: int, annotations: list[Annotation] | None = None
+) -> list[tuple[shapely.Polygon, float | None]]:
+    """A round's tumor polygons in working px with their recorded mean tumor probability
+    (``None`` where the file has none), read back from the round's stored GeoJSON (or from
+    its ``annotations`` when the caller has them already)."""
+    from wsiseg.outputs import MEAN_PROBABILITY
+
+    if annotations is None:
+        annotations = round_annotations(store, round_k)
     frame = store.frame
     out = []
-    for a in read_annotations(path):
+    for a in annotations:
         geom = frame.transform_geometry(a.geometry, "qupath", "working")
         mean = (a.measurements or {}).get(MEAN_PROBABILITY)
         mean = float(mean) if isinstance(mean, int | float) else None
@@ -93,15 +101,9 @@ def contours_of_round(
     return out
 
 
-def latest_polygons_by_id(store: SlideStore) -> dict[str, shapely.Geometry]:
-    """Our contours of the latest round by feature id (QuPath frame), to spot edits."""
-    history = store.attrs.get("rounds") or []
-    if not history:
-        return {}
-    path = round_geojson_path(store, int(history[-1]["round"]))
-    if not path.exists():
-        return {}
-    return {a.id: a.geometry for a in read_annotations(path) if a.id and is_wsiseg_feature(a)}
+def polygons_by_id(annotations: list[Annotation]) -> dict[str, shapely.Geometry]:
+    """Our contours among ``annotations`` by feature id (QuPath frame), to spot edits."""
+    return {a.id: a.geometry for a in annotations if a.id and is_wsiseg_feature(a)}
 
 
 def recontour(
