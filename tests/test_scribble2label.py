@@ -187,3 +187,19 @@ def test_train_guidenet_scribbles_only_cli(tmp_path, capsys):
     assert card.provenance["hyperparameters"]["gamma"] == 1
     assert main(argv + ["--tau", "0.3"]) == 1
     assert "--tau must lie in" in capsys.readouterr().err
+
+
+def test_simulated_slide_scribbles_lie_on_tissue_and_in_their_class(tmp_path, synth_slides):
+    from wsiseg.config import load_workflow
+    from wsiseg.train.scribble2label import _items_from_truth, _tissue_at
+
+    slide = synth_slides[0]
+    (item,) = _items_from_truth([slide.slide_path], [slide.truth_geojson_path],
+                                tmp_path / "cache", load_workflow("demo"), None, 0, False)
+    labels = np.asarray(item.scribbles.label[...])
+    truth = np.asarray(item.truth.label[...])
+    tissue = _tissue_at(item.scribbles.store, labels.shape)
+    assert (labels == 1).any() and (labels == 0).any()
+    assert not ((labels >= 0) & ~tissue).any()  # no stroke on the glass
+    assert np.all(truth[labels == 1] == 1) and np.all(truth[labels == 0] == 0)
+    assert (truth >= 0)[~tissue].any()  # the glass is labelled, yet not scribbled

@@ -280,9 +280,20 @@ def _items_from_truth(
     for k, t in enumerate(truths):
         full = np.asarray(t.label[...])
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5C82, k]))
-        labels = scribble_labels_from_truth(full == 1, full >= 0, rng=rng)
+        # A pathologist scribbles non-tumor on tissue, not on the glass between it: simulated
+        # strokes stay on the store's tissue mask, so they fall on stroma and its look-alikes.
+        labelled = (full >= 0) & _tissue_at(t.store, full.shape)
+        labels = scribble_labels_from_truth(full == 1, labelled, rng=rng)
         items.append(_Item(LabelledSlide(store=t.store, label=labels, name=t.name), t))
     return items
+
+
+def _tissue_at(store, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """The store's low-resolution tissue mask, nearest-neighbour at ``shape`` (working px)."""
+    tissue = store.tissue_mask
+    rows = (np.arange(shape[0]) * tissue.shape[0]) // shape[0]
+    cols = (np.arange(shape[1]) * tissue.shape[1]) // shape[1]
+    return tissue[np.ix_(rows, cols)]
 
 
 def _items_from_exports(
