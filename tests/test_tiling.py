@@ -201,3 +201,39 @@ def test_resample_on_an_integer_factor_is_the_block_average():
     edge = resample(region, (0, 0), 2.0, (20, 20, 16, 16))
     assert edge.shape == (16, 16, 3)
     assert np.array_equal(edge[-1, -1], expected[-1, -1])
+
+
+def test_background_tiling_reads_the_same_image_as_it_is_written(tmp_path, small_workflow):
+    from wsiseg.tiling import BackgroundTiling
+
+    reference = tile_slide(real(CMU_SVS), tmp_path / "a.zarr", small_workflow).store
+    expected = np.asarray(reference["image"][...])
+    with BackgroundTiling(CMU_SVS, tmp_path / "b.zarr", small_workflow, workers=2) as tiling:
+        rows = tiling.image.shape[0]
+        # Read band by band while the tiling runs, as inference does.
+        bands = [np.asarray(tiling.image[r : r + 100, :]) for r in range(0, rows, 100)]
+        result = tiling.finish()
+    assert np.array_equal(np.concatenate(bands), expected)
+    assert result.chunks_written == result.chunks_total > 0
+    assert result.store.stage("tiling") == "done"
+
+
+def test_background_tiling_hands_its_error_to_the_reader(tmp_path, small_workflow, monkeypatch):
+    import wsiseg.tiling as tiling_module
+    from wsiseg.tiling import BackgroundTiling
+
+    real_tile_chunk = tiling_module.tile_chunk
+
+    def failing(slide_path, store_path, downsample, i, j, chunk_px):
+        if i >= 1:
+            raise WsisegError(f"{slide_path}: cannot read chunk ({i}, {j})")
+        return real_tile_chunk(slide_path, store_path, downsample, i, j, chunk_px)
+
+    monkeypatch.setattr(tiling_module, "tile_chunk", failing)
+    with BackgroundTiling(real(CMU_SVS), tmp_path / "s.zarr", small_workflow) as tiling:
+        assert np.asarray(tiling.image[0:10, :]).any()  # row 0 of chunks is fine
+        with pytest.raises(WsisegError, match="cannot read chunk"):
+            tiling.image[300:310, :]
+        with pytest.raises(WsisegError, match="cannot read chunk"):
+            tiling.finish()
+    assert tiling.store.stage("tiling") != "done"

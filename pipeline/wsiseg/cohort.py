@@ -810,7 +810,7 @@ def _run_one(
     from wsiseg.infer import infer_to_store, resolve_device
     from wsiseg.nets import normalise_rgb, weights_hash
     from wsiseg.store import retire_store, source_changed
-    from wsiseg.tiling import tile_slide
+    from wsiseg.tiling import BackgroundTiling
 
     out_dir = options.out_dir
     store_path = out_dir / f"{slide_id}.zarr"
@@ -824,21 +824,26 @@ def _run_one(
             return done
     if options.force and store_path.exists():
         retire_store(store_path)
-    store = tile_slide(slide, store_path, wf, mpp=options.mpp, workers=tile_workers).store
-    _crash_for_tests()
-    if source_changed(store, slide):  # pragma: no cover - tile_slide rebuilt it
-        raise WsisegError(f"{slide}: changed while running")
-    if store.stage("guide") != "done":
-        store.set_stage("export", "pending")
-        device = resolve_device(options.device)
-        model.to(device)
-        stats = infer_to_store(
-            store["image"], [store["guide"], store["refined"]],
-            model=model, normalise=lambda t: normalise_rgb(t, card), tissue=store.tissue_mask,
-            patch_px=wf.guidenet.patch_px, stride_px=wf.guidenet.stride_px,
-            batch_size=wf.guidenet.batch_size, device=device, band_px=store.chunk_px,
-            tta=options.tta, clip_to_tissue=True,
-        )
+    # Tiling runs beside inference: GuideNet reads each row of chunks as soon as it is written.
+    with BackgroundTiling(slide, store_path, wf, mpp=options.mpp, workers=tile_workers) as tiling:
+        store = tiling.store
+        if source_changed(store, slide):  # pragma: no cover - prepare_store rebuilt it
+            raise WsisegError(f"{slide}: changed while running")
+        _crash_for_tests()
+        stats = None
+        if store.stage("guide") != "done":
+            store.set_stage("export", "pending")
+            device = resolve_device(options.device)
+            model.to(device)
+            stats = infer_to_store(
+                tiling.image, [store["guide"], store["refined"]],
+                model=model, normalise=lambda t: normalise_rgb(t, card),
+                tissue=store.tissue_mask, patch_px=wf.guidenet.patch_px,
+                stride_px=wf.guidenet.stride_px, batch_size=wf.guidenet.batch_size,
+                device=device, band_px=store.chunk_px, tta=options.tta, clip_to_tissue=True,
+            )
+        tiling.finish()  # every chunk written (or the tiling's error) before guide is done
+    if stats is not None:
         store.update_attrs(models={"guidenet": {
             "card": card.to_dict(), "sha256": weights_hash(Path(options.guidenet)),
             "path": str(Path(options.guidenet).resolve()),

@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -138,16 +140,20 @@ def prepare_store(
 
 def tiling_tasks(store: SlideStore, slide_path: Path) -> list:
     """One ``dask.delayed`` task per tissue chunk not yet complete."""
-    frame = store.frame
-    chunk = store.chunk_px
-    todo = tissue_chunks(store.tissue_mask, frame.working_shape, chunk)
-    done = np.asarray(store["tiled"][...], dtype=bool)
-    todo &= ~done
-    tile = dask.delayed(tile_chunk, pure=False)
-    return [
-        tile(str(slide_path), str(store.path), frame.scale, int(i), int(j), chunk)
-        for i, j in zip(*np.nonzero(todo), strict=True)
-    ]
+    return [_tile_task(store, slide_path, i, j) for i, j in chunks_to_tile(store)]
+
+
+def chunks_to_tile(store: SlideStore) -> list[tuple[int, int]]:
+    """(row, col) of the tissue chunks not yet complete, in raster order."""
+    todo = tissue_chunks(store.tissue_mask, store.frame.working_shape, store.chunk_px)
+    todo &= ~np.asarray(store["tiled"][...], dtype=bool)
+    return [(int(i), int(j)) for i, j in zip(*np.nonzero(todo), strict=True)]
+
+
+def _tile_task(store: SlideStore, slide_path: Path, i: int, j: int):
+    return dask.delayed(tile_chunk, pure=False)(
+        str(slide_path), str(store.path), store.frame.scale, i, j, store.chunk_px
+    )
 
 
 def tile_chunk(
@@ -194,6 +200,123 @@ def tile_slide(
     if store.stage("tiling") != "done":
         store.set_stage("tiling", "done")
     return TilingResult(store=store, chunks_total=total, chunks_written=len(tasks))
+
+
+class BackgroundTiling:
+    """Tile a slide on a background thread while its ``image`` is already being read.
+
+    ``image`` slices like ``store["image"]``, but a read waits until every tissue chunk it
+    touches is written, so GuideNet can start on the top rows while the Dask tasks still tile
+    the bottom ones (rows of chunks are tiled top to bottom, as inference reads them). Use as
+    a context manager; :meth:`finish` waits for the tiling and raises its error, if any::
+
+        with BackgroundTiling(slide, store_path, workflow) as tiling:
+            infer_to_store(tiling.image, ...)
+            tiling.finish()
+    """
+
+    def __init__(
+        self,
+        slide_path: str | Path,
+        store_path: str | Path,
+        workflow: Workflow,
+        *,
+        mpp: float | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.slide_path = Path(slide_path)
+        self.store = prepare_store(self.slide_path, Path(store_path), workflow, mpp)
+        self._expected = tissue_chunks(
+            self.store.tissue_mask, self.store.frame.working_shape, self.store.chunk_px
+        )
+        # Read once, before any task runs: afterwards completions are learnt from the tasks.
+        self._complete = np.asarray(self.store["tiled"][...], dtype=bool)
+        self._todo = chunks_to_tile(self.store)
+        self._workers = workers or workflow.tiling.workers or os.cpu_count() or 1
+        self._changed = threading.Condition()
+        self._finished = False
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="wsiseg-tiling", daemon=True)
+        self.image = _TiledImage(self)
+
+    def __enter__(self) -> BackgroundTiling:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # inference failed or Ctrl-C: stop after the current row
+            self._stop.set()
+        self._thread.join()  # a row's Dask tasks cannot be cancelled; each is one chunk
+
+    def finish(self) -> TilingResult:
+        """Wait for the tiling; mark the store's tiling stage done or raise its error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self.store.stage("tiling") != "done":
+            self.store.set_stage("tiling", "done")
+        return TilingResult(self.store, int(self._expected.sum()), len(self._todo))
+
+    def _run(self) -> None:
+        from dask.callbacks import Callback
+
+        def posttask(key, result, dsk, state, worker_id) -> None:
+            if isinstance(result, tuple) and len(result) == 2:  # a tile_chunk's (i, j)
+                with self._changed:
+                    self._complete[result] = True
+                    self._changed.notify_all()
+
+        try:
+            if self._todo:
+                self.store.set_stage("tiling", "running")
+            # One Dask computation per row of chunks, top to bottom: the order in which
+            # inference reads (Dask's own order among independent tasks is not raster).
+            for i in sorted({i for i, _ in self._todo}):
+                if self._stop.is_set():
+                    return
+                tasks = [_tile_task(self.store, self.slide_path, i, j)
+                         for r, j in self._todo if r == i]
+                with Callback(posttask=posttask):
+                    dask.compute(*tasks, scheduler="threads", num_workers=self._workers)
+        except BaseException as error:  # handed to the reading threads and to finish()
+            self._error = error
+        finally:
+            with self._changed:
+                self._finished = True
+                self._changed.notify_all()
+
+    def wait_for(self, rows: slice, cols: slice) -> None:
+        """Block until the tissue chunks under ``image[rows, cols]`` are written."""
+        chunk = self.store.chunk_px
+        height, width = self.store.frame.working_shape
+        r0, r1, _ = rows.indices(height)
+        c0, c1, _ = cols.indices(width)
+        grid = np.s_[r0 // chunk : -(-r1 // chunk), c0 // chunk : -(-c1 // chunk)]
+        with self._changed:
+            while (self._expected[grid] & ~self._complete[grid]).any():
+                if self._finished:
+                    raise self._error or WsisegError(
+                        f"{self.slide_path}: tiling ended with chunks missing"
+                    )
+                self._changed.wait(timeout=1.0)
+
+
+class _TiledImage:
+    """``store["image"]`` whose reads wait for the background tiling (see BackgroundTiling)."""
+
+    def __init__(self, tiling: BackgroundTiling) -> None:
+        self._tiling = tiling
+        self._array = tiling.store["image"]
+        self.shape = tuple(self._array.shape)
+        self.dtype = self._array.dtype
+
+    def __getitem__(self, key: Any) -> Any:
+        rows, cols = (tuple(key) + (slice(None), slice(None)))[:2]
+        if not (isinstance(rows, slice) and isinstance(cols, slice)):
+            raise TypeError("a tiled image is read by row and column slices")
+        self._tiling.wait_for(rows, cols)
+        return self._array[key]
 
 
 @functools.lru_cache(maxsize=16)
