@@ -77,3 +77,28 @@ def test_refine_on_a_missing_store_is_one_line(tmp_path, capsys):
     assert main(["refine", str(tmp_path / "nope.zarr"), "--scribbles", str(export),
                  "--refiner", "randomwalk"]) == 1
     assert "nope.zarr" in capsys.readouterr().err
+
+
+def test_refine_with_tta_averages_eight_views_and_needs_refinenet(tmp_path, small_workflow,
+                                                                   capsys):
+    import torch
+
+    from wsiseg.nets import init_weights, load_weights
+    from wsiseg.refine import refinenet_refiner
+
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, "cmu", small_workflow, blobs)
+    weights = tmp_path / "r.safetensors"
+    init_weights("refinenet", weights, seed=3)
+    model, card = load_weights(weights, role="refinenet")
+    window_px = 64
+    plain = refinenet_refiner(model, card, torch.device("cpu"), 1)(store, [(0, 0)], window_px)
+    tta = refinenet_refiner(model, card, torch.device("cpu"), 1, tta=True)(
+        store, [(0, 0)], window_px)
+    assert tta[0].shape == plain[0].shape == (window_px, window_px)
+    assert not np.allclose(tta[0], plain[0])  # a random network is not rotation invariant
+
+    export = write_export(tmp_path / "s.geojson", [feature(shapely.box(0, 0, 5, 5), "Tumor")])
+    assert main(["refine", str(out / "cmu.zarr"), "--scribbles", str(export),
+                 "--refiner", "randomwalk", "--tta"]) == 2
+    assert "--tta needs the RefineNet refiner" in capsys.readouterr().err

@@ -417,3 +417,23 @@ def test_works_with_the_model_cards_normalisation() -> None:
         band_px=64,
     )
     assert np.array_equal(out, image[..., 0])
+
+
+def test_dihedral_mean_moves_every_channel_with_the_image() -> None:
+    from wsiseg.infer import dihedral_mean
+
+    x = torch.rand(2, 6, 16, 16)
+    # A pixel-wise function of the six channels commutes with every flip and rotation.
+    def pointwise(t):
+        return torch.sigmoid(t[:, 0] - t[:, 4] + t[:, 5])
+
+    torch.testing.assert_close(dihedral_mean(pointwise, x), pointwise(x))
+    # A position-dependent one is averaged over the 8 views: the result is symmetric.
+    ramp = torch.linspace(0, 1, 16)
+
+    def biased(t):
+        return t[:, 3] * 0 + ramp[None, None, :]
+
+    mean = dihedral_mean(biased, x)[0].numpy()
+    for view in (mean.T, mean[::-1], mean[:, ::-1]):
+        np.testing.assert_allclose(mean, view, atol=1e-6)

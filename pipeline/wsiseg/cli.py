@@ -140,7 +140,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     return refine_store(
         Path(args.store), Path(args.scribbles), refinenet=args.refinenet, refiner=args.refiner,
-        out_dir=Path(args.out) if args.out else None, device=args.device,
+        out_dir=Path(args.out) if args.out else None, device=args.device, tta=args.tta,
     )
 
 
@@ -334,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refinenet", metavar="WEIGHTS", help="RefineNet .safetensors")
     p.add_argument("--refiner", choices=["refinenet", "randomwalk"], default=None,
                    help="randomwalk: scikit-image random walker, no weights needed")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: mean over 8 flips/rotations (8× RefineNet)")
     p.add_argument("--out", metavar="DIR", help="where the GeoJSON go (default: the store's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 

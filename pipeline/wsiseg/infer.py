@@ -272,15 +272,25 @@ def _forward(
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         if not tta:
             return torch.sigmoid(_logits(model, x))
-        # Average probabilities over the 8 dihedral transforms, each mapped back first.
-        total = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
-        for flip in (False, True):
-            xf = torch.flip(x, dims=(3,)) if flip else x
-            for k in range(4):
-                prob = torch.sigmoid(_logits(model, torch.rot90(xf, k, dims=(2, 3))))
-                prob = torch.rot90(prob, -k, dims=(1, 2))
-                total += torch.flip(prob, dims=(2,)) if flip else prob
-        return total / 8
+        return dihedral_mean(lambda t: torch.sigmoid(_logits(model, t)), x)
+
+
+def dihedral_mean(
+    predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Test-time augmentation: the mean of ``predict`` over the 8 flips / 90° rotations.
+
+    ``x`` is (N, C, H, W) with square H = W; ``predict`` maps it to (N, H, W) probabilities.
+    Each prediction is mapped back before averaging, so every channel of ``x`` (RGB, guide,
+    scribble distances) moves with the image.
+    """
+    total = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
+    for flip in (False, True):
+        xf = torch.flip(x, dims=(3,)) if flip else x
+        for k in range(4):
+            prob = torch.rot90(predict(torch.rot90(xf, k, dims=(2, 3))), -k, dims=(1, 2))
+            total += torch.flip(prob, dims=(2,)) if flip else prob
+    return total / 8
 
 
 def predict_patches(

@@ -309,9 +309,12 @@ def read_window(array, origin: tuple[int, int], window_px: int, margin: int = 0)
     return out
 
 
-def refinenet_refiner(model, card, device, batch_size: int) -> Refiner:
-    """Refine windows with RefineNet (model loaded once by the caller)."""
+def refinenet_refiner(model, card, device, batch_size: int, tta: bool = False) -> Refiner:
+    """Refine windows with RefineNet (model loaded once by the caller); ``tta``: the mean
+    over the 8 flips / 90° rotations of each window (8× the network's time)."""
     import torch
+
+    from wsiseg.infer import dihedral_mean
 
     kind = str(card.scribble_encoding.get("kind", "distance"))
     max_distance = float(card.scribble_encoding.get("max_distance_px", 64.0))
@@ -332,7 +335,11 @@ def refinenet_refiner(model, card, device, batch_size: int) -> Refiner:
         with torch.inference_mode():
             for i in range(0, len(inputs), batch_size):
                 batch = torch.from_numpy(np.stack(inputs[i : i + batch_size])).to(device)
-                out.extend(torch.sigmoid(model(batch))[:, 0].float().cpu().numpy())
+                if tta:
+                    prob = dihedral_mean(lambda t: torch.sigmoid(model(t))[:, 0], batch)
+                else:
+                    prob = torch.sigmoid(model(batch))[:, 0]
+                out.extend(prob.float().cpu().numpy())
         return out
 
     return refine

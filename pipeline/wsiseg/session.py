@@ -21,6 +21,7 @@ def slide_id_of(store_path: Path) -> str:
 def refine_store(
     store_path: Path, scribbles: Path, *, refinenet: str | None = None,
     refiner: str | None = None, out_dir: Path | None = None, device: str = "auto",
+    tta: bool = False,
 ) -> int:
     from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
 
@@ -43,8 +44,11 @@ def refine_store(
 
         dev = resolve_device(device)
         model, card = load_weights(Path(refinenet), role="refinenet", workflow=wf, device=dev)
-        fn = refinenet_refiner(model, card, dev, wf.refinenet.batch_size)
+        fn = refinenet_refiner(model, card, dev, wf.refinenet.batch_size, tta=tta)
     else:
+        if tta:
+            raise UsageError("--tta needs the RefineNet refiner (the random walker has no "
+                             "network to augment)")
         fn = randomwalk_refiner(wf.refinenet.randomwalk_beta, wf.refinenet.confident_margin)
     out = out_dir or store_path.parent
     result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind)
@@ -53,7 +57,8 @@ def refine_store(
         return 0
     print(
         f"round {result.round}: {result.new_pixels} new scribble px, {len(result.windows)} "
-        f"windows refined ({kind}, {result.refine_s:.2f} s of {result.seconds:.2f} s); tumor "
+        f"windows refined ({kind}{', TTA ×8' if tta else ''}, {result.refine_s:.2f} s of "
+        f"{result.seconds:.2f} s); tumor "
         f"{result.tumor_mm2_before:.3f} → {result.tumor_mm2_after:.3f} mm²; {result.geojson}"
     )
     return 0
