@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--workflow", default=None, help="preset or YAML (the weights' own)")
     args = parser.parse_args(argv)
 
     from wsiseg.config import load_workflow
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsiseg.synth import read_truth_mask, synthesize_cohort
     from wsiseg.tiling import tile_slide
 
-    wf = load_workflow()
+    wf = load_workflow(args.workflow)
     work = args.work or Path(tempfile.mkdtemp(prefix="wsiseg-bench-tta-"))
     work.mkdir(parents=True, exist_ok=True)
     weights = args.guidenet
