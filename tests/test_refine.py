@@ -296,3 +296,39 @@ def test_random_walker_on_a_window_seeded_everywhere():
     (prob,) = randomwalk_refiner(130.0, 0.4)(fake, [(0, 0)], 32)
     assert prob.shape == (32, 32)
     assert (prob[:, :16] == 1).all() and (prob[:, 16:] == 0).all()
+
+
+def test_features_away_from_the_scribbles_are_carried_over_byte_for_byte(cmu_run, tmp_path):
+    from wsiseg import rounds
+
+    store, out = cmu_run
+    r0 = json.loads((out / f"{SLIDE_ID}.r0.geojson").read_text())["features"]
+    assert len(r0) >= 2
+    x, y = tissue_point(store, 0)
+    export = write_export(tmp_path / "s.geojson",
+                          [feature(to_qupath(store, shapely.box(x - 6, y - 6, x + 6, y + 6)),
+                                   "Tumor")])
+    result = refine_round(store, export, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+    r1 = json.loads((out / f"{SLIDE_ID}.r1.geojson").read_text())["features"]
+    text = (out / f"{SLIDE_ID}.r1.geojson").read_text()
+    regions = store.attrs["rounds"][-1]["regions"]  # (row0, col0, rows, cols), working px
+    changed = shapely.union_all([to_qupath(store, shapely.box(c - 3, r - 3, c + w + 3, r + h + 3))
+                                 for r, c, h, w in regions])
+    assert result.windows
+    away = [f for f in r0 if not shapely.geometry.shape(f["geometry"]).intersects(changed)]
+    assert away, "the test needs contours away from the scribbled windows"
+    for f in away:  # same id, same JSON text, kept from round 0
+        assert json.dumps(f, separators=(",", ":"), ensure_ascii=False) in text
+    assert {f["id"] for f in away} <= {f["id"] for f in r1}
+    # The index reads back what the file says; a stale index is ignored, not trusted.
+    indexed = rounds.load_round_contours(store, 1)
+    assert indexed.ids == [f["id"] for f in r1]
+    record = rounds.round_geojson_path(store, 1)
+    record.write_bytes(record.read_bytes().replace(b"]}", b"] }"))  # same content, new size
+    parsed = rounds.load_round_contours(store, 1)
+    assert parsed.ids == indexed.ids
+    # the index keeps the geometry before the writer's 0.01 px snap
+    assert max(shapely.hausdorff_distance(parsed.geometries, indexed.geometries)) < 0.02
+    np.testing.assert_allclose(parsed.means, indexed.means, atol=1e-4)
+    assert undo(store, out, SLIDE_ID) == 0
+    assert not (store.path / "rounds" / "r1.index.npz").exists()

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
@@ -19,8 +20,16 @@ from PIL import Image
 
 from wsiseg import __version__
 from wsiseg.contours import draw_contours, polygon_stats, tumor_polygons
-from wsiseg.qupath import WSISEG_SOURCE, Annotation, write_annotations
+from wsiseg.qupath import (
+    WSISEG_SOURCE,
+    Annotation,
+    annotation_features,
+    write_feature_collection,
+)
 from wsiseg.store import SlideStore
+
+if TYPE_CHECKING:
+    from wsiseg.rounds import RoundContours
 
 #: The measurement holding a contour's mean tumor probability.
 MEAN_PROBABILITY = "Mean tumor probability"
@@ -91,7 +100,8 @@ def annotations_for(
                 ),
                 class_name=cfg.class_name,
                 color=tuple(cfg.color),
-                name=f"tumor_{k:04d}",
+                # Refine rounds keep earlier features as they were: new names carry the round.
+                name=f"tumor_{k:04d}" if round_k == 0 else f"tumor_r{round_k}_{k:04d}",
                 locked=True,
                 measurements={
                     "Area µm^2": round(area_um2, 2),
@@ -111,16 +121,35 @@ def annotations_for(
 def write_round_geojson(
     store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
     polygons: list[shapely.Polygon] | None = None, means: list[float | None] | None = None,
+    kept: tuple[RoundContours, list[int]] | None = None,
 ) -> tuple[Path, list[shapely.Polygon]]:
-    """Write round k's contours into the store (``rounds/r<k>.geojson``, the record) and
-    publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the latest).
-    ``means``: see :func:`annotations_for`."""
+    """Write round k's contours into the store (``rounds/r<k>.geojson``, the record, and its
+    index) and publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the
+    latest). ``means``: see :func:`annotations_for`. ``kept``: features of the previous round
+    that this round keeps, copied byte for byte (a refine round's cost then follows the
+    changed regions, not the slide); ``polygons`` are then only the new ones."""
+    from wsiseg.rounds import round_geojson_path, write_round_index
+
     if polygons is None:
         polygons = round_polygons(store)
     annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    record = store.path / "rounds" / f"r{round_k}.geojson"
+    fresh = annotation_features(annotations)
+    texts, ids, geoms, mean_values = [], [], [], []
+    if kept is not None:
+        previous, indices = kept
+        texts += previous.feature_texts(indices)
+        ids += [previous.ids[i] for i in indices]
+        geoms += [previous.geometries[i] for i in indices]
+        mean_values += [float(previous.means[i]) for i in indices]
+    for index, feature_id, text in fresh:
+        texts.append(text)
+        ids.append(feature_id)
+        geoms.append(annotations[index].geometry)
+        mean_values.append(float(annotations[index].measurements[MEAN_PROBABILITY]))
+    record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
-    write_annotations(record, annotations)
+    offsets = write_feature_collection(record, texts)
+    write_round_index(store, round_k, ids, geoms, mean_values, offsets)
     return publish_round(store, out_dir, slide_id, round_k), polygons
 
 

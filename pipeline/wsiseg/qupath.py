@@ -20,7 +20,7 @@ import re
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +41,13 @@ __all__ = [
     "Annotation",
     "ClassMapping",
     "Label",
+    "annotation_features",
     "is_wsiseg_feature",
     "read_annotations",
     "read_annotations_report",
     "validate_feature_collection",
     "write_annotations",
+    "write_feature_collection",
 ]
 
 logger = logging.getLogger(__name__)
@@ -718,8 +720,18 @@ def write_annotations(
     path = Path(path)
     if path.name.lower().endswith(".zip"):
         raise ValueError(f"{path}: write .geojson or .geojson.gz, not .zip")
+    features = annotation_features(annotations, default_color=default_color)
+    write_feature_collection(path, [text for _, _, text in features])
+    return len(features)
+
+
+def annotation_features(
+    annotations: Iterable[Annotation], *, default_color: tuple[int, int, int] = (255, 0, 255)
+) -> list[tuple[int, str, str]]:
+    """``(index, id, Feature JSON text)`` of each annotation :func:`write_annotations` writes
+    (the ones with polygonal area left), checked as there."""
     default_rgb = _checked_rgb(default_color, "default_color")
-    features: list[str] = []
+    out: list[tuple[int, str, str]] = []
     seen_ids: set[str] = set()
     for index, annotation in enumerate(annotations):
         feature = _feature_json(annotation, index, default_rgb)
@@ -729,12 +741,27 @@ def write_annotations(
         if feature_id in seen_ids:
             raise ValueError(f"annotation {index}: duplicate id {feature_id!r}")
         seen_ids.add(feature_id)
-        features.append(text)
-    data = ('{"type":"FeatureCollection","features":[' + ",".join(features) + "]}").encode()
+        out.append((index, feature_id, text))
+    return out
+
+
+def write_feature_collection(path: Path | str, feature_texts: Sequence[str]) -> list[int]:
+    """Write Feature JSON texts as one FeatureCollection, atomically (``.gz``: gzip).
+
+    Returns the byte offset of each feature in the (uncompressed) file, then the offset just
+    past the last one, so a reader can take a feature's text back without parsing the rest.
+    """
+    path = Path(path)
+    head = b'{"type":"FeatureCollection","features":['
+    parts = [text.encode() for text in feature_texts]
+    offsets = [len(head)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part) + 1)  # + the comma after it
+    data = head + b",".join(parts) + b"]}"
     if path.name.lower().endswith(".gz"):
         data = gzip.compress(data, mtime=0)  # mtime 0: same contours, same bytes
     _atomic_write_bytes(path, data)
-    return len(features)
+    return offsets
 
 
 def _dumps(value: Any) -> str:

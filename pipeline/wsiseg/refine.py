@@ -81,12 +81,12 @@ Refiner = Callable[[SlideStore, list[tuple[int, int]], int], list[np.ndarray]]
 
 # -- 1. scribbles from a QuPath export -------------------------------------------------------
 def load_scribbles(
-    path: Path, store: SlideStore, latest: list[Annotation] | None = None
+    path: Path, store: SlideStore, latest: rounds.RoundContours | None = None
 ) -> ScribbleSet:
     """Parse a QuPath export into labelled working-pixel geometries.
 
-    ``latest`` are the annotations of the store's latest round (read from its stored GeoJSON
-    when not given): an edited AI contour is compared with its exported original.
+    ``latest`` are the contours of the store's latest round (read from the store when not
+    given): an edited AI contour is compared with its exported original.
     """
     annotations, warnings = read_annotations_report(path)
     wf = store.workflow
@@ -94,8 +94,9 @@ def load_scribbles(
     frame = store.frame
     if latest is None:
         history = store.attrs.get("rounds") or []
-        latest = rounds.round_annotations(store, int(history[-1]["round"])) if history else []
-    previous = rounds.polygons_by_id(latest)  # our exported contours, QuPath frame
+        if history:
+            latest = rounds.load_round_contours(store, int(history[-1]["round"]))
+    previous = latest.by_id() if latest is not None else {}  # our contours, QuPath frame
     shapes: list[tuple[shapely.Geometry, int]] = []
     edits: list[tuple[shapely.Geometry, int]] = []
     counts = {"tumor": 0, "non_tumor": 0, "ignored": 0, "edited_ai": 0}
@@ -398,7 +399,7 @@ def refine_round(
         wf: Workflow = store.workflow
         history = store.attrs["rounds"]
         round_k = int(history[-1]["round"]) + 1
-        latest = rounds.round_annotations(store, round_k - 1)  # parsed once, used twice
+        latest = rounds.load_round_contours(store, round_k - 1)  # read once, used thrice
         scribbles = load_scribbles(scribble_file, store, latest)
         for w in scribbles.warnings:
             log.warning("%s", w)
@@ -436,12 +437,21 @@ def refine_round(
             blended = blend_windows(old, region, members, [prob_of[w] for w in members],
                                     window_px, context_px)
             store["refined"][_sl(region)] = blended
-        previous = rounds.contours_of_round(store, round_k - 1, latest)
-        contours = rounds.recontour(store, previous, [r for r, _ in regions])
-        latest, polygons = write_round_geojson(
-            store, out_dir, slide_id, round_k, [p for p, _ in contours],
-            means=[m for _, m in contours],
+        previous = latest.working_polygons(store)
+        kept_parts, fresh = rounds.recontour(store, [p for p, _ in previous],
+                                             [r for r, _ in regions])
+        # A feature is kept whole or not at all (its parts all away from the regions).
+        dropped = {previous[i][1] for i in set(range(len(previous))) - set(kept_parts)}
+        kept = sorted({previous[i][1] for i in kept_parts} - dropped)
+        # Parts of dropped features that lie away from the regions were traced anew only if
+        # a region touches them; keep those (their refined pixels did not change) as polygons.
+        redrawn = [previous[i][0] for i in kept_parts if previous[i][1] in dropped]
+        latest_geojson, _ = write_round_geojson(
+            store, out_dir, slide_id, round_k, fresh + redrawn,
+            means=[None] * (len(fresh) + len(redrawn)), kept=(latest, kept),
         )
+        kept_set = set(kept)
+        polygons = [p for p, i in previous if i in kept_set] + fresh + redrawn
         m = measurements(store, polygons, round_k)
         seconds = time.perf_counter() - t0
         history.append({
@@ -456,7 +466,7 @@ def refine_round(
             "measurements": _asdict(m),
         })
         store.update_attrs(rounds=history, measurements=_asdict(m))
-        return RoundResult(round_k, new_count, windows, latest, before_mm2, m.tumor_mm2,
+        return RoundResult(round_k, new_count, windows, latest_geojson, before_mm2, m.tumor_mm2,
                            seconds, refine_s)
 
 

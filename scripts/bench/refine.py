@@ -38,7 +38,7 @@ STAGES = (  # (module, function, label): the parts of a round, wrapped where ref
     ("wsiseg.refine", "rasterize_new", "rasterise"),
     ("wsiseg.rounds", "save_backup", "backup"),
     ("wsiseg.refine", "blend_windows", "blend"),
-    ("wsiseg.rounds", "round_annotations", "read previous contours"),
+    ("wsiseg.rounds", "load_round_contours", "read previous contours"),
     ("wsiseg.rounds", "recontour", "re-contour"),
     ("wsiseg.outputs", "write_round_geojson", "write GeoJSON"),
     ("wsiseg.outputs", "annotations_for", "  of which polygon stats"),
