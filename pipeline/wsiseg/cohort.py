@@ -859,10 +859,20 @@ def _run_one(
 def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False):
     """Round 0 of a store whose ``guide``/``refined`` are complete: GeoJSON, thumbnail,
     measurements; the slide counts as done only after this."""
-    from wsiseg.outputs import measurements, write_round_geojson, write_thumbnail
+    from concurrent.futures import ThreadPoolExecutor
 
-    _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
-    write_thumbnail(store, out_dir / f"{slide_id}.png", polygons)
+    from wsiseg.outputs import (
+        measurements,
+        thumbnail_image,
+        write_round_geojson,
+        write_thumbnail,
+    )
+
+    # The network is done: decode the thumbnail on a spare core while the contours are traced.
+    with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool:
+        thumb = pool.submit(thumbnail_image, store)
+        _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
+        write_thumbnail(store, out_dir / f"{slide_id}.png", polygons, thumb=thumb.result())
     m = measurements(store, polygons, 0)
     if not store.attrs.get("rounds"):
         store.update_attrs(rounds=[{

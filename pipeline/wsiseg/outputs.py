@@ -162,14 +162,24 @@ def publish_round(store: SlideStore, out_dir: Path, slide_id: str, round_k: int)
     return latest
 
 
-def write_thumbnail(
-    store: SlideStore, path: Path, polygons: list[shapely.Polygon], max_px: int = THUMBNAIL_PX
-) -> Path:
-    """PNG of the slide at ≤ ``max_px`` on the long side with the contours drawn."""
+def thumbnail_image(store: SlideStore, max_px: int = THUMBNAIL_PX) -> np.ndarray:
+    """The slide at ≤ ``max_px`` on the long side (uint8 (h, w, 3)), glass white."""
     image = store["image"]
-    rows, cols = image.shape[:2]
+    step = max(1, int(np.ceil(max(image.shape[:2]) / max_px)))
+    return _strided_read(image, step)
+
+
+def write_thumbnail(
+    store: SlideStore, path: Path, polygons: list[shapely.Polygon], max_px: int = THUMBNAIL_PX,
+    thumb: np.ndarray | None = None,
+) -> Path:
+    """PNG of the slide at ≤ ``max_px`` on the long side with the contours drawn;
+    ``thumb``: :func:`thumbnail_image`, when the caller read it already (e.g. beside other
+    work)."""
+    rows, cols = store["image"].shape[:2]
     step = max(1, int(np.ceil(max(rows, cols) / max_px)))
-    thumb = _strided_read(image, step)
+    if thumb is None:
+        thumb = thumbnail_image(store, max_px)
     color = tuple(store.workflow.contours.color)
     drawn = draw_contours(thumb, polygons, scale=1.0 / step, color=color)
     _atomic_write_png(drawn, path)

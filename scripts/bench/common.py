@@ -571,6 +571,7 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     import wsiseg.tiling
 
     timer.wrap(wsiseg.tiling, "tile_slide", "tile (wall)")
+    timer.wrap(wsiseg.tiling.BackgroundTiling, "finish", "wait for tiling after inference (wall)")
     timer.wrap(wsiseg.tiling, "detect_tissue", "tissue mask (wall)")
     timer.wrap(wsiseg.tiling, "read_box", "read+resample (thread-s)")
     timer.wrap(wsiseg.slide.reader.OpenSlideReader, "read_region", "read_region (thread-s)")
@@ -579,7 +580,8 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     timer.wrap(wsiseg.cohort, "publish_run", "publish (wall)")
     timer.wrap(wsiseg.outputs, "tumor_polygons", "contours")
     timer.wrap(wsiseg.outputs, "annotations_for", "annotations")
-    timer.wrap(wsiseg.outputs, "write_thumbnail", "thumbnail")
+    timer.wrap(wsiseg.outputs, "thumbnail_image", "thumbnail read (thread-s, beside contours)")
+    timer.wrap(wsiseg.outputs, "write_thumbnail", "thumbnail draw + write")
 
 
 def phase_pipeline(slides: list[str], out: str, weights: str, device: str,
