@@ -69,15 +69,10 @@ def round_polygons(
 
 
 def annotations_for(
-    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str,
-    means: list[float | None] | None = None,
+    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str
 ) -> list[Annotation]:
-    """QuPath annotations (QuPath-frame level-0 px) for a round's polygons.
-
-    ``means`` gives polygons' mean tumor probability where it is already known (polygons a
-    refine round kept); the others are measured on ``refined``, so a round's cost follows
-    the changed regions, not the slide.
-    """
+    """QuPath annotations (QuPath-frame level-0 px) for a round's polygons, each with its
+    area and mean tumor probability measured on ``refined``."""
     frame = store.frame
     cfg = store.workflow.contours
     models = store.attrs.get("models", {})
@@ -87,9 +82,7 @@ def annotations_for(
     slide_box = shapely.box(0, 0, *frame.level0_size)
     out = []
     for k, poly in enumerate(polygons, start=1):
-        mean = means[k - 1] if means is not None else None
-        if mean is None:
-            mean = float(polygon_stats(store["refined"], poly)["mean_probability"])
+        mean = float(polygon_stats(store["refined"], poly)["mean_probability"])
         area_um2 = float(poly.area) * frame.working_mpp**2
         out.append(
             Annotation(
@@ -120,36 +113,33 @@ def annotations_for(
 
 def write_round_geojson(
     store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
-    polygons: list[shapely.Polygon] | None = None, means: list[float | None] | None = None,
+    polygons: list[shapely.Polygon] | None = None,
     kept: tuple[RoundContours, list[int]] | None = None,
 ) -> tuple[Path, list[shapely.Polygon]]:
     """Write round k's contours into the store (``rounds/r<k>.geojson``, the record, and its
     index) and publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the
-    latest). ``means``: see :func:`annotations_for`. ``kept``: features of the previous round
-    that this round keeps, copied byte for byte (a refine round's cost then follows the
-    changed regions, not the slide); ``polygons`` are then only the new ones."""
+    latest). ``kept``: features of the previous round that this round keeps, copied byte for
+    byte (a refine round's cost then follows the changed regions, not the slide);
+    ``polygons`` are then only the new ones."""
     from wsiseg.rounds import round_geojson_path, write_round_index
 
     if polygons is None:
         polygons = round_polygons(store)
-    annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    fresh = annotation_features(annotations)
-    texts, ids, geoms, mean_values = [], [], [], []
+    annotations = annotations_for(store, polygons, round_k, slide_id)
+    texts, ids, geoms = [], [], []
     if kept is not None:
         previous, indices = kept
         texts += previous.feature_texts(indices)
         ids += [previous.ids[i] for i in indices]
         geoms += [previous.geometries[i] for i in indices]
-        mean_values += [float(previous.means[i]) for i in indices]
-    for index, feature_id, text in fresh:
+    for index, feature_id, text in annotation_features(annotations):
         texts.append(text)
         ids.append(feature_id)
         geoms.append(annotations[index].geometry)
-        mean_values.append(float(annotations[index].measurements[MEAN_PROBABILITY]))
     record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
     offsets = write_feature_collection(record, texts)
-    write_round_index(store, round_k, ids, geoms, mean_values, offsets)
+    write_round_index(store, round_k, ids, geoms, offsets)
     return publish_round(store, out_dir, slide_id, round_k), polygons
 
 

@@ -399,7 +399,7 @@ def refine_round(
         wf: Workflow = store.workflow
         history = store.attrs["rounds"]
         round_k = int(history[-1]["round"]) + 1
-        latest = rounds.load_round_contours(store, round_k - 1)  # read once, used thrice
+        latest = rounds.load_round_contours(store, round_k - 1)  # read once, used twice
         scribbles = load_scribbles(scribble_file, store, latest)
         for w in scribbles.warnings:
             log.warning("%s", w)
@@ -437,21 +437,11 @@ def refine_round(
             blended = blend_windows(old, region, members, [prob_of[w] for w in members],
                                     window_px, context_px)
             store["refined"][_sl(region)] = blended
-        previous = latest.working_polygons(store)
-        kept_parts, fresh = rounds.recontour(store, [p for p, _ in previous],
-                                             [r for r, _ in regions])
-        # A feature is kept whole or not at all (its parts all away from the regions).
-        dropped = {previous[i][1] for i in set(range(len(previous))) - set(kept_parts)}
-        kept = sorted({previous[i][1] for i in kept_parts} - dropped)
-        # Parts of dropped features that lie away from the regions were traced anew only if
-        # a region touches them; keep those (their refined pixels did not change) as polygons.
-        redrawn = [previous[i][0] for i in kept_parts if previous[i][1] in dropped]
-        latest_geojson, _ = write_round_geojson(
-            store, out_dir, slide_id, round_k, fresh + redrawn,
-            means=[None] * (len(fresh) + len(redrawn)), kept=(latest, kept),
-        )
-        kept_set = set(kept)
-        polygons = [p for p, i in previous if i in kept_set] + fresh + redrawn
+        previous = latest.working_geometries(store)
+        kept, fresh = rounds.recontour(store, previous, [r for r, _ in regions])
+        latest_geojson, _ = write_round_geojson(store, out_dir, slide_id, round_k, fresh,
+                                                kept=(latest, kept))
+        polygons = [p for g in previous[kept] for p in shapely.get_parts(g)] + fresh
         m = measurements(store, polygons, round_k)
         seconds = time.perf_counter() - t0
         history.append({

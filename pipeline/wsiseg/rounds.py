@@ -74,77 +74,52 @@ def load_backup(store: SlideStore, round_k: int) -> list[Backup]:
 
 
 def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
-    """A round's tumor polygons in working px, read back from its stored GeoJSON."""
-    return [p for p, _ in contours_of_round(store, round_k)]
-
-
-def round_annotations(store: SlideStore, round_k: int) -> list[Annotation]:
-    """The annotations of a round's stored GeoJSON (QuPath frame), parsed once per round."""
-    path = round_geojson_path(store, round_k)
-    if not path.exists():
-        raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({path.name})")
-    return read_annotations(path)
-
-
-def contours_of_round(
-    store: SlideStore, round_k: int, annotations: list[Annotation] | None = None
-) -> list[tuple[shapely.Polygon, float | None]]:
-    """A round's tumor polygons in working px with their recorded mean tumor probability
-    (``None`` where the file has none), read back from the round's stored GeoJSON (or from
-    its ``annotations`` when the caller has them already)."""
-    from wsiseg.outputs import MEAN_PROBABILITY
-
-    if annotations is None:
-        annotations = round_annotations(store, round_k)
-    frame = store.frame
-    out = []
-    for a in annotations:
-        geom = frame.transform_geometry(a.geometry, "qupath", "working")
-        mean = (a.measurements or {}).get(MEAN_PROBABILITY)
-        mean = float(mean) if isinstance(mean, int | float) else None
-        out.extend((part, mean) for part in shapely.get_parts(geom))
-    return out
+    """A round's tumor polygons in working px, read back from the store."""
+    contours = load_round_contours(store, round_k)
+    return [p for g in contours.working_geometries(store) for p in shapely.get_parts(g)]
 
 
 @dataclass
 class RoundContours:
-    """A round's exported contours, as a refine round uses them.
+    """A round's exported contours, as the next refine round uses them.
 
     ``geometries`` are in QuPath-frame level-0 px (as exported, before QuPath's 0.01 px
-    snap); ``means`` NaN where unknown. ``feature_texts`` gives features' JSON back.
+    snap), one per feature. ``feature_texts`` gives features' JSON back.
     """
 
     ids: list[str]
     geometries: np.ndarray  # of shapely geometries
-    means: np.ndarray  # float64
-    _texts: list[str] | None = None  # when parsed from the GeoJSON (no index)
+    _annotations: list[Annotation] | None = None  # when parsed from the GeoJSON (no index)
     _source: Path | None = None
     _offsets: np.ndarray | None = None  # int64 (n + 1): byte ranges in _source
+    _stamp: list[int] | None = None  # _source's (size, mtime_ns) when the index matched it
 
     def by_id(self) -> dict[str, shapely.Geometry]:
         return dict(zip(self.ids, self.geometries, strict=True))
 
-    def working_polygons(self, store: SlideStore) -> list[tuple[shapely.Polygon, int]]:
-        """Polygons in working px with the index of the feature they come from."""
-        frame = store.frame
-        out = []
-        for i, geom in enumerate(self.geometries):
-            working = frame.transform_geometry(geom, "qupath", "working")
-            out.extend((part, i) for part in shapely.get_parts(working))
-        return out
+    def working_geometries(self, store: SlideStore) -> np.ndarray:
+        """The features' geometries in working px (one per feature, possibly multi-part)."""
+        return store.frame.transform_geometry(self.geometries, "qupath", "working")
 
     def feature_texts(self, indices: list[int]) -> list[str]:
-        """The Feature JSON texts of these features, byte for byte as written."""
-        if self._texts is not None:
-            return [self._texts[i] for i in indices]
+        """The Feature JSON texts of these features: byte for byte as written when read
+        through the index, written anew from the parsed annotations otherwise."""
+        from wsiseg.qupath import annotation_features
+
+        if self._annotations is not None:
+            chosen = [self._annotations[i] for i in indices]
+            return [text for _, _, text in annotation_features(chosen)]
         data = self._source.read_bytes()  # one read; only the kept features are sliced
+        st = self._source.stat()
+        if [len(data), st.st_mtime_ns] != self._stamp:
+            raise WsisegError(f"{self._source}: changed since its contours were read")
         off = self._offsets
         return [data[off[i] : off[i + 1] - 1].decode() for i in indices]
 
 
 def write_round_index(
     store: SlideStore, round_k: int, ids: list[str], geometries: list[shapely.Geometry],
-    means: list[float], offsets: list[int],
+    offsets: list[int],
 ) -> None:
     """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc)."""
     geojson = round_geojson_path(store, round_k)
@@ -156,7 +131,6 @@ def write_round_index(
     np.savez(
         tmp, ids=np.asarray(ids, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
         wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8), wkb_end=ends,
-        means=np.asarray(means, dtype=np.float64),
         geojson=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
     )
     os.replace(tmp, path)
@@ -165,9 +139,6 @@ def write_round_index(
 def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
     """A round's contours from its index, or parsed from its GeoJSON when the index is
     missing or does not match the file."""
-    from wsiseg.outputs import MEAN_PROBABILITY
-    from wsiseg.qupath import annotation_features
-
     geojson = round_geojson_path(store, round_k)
     if not geojson.exists():
         raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({geojson.name})")
@@ -175,21 +146,17 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
     if index.exists():
         with np.load(index, allow_pickle=False) as z:
             st = geojson.stat()
-            if z["geojson"].tolist() == [st.st_size, st.st_mtime_ns]:
+            stamp = [st.st_size, st.st_mtime_ns]
+            if z["geojson"].tolist() == stamp:
                 wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
                 starts = np.concatenate([[0], ends[:-1]])
                 geoms = shapely.from_wkb([wkb[a:b] for a, b in zip(starts, ends, strict=True)])
                 return RoundContours(ids=z["ids"].tolist(), geometries=np.asarray(geoms),
-                                     means=z["means"], _source=geojson, _offsets=z["offsets"])
+                                     _source=geojson, _offsets=z["offsets"], _stamp=stamp)
     ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
-    means = []
-    for a in ours:
-        mean = (a.measurements or {}).get(MEAN_PROBABILITY)
-        means.append(float(mean) if isinstance(mean, int | float) else np.nan)
-    texts = [text for _, _, text in annotation_features(ours)]
     return RoundContours(ids=[a.id for a in ours],
                          geometries=np.asarray([a.geometry for a in ours], dtype=object),
-                         means=np.asarray(means, dtype=np.float64), _texts=texts)
+                         _annotations=ours)
 
 
 def _index_path(store: SlideStore, round_k: int) -> Path:
@@ -197,11 +164,13 @@ def _index_path(store: SlideStore, round_k: int) -> Path:
 
 
 def recontour(
-    store: SlideStore, previous: list[shapely.Polygon], regions: list[tuple[int, int, int, int]],
+    store: SlideStore, previous: np.ndarray, regions: list[tuple[int, int, int, int]],
 ) -> tuple[list[int], list[shapely.Polygon]]:
-    """Contours after a round: which ``previous`` polygons (working px) lie away from the
-    changed regions and are kept as they are (``refined`` did not change under them), and the
-    polygons contoured anew there (whole components that touch a region, each traced once)."""
+    """Contours after a round, from the previous round's features (working px, one geometry
+    each): the indices of the features that lie away from the changed regions and are kept as
+    they are (``refined`` did not change under them), and the new polygons — whole components
+    that touch a region, each traced once, plus the parts of touched multi-part features
+    that lie away from every region (nothing re-traces those)."""
     from wsiseg.outputs import round_polygons
 
     if not regions:
@@ -211,9 +180,11 @@ def recontour(
     boxes = [shapely.box(c0 - 2, r0 - 2, c0 + cols + 2, r0 + rows + 2)
              for r0, c0, rows, cols in regions]
     changed = shapely.union_all(boxes)
-    hit = shapely.intersects(np.asarray(previous, dtype=object), changed) if previous else []
-    kept = [i for i, h in enumerate(hit) if not h]
-    return kept, round_polygons(store, regions=regions)
+    hit = shapely.intersects(previous, changed)
+    kept = np.flatnonzero(~hit).tolist()
+    away = [part for g in previous[hit] for part in shapely.get_parts(g)
+            if not shapely.intersects(part, changed)]
+    return kept, round_polygons(store, regions=regions) + away
 
 
 def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
