@@ -759,7 +759,7 @@ def _crash_for_tests() -> None:
     """TEST-ONLY hook: kill the worker process once, mid-slide.
 
     With ``WSISEG_TEST_CRASH_ONCE=<file>`` in a Dask worker's environment, the first slide
-    task to get here (after tiling, before GuideNet) creates ``<file>`` and exits the worker
+    task to get here (its tiling started, GuideNet not yet) creates ``<file>`` and exits the worker
     process with ``os._exit(1)``, as a kill or an out-of-memory would; later tasks see the
     file and go on. Never acts outside a Dask worker. Used by ``tests/test_cohort.py``.
     """

@@ -9,6 +9,7 @@ chunks, so a run killed at any point (even ``kill -9``) finishes identically whe
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -272,11 +273,10 @@ class BackgroundTiling:
                 self.store.set_stage("tiling", "running")
             # One Dask computation per row of chunks, top to bottom: the order in which
             # inference reads (Dask's own order among independent tasks is not raster).
-            for i in sorted({i for i, _ in self._todo}):
+            for _, row in itertools.groupby(self._todo, key=lambda ij: ij[0]):  # raster order
                 if self._stop.is_set():
                     return
-                tasks = [_tile_task(self.store, self.slide_path, i, j)
-                         for r, j in self._todo if r == i]
+                tasks = [_tile_task(self.store, self.slide_path, i, j) for i, j in row]
                 with Callback(posttask=posttask):
                     dask.compute(*tasks, scheduler="threads", num_workers=self._workers)
         except BaseException as error:  # handed to the reading threads and to finish()
