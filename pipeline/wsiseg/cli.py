@@ -229,19 +229,9 @@ def cmd_eval_interactive(args: argparse.Namespace) -> int:
         refiners["RefineNet"], card = evaluate.refinenet_refiner(
             Path(args.refinenet), device=args.device)
         window_px, threshold = card.patch_px, card.threshold
-    margin = wf.refinenet.confident_margin
-    if "randomwalk" in methods:
-        beta = wf.refinenet.randomwalk_beta
-        refiners[f"RW (scribbles + GuideNet ±{margin:g})"] = evaluate.randomwalk_refiner(
-            beta=beta, confident_margin=margin)
-        refiners["RW (scribbles only)"] = evaluate.randomwalk_refiner(
-            beta=beta, confident_margin=None)
-    if "watershed" in methods:
-        refiners[f"WS (scribbles + GuideNet ±{margin:g})"] = evaluate.watershed_refiner(
-            confident_margin=margin)
-        refiners["WS (scribbles only)"] = evaluate.watershed_refiner(confident_margin=None)
-    if "guidenet" in methods:
-        refiners["GuideNet alone"] = evaluate.guidenet_refiner()
+    refiners |= evaluate.baseline_refiners(beta=wf.refinenet.randomwalk_beta,
+                                           margins=[wf.refinenet.confident_margin],
+                                           kinds=methods)
     if args.patch_folder:
         if not args.guidenet:
             raise UsageError("--guidenet WEIGHTS is needed to predict the patches' start")

@@ -130,12 +130,10 @@ def interactive(args: argparse.Namespace) -> int:
 
     from wsiseg.config import load_workflow
     from wsiseg.evaluate import (
+        baseline_refiners,
         evaluate_interactive,
-        guidenet_refiner,
-        randomwalk_refiner,
         refinenet_refiner,
         select_windows,
-        watershed_refiner,
         write_interactive_report,
     )
     from wsiseg.evaluate.windows import (
@@ -169,18 +167,10 @@ def interactive(args: argparse.Namespace) -> int:
                             min_tumor_fraction=args.min_tumor, seed=args.seed)
     log(f"{len(chosen)} of {len(windows)} windows of {window_px} px with GuideNet IoU "
         f"in {lo:.2f}–{hi:.2f} and ≥ {100 * args.min_tumor:g} % tumor")
-    beta = wf.refinenet.randomwalk_beta
     margins = ([float(m) for m in args.margins.split(",")] if args.margins
                else [wf.refinenet.confident_margin])
-    methods = {"RefineNet": refine_nn}
-    for m in margins:
-        methods[f"RW (scribbles + GuideNet ±{m:g})"] = randomwalk_refiner(
-            beta=beta, confident_margin=m)
-    methods["RW (scribbles only)"] = randomwalk_refiner(beta=beta, confident_margin=None)
-    for m in margins:
-        methods[f"WS (scribbles + GuideNet ±{m:g})"] = watershed_refiner(confident_margin=m)
-    methods["WS (scribbles only)"] = watershed_refiner(confident_margin=None)
-    methods["GuideNet alone"] = guidenet_refiner()
+    methods = {"RefineNet": refine_nn,
+               **baseline_refiners(beta=wf.refinenet.randomwalk_beta, margins=margins)}
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
         methods = {k: v for k, v in methods.items() if any(k.startswith(m) for m in keep)}

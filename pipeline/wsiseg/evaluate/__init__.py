@@ -29,6 +29,7 @@ from wsiseg.evaluate.masks import (
 )
 from wsiseg.evaluate.refiners import (
     Refiner,
+    baseline_refiners,
     guidenet_refiner,
     randomwalk_refiner,
     refinenet_refiner,
@@ -45,6 +46,7 @@ __all__ = [
     "InteractiveResult",
     "MaskReport",
     "Refiner",
+    "baseline_refiners",
     "evaluate_interactive",
     "evaluate_masks",
     "format_mask_table",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,6 +179,31 @@ def watershed_refiner(*, confident_margin: float | None = 0.4) -> Refiner:
         return (watershed(gradient, seeds) == 1).astype(np.float32)
 
     return refine
+
+
+def baseline_refiners(
+    *, beta: float, margins: Sequence[float], kinds: Sequence[str] = ("randomwalk", "watershed",
+                                                                     "guidenet"),
+) -> dict[str, Refiner]:
+    """The non-learnt methods of the table by name, in the table's order.
+
+    For each of ``kinds``: ``randomwalk`` and ``watershed`` each seeded as ``wsiseg refine``
+    seeds them (scribbles plus GuideNet pixels within each of ``margins`` of 0 or 1) and by the
+    scribbles alone (the paper's baselines); ``guidenet``, GuideNet alone (the floor).
+    """
+    methods: dict[str, Refiner] = {}
+    if "randomwalk" in kinds:
+        for m in margins:
+            methods[f"RW (scribbles + GuideNet ±{m:g})"] = randomwalk_refiner(
+                beta=beta, confident_margin=m)
+        methods["RW (scribbles only)"] = randomwalk_refiner(beta=beta, confident_margin=None)
+    if "watershed" in kinds:
+        for m in margins:
+            methods[f"WS (scribbles + GuideNet ±{m:g})"] = watershed_refiner(confident_margin=m)
+        methods["WS (scribbles only)"] = watershed_refiner(confident_margin=None)
+    if "guidenet" in kinds:
+        methods["GuideNet alone"] = guidenet_refiner()
+    return methods
 
 
 def scribble_seeds(
