@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from wsiseg.cohort import RunOptions, print_status, resolve_out_dir, run_cohort
-from wsiseg.errors import UsageError
+from wsiseg.cohort import RunOptions, print_status, run_cohort
+from wsiseg.destination import Destination
 from wsiseg.store import SlideStore
 
 SIZE = (1536, 1024)  # level-0 px at 0.5 µm/px → 384×256 working px (two GuideNet patches)
@@ -145,15 +145,97 @@ def test_a_worker_killed_mid_slide(cluster, clean, slides, guidenet, tmp_path):
 def test_a_file_url_gives_what_a_path_gives(cluster, clean, slides, guidenet, tmp_path):
     out = tmp_path / "via-url"
     url = out.as_uri()
-    assert url.startswith("file:///") and resolve_out_dir(url) == out
-    assert resolve_out_dir(Path(url)) == out  # Path("file:///x") is "file:/x"
+    assert url.startswith("file:///") and Destination.parse(url).local_dir == out
+    assert Destination.parse(Path(url)).local_dir == out  # Path("file:///x") is "file:/x"
     status = run_cohort([str(s) for s in slides[:2]], RunOptions(
         out_dir=url, guidenet=str(guidenet), device="cpu",
         scheduler=cluster[0].scheduler_address, progress=False))
     assert status == 0
     assert geojsons(out) == geojsons(clean[0]) and len(geojsons(out)) == 4  # latest + r0
-    with pytest.raises(UsageError, match="s3:// outputs are not supported"):
-        resolve_out_dir("s3://bucket/run")
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3 (moto's server on loopback) with a bucket ``wsiseg``; yields the
+    environment that points boto/s3fs at it (no network, no real credentials)."""
+    import socket
+
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import fsspec
+
+        fsspec.filesystem("s3").mkdir("wsiseg")
+        yield env
+    server.stop()
+
+
+def test_an_s3_url_gives_what_a_path_gives(cluster, clean, slides, guidenet, s3_server,
+                                           capsys):
+    """Two workers write to an object store: the same GeoJSON and maps as a local run, the
+    ledger, summary and report beside them; a rerun recomputes nothing."""
+    import fsspec
+    import numpy as np
+    import zarr
+
+    _, client = cluster
+    for k, v in s3_server.items():
+        client.run(set_env, k, v)
+    url = "s3://wsiseg/cohort-a"
+    options = RunOptions(out_dir=url, guidenet=str(guidenet), device="cpu",
+                         scheduler=cluster[0].scheduler_address, progress=False)
+    try:
+        assert run_cohort([str(s) for s in slides], options) == 1  # the corrupt one fails
+        fs = fsspec.filesystem("s3")
+        fs.invalidate_cache()
+        remote = {p.rsplit("/", 1)[-1]: fs.cat_file(p)
+                  for p in fs.glob("wsiseg/cohort-a/synth-*.geojson")}
+        assert remote == geojsons(clean[0]) and len(remote) == 4
+        for s in slides[:2]:
+            local = zarr.open_group(str(clean[0] / f"{s.stem}.zarr"), mode="r")
+            there = zarr.open_group(f"{url}/{s.stem}.zarr", mode="r")
+            assert np.array_equal(there["guide"][...], local["guide"][...])
+            assert there.attrs["wsiseg"]["stages"]["export"] == "done"
+        entries = json.loads(fs.cat_file("wsiseg/cohort-a/ledger.json"))["slides"]
+        assert [entries[s.stem]["status"] for s in slides] == ["done", "done", "failed"]
+        assert entries["synth-000"]["worker"].startswith("tcp://127.0.0.1:")
+        report = fs.cat_file("wsiseg/cohort-a/report.html").decode()
+        assert report.count('<img src="synth-') == 2 and url in report
+        assert b"broken" in fs.cat_file("wsiseg/cohort-a/summary.csv")
+        assert not fs.exists("wsiseg/cohort-a/.wsiseg-run.lock")  # released
+
+        capsys.readouterr()
+        assert run_cohort([str(s) for s in slides[:2]], options) == 0
+        last = json.loads(fs.cat_file("wsiseg/cohort-a/ledger.json"))["runs"][-1]
+        assert (last["skipped"], last["done"]) == (2, 0)  # found done there: not recomputed
+        assert print_status(url) == 0
+        assert "3 slides: 0 pending, 0 running, 2 done, 1 failed" in capsys.readouterr().out
+    finally:
+        for k in s3_server:
+            client.run(set_env, k, None)
+
+
+def test_an_s3_url_that_cannot_be_written(slides, guidenet, s3_server, capsys):
+    from wsiseg.errors import WsisegError
+
+    options = RunOptions(out_dir="s3://no-such-bucket/run", guidenet=str(guidenet),
+                         device="cpu", workers=0, progress=False)
+    with pytest.raises(WsisegError, match=r"s3://no-such-bucket/run: cannot write here"):
+        run_cohort([str(slides[0])], options)
+    with pytest.raises(WsisegError, match=r"nosuchproto://x: cannot use this URL"):
+        run_cohort([str(slides[0])], RunOptions(
+            out_dir="nosuchproto://x", guidenet=str(guidenet), workers=0, progress=False))
+    assert print_status("s3://wsiseg/never-ran") == 1
+    assert "no run ledger" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_resumes_without_recomputing(

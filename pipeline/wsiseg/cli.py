@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from wsiseg.cohort import print_status
 
-    return print_status(Path(args.out_dir))
+    return print_status(args.out_dir)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "GuideNet over every tissue patch; tumor contours as GeoJSON")
     p.add_argument("slides", nargs="+", metavar="SLIDE")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR|URL",
+                   help="output directory, or an fsspec URL (file://, s3://, gs://, ...)")
     p.add_argument("--guidenet", metavar="WEIGHTS", help="GuideNet .safetensors")
     p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflow_option(p)
 
     p = add("status", cmd_status, "print a run's ledger: slides done, failed (why), pending")
-    p.add_argument("out_dir", metavar="DIR")
+    p.add_argument("out_dir", metavar="DIR|URL")
 
     p = add("refine", cmd_refine, "QuPath scribbles in; refine the windows they touch")
     p.add_argument("store", metavar="STORE", help="<out>/<slide-id>.zarr from `wsiseg run`")

@@ -12,7 +12,9 @@ process loads GuideNet once per weights file and device. A worker that dies mid-
 slide retried on another worker; a slide whose worker dies twice is failed with its reason.
 The driving process alone writes ``ledger.json`` (workers send a ``start`` event), and writes
 ``summary.csv`` and ``report.html``. Outputs go to a local path or ``file://`` URL that every
-worker can reach (a shared filesystem on a multi-machine cluster).
+worker can reach (a shared filesystem on a multi-machine cluster), or to any fsspec URL
+(``s3://``, ``gs://``, ...): then each slide runs into a local staging directory of its worker
+and is uploaded once finished (:mod:`wsiseg.destination`).
 """
 
 from __future__ import annotations
@@ -24,22 +26,22 @@ import io
 import logging
 import os
 import queue
-import re
+import shutil
 import sys
 import tempfile
 import time
 import traceback
-import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from wsiseg.config import Workflow, load_workflow
+from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.ledger import LEDGER_NAME, Ledger, format_status, now_iso
 from wsiseg.report import REPORT_NAME, write_report
-from wsiseg.store import SlideStore, StoreError, file_fingerprint
+from wsiseg.store import STORE_FORMAT, SlideStore, SourceInfo, file_fingerprint, source_differs
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,11 @@ SUMMARY_FIELDS = (
 class RunOptions:
     """Options of ``wsiseg run``.
 
-    ``out_dir`` is a path or a ``file://`` URL. ``workers``: ``None`` sizes a LocalCluster to
-    the machine (a single-worker cluster runs in this process instead), ``0`` runs in this
-    process, ``N`` starts N workers (at most one per GPU). ``threads_per_worker``: slides a
-    worker runs at once (default 1). ``scheduler`` joins an existing Dask cluster.
+    ``out_dir`` is a path, a ``file://`` URL or another fsspec URL. ``workers``: ``None``
+    sizes a LocalCluster to the machine (a single-worker cluster runs in this process
+    instead), ``0`` runs in this process, ``N`` starts N workers (at most one per GPU).
+    ``threads_per_worker``: slides a worker runs at once (default 1). ``scheduler`` joins an
+    existing Dask cluster.
     """
 
     out_dir: Path | str
@@ -92,20 +95,21 @@ class SlideRow:
 
 
 # -- slide ids --------------------------------------------------------------------------------
-def assign_slide_ids(slides: Sequence[Path], out_dir: Path) -> dict[Path, str]:
+def assign_slide_ids(slides: Sequence[Path], out: Path | Destination) -> dict[Path, str]:
     """Store names: the file stem, made unique when two slides would share one.
 
     Two slides with the same stem in different folders get ``<stem>-<8 hex of the path>``.
     A stem whose existing store belongs to another slide (another fingerprint) does too,
     so a store is never taken over by a different slide.
     """
+    dest = out if isinstance(out, Destination) else Destination.parse(out)
     by_stem: dict[str, list[Path]] = {}
     for path in slides:
         by_stem.setdefault(_stem(path), []).append(path)
     ids: dict[Path, str] = {}
     for stem, paths in by_stem.items():
         for path in paths:
-            unique = len(paths) == 1 and not _store_of_other_slide(out_dir / f"{stem}.zarr", path)
+            unique = len(paths) == 1 and not _store_of_other_slide(dest, stem, path)
             ids[path] = stem if unique else f"{stem}-{_path_hash(path)}"
     return ids
 
@@ -122,19 +126,24 @@ def _path_hash(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
 
 
-def _store_of_other_slide(store_path: Path, slide: Path) -> bool:
-    if not store_path.exists():
-        return False
-    try:
-        source = SlideStore.open(store_path, mode="r").source
-    except StoreError:
-        return False
-    if Path(source.path) == slide.resolve():
+def _store_of_other_slide(dest: Destination, slide_id: str, slide: Path) -> bool:
+    source = _stored_source(dest, slide_id)
+    if source is None or Path(source.path) == slide.resolve():
         return False
     try:
         return file_fingerprint(slide) != source.fingerprint
     except OSError:
         return True
+
+
+def _stored_source(dest: Destination, slide_id: str) -> SourceInfo | None:
+    attrs = dest.store_attrs(slide_id)
+    if attrs is None or attrs.get("format") != STORE_FORMAT:
+        return None
+    try:
+        return SourceInfo.from_dict(attrs["source"])
+    except (KeyError, TypeError):
+        return None
 
 
 def ensure_out_dir(out_dir: Path) -> None:
@@ -199,15 +208,17 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     if not options.guidenet:
         raise UsageError(str(missing_weights_error("guidenet")))
     _check_cluster_options(options)
-    out_dir = resolve_out_dir(options.out_dir)
-    options = replace(options, out_dir=out_dir)
-    ensure_out_dir(out_dir)
+    dest = Destination.parse(options.out_dir)
     # Checked here, before any slide or worker, so bad weights are one error, not N failures.
     model, card = load_weights(Path(options.guidenet), role="guidenet", workflow=wf)
     paths = list({Path(s).resolve(): Path(s) for s in slides}.values())  # each slide once
-    ids = assign_slide_ids(paths, out_dir)
-    with _run_lock(out_dir):
-        cohort = _Cohort(out_dir, Ledger.load(out_dir), options.progress)
+    with contextlib.ExitStack() as stack:
+        out_dir = stack.enter_context(_driver_dir(dest))
+        stack.enter_context(_run_lock(dest, out_dir))
+        # Workers get a local directory, or the URL they upload finished slides to.
+        options = replace(options, out_dir=dest.url if dest.remote else out_dir)
+        ids = assign_slide_ids(paths, dest)
+        cohort = _Cohort(dest, out_dir, Ledger.load(out_dir), options.progress)
         todo = cohort.start(paths, ids, options)
         serial = not todo or _runs_in_process(options, len(todo))
         try:
@@ -229,8 +240,9 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     for r in failed:
         print(f"failed: {r.reason}", file=sys.stderr)
     done = len(rows) - len(failed)
-    print(f"{done} of {len(rows)} slides done; summary: {out_dir / 'summary.csv'}, "
-          f"report: {out_dir / REPORT_NAME}")
+    where = dest.url.rstrip("/") if dest.remote else str(out_dir)
+    print(f"{done} of {len(rows)} slides done; summary: {where}/summary.csv, "
+          f"report: {where}/{REPORT_NAME}")
     return 1 if failed else 0
 
 
@@ -240,11 +252,15 @@ def print_status(out_dir: Path | str) -> int:
     Returns 0, or 1 with a one-line message when ``DIR`` has no ledger.
     """
     try:
-        path = resolve_out_dir(out_dir)
-        if not (path / LEDGER_NAME).is_file():
-            raise WsisegError(f"{path}: no run ledger here ({LEDGER_NAME}); "
-                              "is it the --out directory of a wsiseg run?")
-        ledger = Ledger.load(path)
+        dest = Destination.parse(out_dir)
+        with tempfile.TemporaryDirectory(prefix="wsiseg-status-") as tmp:
+            local = dest.local_dir or Path(tmp)
+            if dest.remote:
+                dest.download(LEDGER_NAME, local / LEDGER_NAME)
+            if not (local / LEDGER_NAME).is_file():
+                raise WsisegError(f"{dest.url}: no run ledger here ({LEDGER_NAME}); "
+                                  "is it the --out directory of a wsiseg run?")
+            ledger = Ledger.load(local)
     except WsisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -252,41 +268,47 @@ def print_status(out_dir: Path | str) -> int:
     return 0
 
 
-def resolve_out_dir(out_dir: Path | str) -> Path:
-    """The local directory of ``--out``: a path, or a ``file://`` URL.
-
-    ``Path("file:///x")`` collapses to ``file:/x``; both spellings are accepted.
-
-    Raises
-    ------
-    UsageError
-        Another fsspec protocol (``s3://``, ``gs://``, ...): not supported yet.
-    """
-    text = str(out_dir)
-    match = _URL_SCHEME.match(text)
-    if match is None:
-        return Path(text)
-    scheme = match.group(1).lower()
-    if scheme == "file":
-        parsed = urllib.parse.urlparse(text)
-        if parsed.netloc not in ("", "localhost"):
-            raise UsageError(f"--out {text}: a file:// URL must name a local path "
-                             f"(host {parsed.netloc!r} given)")
-        return Path(urllib.parse.unquote(parsed.path))
-    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", text)  # Path ate a "/"
-    raise UsageError(
-        f"--out {text}: {scheme}:// outputs are not supported yet; give a local path or a "
-        "file:// URL on a filesystem every worker shares"
-    )
+@contextlib.contextmanager
+def _driver_dir(dest: Destination) -> Iterator[Path]:
+    """The directory the driving process writes ledger, summary and report in: the output
+    directory itself, or for a remote destination a local mirror of those three files
+    (downloaded first; uploaded by ``_Cohort`` after each change)."""
+    if not dest.remote:
+        assert dest.local_dir is not None
+        ensure_out_dir(dest.local_dir)
+        yield dest.local_dir
+        return
+    dest.check_writable()
+    with tempfile.TemporaryDirectory(prefix="wsiseg-run-") as tmp:
+        mirror = Path(tmp)
+        for name in (LEDGER_NAME, "summary.csv"):
+            dest.download(name, mirror / name)
+        yield mirror
 
 
-_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+#: The lock object of a run on a remote destination (object stores have no file locks).
+REMOTE_LOCK = ".wsiseg-run.lock"
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir: Path) -> Iterator[None]:
-    from wsiseg.store import StoreLock
+def _run_lock(dest: Destination, out_dir: Path) -> Iterator[None]:
+    from wsiseg.store import StoreError, StoreLock
 
+    if dest.remote:
+        held = dest.read_bytes(REMOTE_LOCK)
+        if held is not None:
+            raise WsisegError(
+                f"{dest.url}: another wsiseg run is using this output location "
+                f"({held.decode(errors='replace').strip()}); wait for it to finish (or remove "
+                f"{REMOTE_LOCK} there if that run is gone)")
+        fs, _ = dest.filesystem()
+        fs.pipe_file(dest.join(REMOTE_LOCK),
+                     f"{os.uname().nodename} pid {os.getpid()} since {now_iso()}".encode())
+        try:
+            yield
+        finally:
+            fs.rm_file(dest.join(REMOTE_LOCK))
+        return
     try:
         with StoreLock(out_dir, "wsiseg run"):
             yield
@@ -300,8 +322,8 @@ def _run_lock(out_dir: Path) -> Iterator[None]:
 class _Cohort:
     """The driving side of a run: ledger, summary rows and progress, one writer."""
 
-    def __init__(self, out_dir: Path, ledger: Ledger, progress: bool):
-        self.out_dir, self.ledger, self.progress = out_dir, ledger, progress
+    def __init__(self, dest: Destination, out_dir: Path, ledger: Ledger, progress: bool):
+        self.dest, self.out_dir, self.ledger, self.progress = dest, out_dir, ledger, progress
         self.rows: list[SlideRow] = []
         self.run: dict = {}
         self.bar = None
@@ -315,8 +337,7 @@ class _Cohort:
             slide_id = ids[path]
             row = None
             if not options.force and path.is_file():
-                row = _done_row(self.out_dir / f"{slide_id}.zarr", path, slide_id, self.out_dir,
-                                options.export_mask)
+                row = _done_row(self.dest, path, slide_id, options.export_mask)
             if row is None:
                 todo.append(path)
                 self.ledger.mark_pending(slide_id, str(path))
@@ -330,6 +351,7 @@ class _Cohort:
         self.ledger.save()
         if self.rows:
             write_summary(self.out_dir / "summary.csv", self.rows)
+        self._upload(LEDGER_NAME, "summary.csv")
         from tqdm import tqdm
 
         self.bar = tqdm(total=len(todo), desc="slides", unit="slide",
@@ -339,10 +361,12 @@ class _Cohort:
     def set_cluster(self, description: str, workers: int) -> None:
         self.run.update(cluster=description, workers=workers)
         self.ledger.save()
+        self._upload(LEDGER_NAME)
 
     def started(self, slide_id: str, worker: str, when: str | None = None) -> None:
         self.ledger.mark_started(slide_id, worker, when)
         self.ledger.save()
+        self._upload(LEDGER_NAME)
 
     def finished(self, row: SlideRow, worker: str = "") -> None:
         ok = row.status != "failed"
@@ -353,6 +377,7 @@ class _Cohort:
         self.rows.append(row)
         self.ledger.save()
         write_summary(self.out_dir / "summary.csv", self.rows)
+        self._upload(LEDGER_NAME, "summary.csv")
         if self.bar is not None:
             self.bar.set_postfix_str(row.slide_id)
             self.bar.update(1)
@@ -373,7 +398,19 @@ class _Cohort:
             self.bar.close()
         self.ledger.save()
         write_summary(self.out_dir / "summary.csv", self.rows)
-        write_report(self.out_dir, self.ledger)
+        if self.dest.remote:  # the report links the outputs that are there now
+            write_report(self.out_dir, self.ledger, names=self.dest.names(),
+                         location=self.dest.url)
+        else:
+            write_report(self.out_dir, self.ledger)
+        self._upload(LEDGER_NAME, "summary.csv", REPORT_NAME)
+
+    def _upload(self, *names: str) -> None:
+        """Remote destination: put the driver's files there after they changed."""
+        if self.dest.remote:
+            for name in names:
+                if (self.out_dir / name).is_file():
+                    self.dest.upload(self.out_dir / name, name)
 
 
 _RUNS_KEPT = 100  # run records kept in the ledger
@@ -792,7 +829,11 @@ def run_one(
     """
     t0 = time.perf_counter()
     try:
-        row = _run_one(slide, slide_id, wf, model, card, options, tile_workers)
+        dest = Destination.parse(options.out_dir)
+        if dest.remote:
+            row = _run_one_staged(dest, slide, slide_id, wf, model, card, options, tile_workers)
+        else:
+            row = _run_one(slide, slide_id, wf, model, card, options, tile_workers)
     except WsisegError as exc:
         row = SlideRow(str(slide), slide_id, "failed", reason=str(exc))
     except Exception as exc:  # a bug or an unforeseen file problem: still one row
@@ -801,6 +842,26 @@ def run_one(
                        reason=f"{slide}: {type(exc).__name__}: {exc}".splitlines()[0])
     row.seconds = round(time.perf_counter() - t0, 2)
     return row
+
+
+def _run_one_staged(
+    dest: Destination, slide: Path, slide_id: str, wf: Workflow, model, card,
+    options: RunOptions, tile_workers: int | None,
+) -> SlideRow:
+    """Run the slide into a local staging directory, then upload it (see
+    :mod:`wsiseg.destination`). The staging directory is removed either way."""
+    staging = Path(tempfile.mkdtemp(prefix=f"wsiseg-{slide_id}-"))
+    try:
+        row = _run_one(slide, slide_id, wf, model, card, replace(options, out_dir=staging),
+                       tile_workers)
+        try:
+            dest.upload_slide(staging, slide_id)
+        except Exception as exc:  # noqa: BLE001 - every fsspec backend raises its own types
+            raise WsisegError(f"{slide}: cannot upload its outputs to {dest.url} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        return row
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run_one(
@@ -819,7 +880,7 @@ def _run_one(
 
         open_slide(slide)  # raises the one-line reason (missing, directory, ...)
     if store_path.exists() and not options.force:
-        done = _done_row(store_path, slide, slide_id, out_dir, options.export_mask)
+        done = _done_row(Destination.parse(out_dir), slide, slide_id, options.export_mask)
         if done is not None:
             return done
     if options.force and store_path.exists():
@@ -890,19 +951,19 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
 
 
 def _done_row(
-    store_path: Path, slide: Path, slide_id: str, out_dir: Path, export_mask: bool
+    dest: Destination, slide: Path, slide_id: str, export_mask: bool
 ) -> SlideRow | None:
-    from wsiseg.store import source_changed
-
-    try:
-        store = SlideStore.open(store_path, mode="r")
-    except StoreError:
+    """The ``skipped`` row of a slide whose store (local or remote) is done and whose
+    outputs all exist; None when it has to run."""
+    attrs = dest.store_attrs(slide_id)
+    source = _stored_source(dest, slide_id) if attrs is not None else None
+    if source is None or attrs.get("stages", {}).get("export") != "done":
         return None
-    if store.stage("export") != "done" or source_changed(store, slide):
+    if source_differs(source, slide):
         return None
-    if not all(p.exists() for p in slide_outputs(out_dir, slide_id, export_mask)):
+    if not all(dest.exists(p.name) for p in slide_outputs(Path(), slide_id, export_mask)):
         return None
-    m = store.attrs.get("measurements", {})
+    m = attrs.get("measurements", {})
     return SlideRow(str(slide), slide_id, "skipped", reason="already done",
                     tissue_mm2=m.get("tissue_mm2"), tumor_mm2=m.get("tumor_mm2"),
                     tumor_fraction=m.get("tumor_fraction"), extra={"foci": m.get("foci")})

@@ -31,10 +31,19 @@ img { max-width: 240px; max-height: 180px; display: block; }
 """
 
 
-def write_report(out_dir: Path, ledger: Ledger) -> Path:
-    """Write ``out_dir/report.html`` atomically from ``ledger``; returns its path."""
+def write_report(
+    out_dir: Path, ledger: Ledger, names: set[str] | None = None, location: str | None = None
+) -> Path:
+    """Write ``out_dir/report.html`` atomically from ``ledger``; returns its path.
+
+    ``names``: the files present where the report will be read (default: those in
+    ``out_dir``), so that it links only outputs that exist; ``location``: the output location
+    shown in the title (default: ``out_dir``), e.g. the ``s3://`` URL the report is uploaded to.
+    """
     out_dir = Path(out_dir)
-    text = render_report(out_dir, ledger)
+    if names is None:
+        names = {p.name for p in out_dir.iterdir()}
+    text = render_report(location or str(out_dir), ledger, names)
     path = out_dir / REPORT_NAME
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.", suffix=".html")
     try:
@@ -47,21 +56,21 @@ def write_report(out_dir: Path, ledger: Ledger) -> Path:
     return path
 
 
-def render_report(out_dir: Path, ledger: Ledger) -> str:
-    """The report's HTML text (links relative to ``out_dir``)."""
+def render_report(location: str, ledger: Ledger, names: set[str]) -> str:
+    """The report's HTML text; links are relative and point only at files in ``names``."""
     entries = [ledger.entries[k] for k in sorted(ledger.entries)]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>wsiseg cohort report: {_e(out_dir.name)}</title>",
+        f"<title>wsiseg cohort report: {_e(location.rstrip('/').rsplit('/', 1)[-1])}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>wsiseg cohort: {_e(str(out_dir))}</h1>",
+        f"<h1>wsiseg cohort: {_e(location)}</h1>",
         _totals_html(ledger),
         "<table><thead><tr><th>thumbnail</th><th>slide</th><th>status</th>"
         "<th>tumor mm²</th><th>tumor fraction</th><th>tissue mm²</th><th>foci</th>"
         "<th>seconds</th><th>attempts</th><th>worker</th><th>reason</th></tr></thead><tbody>",
     ]
-    parts += [_row_html(out_dir, e) for e in entries]
+    parts += [_row_html(names, e) for e in entries]
     parts += ["</tbody></table>", f"<p>Written {_e(now_iso())}.</p>", "</body></html>", ""]
     return "\n".join(parts)
 
@@ -98,14 +107,13 @@ def _totals_html(ledger: Ledger) -> str:
     return "<ul>" + "".join(items) + "</ul>"
 
 
-def _row_html(out_dir: Path, e: LedgerEntry) -> str:
-    thumb = out_dir / f"{e.slide_id}.png"
-    geojson = out_dir / f"{e.slide_id}.geojson"
-    img = (f'<a href="{_e(thumb.name)}"><img src="{_e(thumb.name)}" alt="{_e(e.slide_id)}">'
-           "</a>" if e.status == "done" and thumb.exists() else "")
+def _row_html(names: set[str], e: LedgerEntry) -> str:
+    thumb, geojson = f"{e.slide_id}.png", f"{e.slide_id}.geojson"
+    img = (f'<a href="{_e(thumb)}"><img src="{_e(thumb)}" alt="{_e(e.slide_id)}">'
+           "</a>" if e.status == "done" and thumb in names else "")
     name = _e(e.slide_id)
-    if e.status == "done" and geojson.exists():
-        name = f'<a href="{_e(geojson.name)}">{name}</a>'
+    if e.status == "done" and geojson in names:
+        name = f'<a href="{_e(geojson)}">{name}</a>'
     m = e.measurements
     cells = [
         f"<td>{img}</td>",

@@ -216,7 +216,12 @@ def source_changed(store: SlideStore, slide_path: Path) -> str | None:
     Size or content fingerprint differing means the slide was rewritten. An mtime alone
     differing (a copy, a touch) is checked against the fingerprint and then accepted.
     """
-    old = store.source
+    return source_differs(store.source, slide_path)
+
+
+def source_differs(old: SourceInfo, slide_path: Path) -> str | None:
+    """Why ``slide_path`` is no longer the slide ``old`` describes (None when it still is);
+    see :func:`source_changed`."""
     stat = slide_path.stat()
     if stat.st_size != old.size:
         return f"size changed ({old.size} → {stat.st_size} bytes)"
