@@ -15,6 +15,7 @@ from wsiseg.contours import (
     polygon_stats,
     tumor_mask,
     tumor_polygons,
+    tumor_polygons_and_means,
     uint8_threshold,
 )
 
@@ -153,6 +154,31 @@ def test_random_blobs_chunked_equals_unchunked(seed: int) -> None:
         assert sum(p.area for p in polygons) == mask.sum()
         assert (_centres_covered(polygons, shape) == mask).all()
     assert shapely.union_all(whole).equals(shapely.union_all(chunked))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mean_probability_of_each_component_while_tracing(seed: int) -> None:
+    """The mean over each component's pixels, however the chunks cut it, and in region mode
+    for the components found there."""
+    rng = np.random.default_rng(50 + seed)
+    shape = (int(rng.integers(80, 160)), int(rng.integers(80, 160)))
+    prob = (ndi.gaussian_filter(rng.random(shape), 3) * 255).astype(np.uint8)
+    prob = np.clip((prob.astype(int) - 110) * 6, 0, 255).astype(np.uint8)
+    labels, n = ndi.label(prob >= 128)
+    assert n >= 2
+    expected = ndi.mean(prob / 255.0, labels, np.arange(1, n + 1))
+    for chunk_px in (1024, int(rng.integers(9, 40))):
+        polygons, means = tumor_polygons_and_means(prob, simplify_px=0, chunk_px=chunk_px)
+        assert len(polygons) == len(means) == n
+        for polygon, mean in zip(polygons, means, strict=True):
+            r, c = polygon.representative_point().coords[0][::-1]
+            assert mean == pytest.approx(expected[labels[int(r), int(c)] - 1], abs=1e-12)
+    box = (shape[0] // 3, shape[1] // 3, 20, 20)
+    polygons, means = tumor_polygons_and_means(prob, simplify_px=1, chunk_px=16, region=box)
+    wanted = set(np.unique(labels[box[0]:box[0] + 20, box[1]:box[1] + 20]).tolist()) - {0}
+    assert len(polygons) == len(wanted)
+    assert sorted(means.tolist()) == pytest.approx(sorted(expected[k - 1] for k in wanted))
+    assert tumor_polygons_and_means(np.zeros((10, 10), np.uint8))[1].shape == (0,)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -13,6 +13,7 @@ import pytest
 import shapely
 
 from wsiseg.cli import main
+from wsiseg.contours import polygon_stats
 from wsiseg.qupath import read_annotations, validate_feature_collection
 from wsiseg.store import SlideStore
 
@@ -85,9 +86,9 @@ def test_run_on_the_real_svs(cmu_out):
 def test_polygons_with_holes_survive_the_reader(cmu_out):
     slide_id = "cmu-1-small-region"
     store = SlideStore.open(cmu_out / f"{slide_id}.zarr", mode="r")
-    from wsiseg.outputs import round_polygons
+    from wsiseg.outputs import round_contours
 
-    polygons = round_polygons(store)
+    polygons, _ = round_contours(store)
     annotations = read_annotations(cmu_out / f"{slide_id}.geojson")
     assert len(annotations) == len(polygons)
     assert any(len(p.interiors) for p in polygons), "the test needs a polygon with holes"
@@ -98,6 +99,12 @@ def test_polygons_with_holes_survive_the_reader(cmu_out):
         assert ann.geometry.area == pytest.approx(expected.area, rel=1e-4, abs=1.0)
         holes = sum(len(p.interiors) for p in shapely.get_parts(ann.geometry))
         assert holes == sum(len(p.interiors) for p in shapely.get_parts(expected))
+        # mean over the component's pixels (all at or above θ = 0.5), close to the mean over
+        # the pixel centres inside the simplified outline
+        mean = ann.measurements["Mean tumor probability"]
+        assert 128 / 255 - 1e-4 <= mean <= 1.0
+        inside = polygon_stats(store["refined"], poly)["mean_probability"]
+        assert mean == pytest.approx(inside, abs=0.03)
 
 
 def test_run_on_a_generated_slide(synth_slides, weights, tmp_path):

@@ -69,6 +69,7 @@ __all__ = [
     "polygon_stats",
     "tumor_mask",
     "tumor_polygons",
+    "tumor_polygons_and_means",
     "uint8_threshold",
 ]
 
@@ -241,9 +242,13 @@ class _Merger:
         self.pending: dict[tuple[int, int, str], NDArray[np.int64]] = {}
         self.pairs: list[NDArray[np.int64]] = []
         self.border_pieces: dict[int, shapely.Polygon] = {}  # may continue in another chunk
-        self.finished: list[shapely.Polygon] = []  # whole components inside one chunk
+        self.finished: dict[int, shapely.Polygon] = {}  # whole components inside one chunk
         self.in_region: set[int] = set()
         self.n_pieces = 0
+        # per piece (index: piece id, 0 unused): sum of the probability over its pixels and
+        # their count, so each component's mean costs one bincount per chunk, no second read
+        self.sums: list[NDArray[np.float64]] = [np.zeros(1)]
+        self.counts: list[NDArray[np.int64]] = [np.zeros(1, dtype=np.int64)]
 
     def chunks_in(self, row0: int, col0: int, rows: int, cols: int) -> set[tuple[int, int]]:
         bh, bw = self.block
@@ -257,11 +262,18 @@ class _Merger:
         bh, bw = self.block
         r0, c0 = i * bh, j * bw
         r1, c1 = min(r0 + bh, self.prob.shape[0]), min(c0 + bw, self.prob.shape[1])
-        mask = tumor_mask(np.asarray(self.prob[r0:r1, c0:c1]), self.threshold)
+        values = np.asarray(self.prob[r0:r1, c0:c1])
+        mask = tumor_mask(values, self.threshold)
         labels, polygons = _trace_block(mask, r0, c0)
         offset = self.n_pieces
         self.n_pieces += len(polygons)
         self.done.add((i, j))
+        if polygons:
+            flat = labels.ravel()
+            n = len(polygons) + 1
+            self.sums.append(np.bincount(flat, weights=_as_probability(values).ravel(),
+                                         minlength=n)[1:])
+            self.counts.append(np.bincount(flat, minlength=n)[1:])
 
         on_border: set[int] = set()
         for side, (di, dj) in _SIDES.items():
@@ -291,7 +303,7 @@ class _Merger:
                 if label in in_region:
                     self.in_region.add(offset + label)
             elif label in in_region:
-                self.finished.append(polygon)
+                self.finished[offset + label] = polygon
 
     def _components(self) -> NDArray[np.intp]:
         n = self.n_pieces + 1
@@ -312,23 +324,29 @@ class _Merger:
                 out.add((i + di, j + dj))
         return out
 
-    def whole_components(self) -> list[shapely.Polygon]:
-        """Exact polygons of the components with a pixel in the region."""
+    def whole_components(self) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
+        """Exact polygons of the components with a pixel in the region, and the mean
+        probability over each component's pixels."""
         component = self._components()
-        groups: dict[int, list[shapely.Polygon]] = {}
+        sums, counts = np.concatenate(self.sums), np.concatenate(self.counts)
+        groups: dict[int, list[int]] = {}
         wanted = {int(component[g]) for g in self.in_region}
-        for gid, polygon in self.border_pieces.items():
+        for gid in self.border_pieces:
             if int(component[gid]) in wanted:
-                groups.setdefault(int(component[gid]), []).append(polygon)
-        out = list(self.finished)
-        for pieces in groups.values():
-            if len(pieces) == 1:
-                out.append(pieces[0])
+                groups.setdefault(int(component[gid]), []).append(gid)
+        out = list(self.finished.values())
+        means = [sums[g] / counts[g] for g in self.finished]
+        for gids in groups.values():
+            mean = sums[gids].sum() / counts[gids].sum()
+            if len(gids) == 1:
+                parts = [self.border_pieces[gids[0]]]
             else:
                 # drop the vertices left where chunk-border edges met (collinear, area-exact)
-                merged = shapely.simplify(shapely.union_all(pieces), 0.0)
-                out.extend(shapely.get_parts(merged).tolist())
-        return out
+                merged = shapely.union_all([self.border_pieces[g] for g in gids])
+                parts = shapely.get_parts(shapely.simplify(merged, 0.0)).tolist()
+            out.extend(parts)
+            means.extend([mean] * len(parts))
+        return out, np.asarray(means, dtype=np.float64)
 
 
 def _side(labels: NDArray[np.int32], side: str) -> NDArray[np.int32]:
@@ -356,21 +374,27 @@ def _block_shape(prob: ArrayLike2D, chunk_px: int | None) -> tuple[int, int]:
 
 def _finish(
     exact: list[shapely.Polygon], simplify_px: float, min_area_px: float
-) -> list[shapely.Polygon]:
-    """Whole components → dropped below ``min_area_px``, simplified, valid (vectorised)."""
+) -> tuple[list[shapely.Polygon], NDArray[np.intp]]:
+    """Whole components → dropped below ``min_area_px``, simplified, valid (vectorised).
+
+    Returns the polygons and, for each, the index in ``exact`` of the component it came from.
+    """
     polygons = np.asarray(exact, dtype=object)
-    polygons = polygons[shapely.area(polygons) >= min_area_px]
+    source = np.flatnonzero(shapely.area(polygons) >= min_area_px)
+    polygons = polygons[source]
     if simplify_px <= 0 or len(polygons) == 0:
-        return polygons.tolist()
+        return polygons.tolist(), source
     simple, ok = _simplify_rings(polygons, simplify_px)
-    out = simple[ok].tolist()
-    for polygon in polygons[~ok]:  # rare: a ring collapsed or the rings crossed
-        fallback = shapely.simplify(polygon, simplify_px / 2.0, preserve_topology=True)
+    out, owner = simple[ok].tolist(), source[ok].tolist()
+    for k in np.flatnonzero(~ok):  # rare: a ring collapsed or the rings crossed
+        fallback = shapely.simplify(polygons[k], simplify_px / 2.0, preserve_topology=True)
         if not fallback.is_valid:
             fallback = shapely.make_valid(fallback, method="structure")
-        out.extend(p for p in shapely.get_parts(fallback)
-                   if isinstance(p, shapely.Polygon) and p.area > 0)
-    return out
+        parts = [p for p in shapely.get_parts(fallback)
+                 if isinstance(p, shapely.Polygon) and p.area > 0]
+        out.extend(parts)
+        owner.extend([source[k]] * len(parts))
+    return out, np.asarray(owner, dtype=np.intp)
 
 
 def _simplify_rings(
@@ -422,6 +446,24 @@ def tumor_polygons(
     region: tuple[int, int, int, int] | None = None,
     regions: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> list[shapely.Polygon]:
+    """Tumor outlines of a probability map, one polygon (with holes) per tumor component;
+    :func:`tumor_polygons_and_means` with the means left out (same parameters)."""
+    return tumor_polygons_and_means(
+        prob, threshold=threshold, chunk_px=chunk_px, simplify_px=simplify_px,
+        min_area_px=min_area_px, region=region, regions=regions,
+    )[0]
+
+
+def tumor_polygons_and_means(
+    prob: ArrayLike2D,
+    *,
+    threshold: float = 0.5,
+    chunk_px: int | None = None,
+    simplify_px: float = 1.0,
+    min_area_px: float = 0.0,
+    region: tuple[int, int, int, int] | None = None,
+    regions: Sequence[tuple[int, int, int, int]] | None = None,
+) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
     """Tumor outlines of a probability map, one polygon (with holes) per tumor component.
 
     Parameters
@@ -452,10 +494,14 @@ def tumor_polygons(
 
     Returns
     -------
-    list of shapely.Polygon
+    polygons : list of shapely.Polygon
         Valid polygons in working px (x = column, y = row, pixel edges on integers), one per
         4-connected tumor component (a component's pieces may split in two only if the
         simplification makes it necessary), sorted by area, largest first.
+    means : ndarray
+        (len(polygons),) float64: the mean probability in [0, 1] over the pixels of each
+        polygon's component (its tumor pixels, at or above the threshold), summed while
+        tracing: the map is read once for both.
 
     Notes
     -----
@@ -483,7 +529,7 @@ def tumor_polygons(
         if row1 > row0 and col1 > col0:
             boxes.append((row0, col0, row1 - row0, col1 - col0))
     if not boxes:
-        return []
+        return [], np.zeros(0)
 
     merger = _Merger(prob, threshold, _block_shape(prob, chunk_px), boxes)
     todo = set().union(*(merger.chunks_in(*box) for box in boxes))
@@ -492,12 +538,14 @@ def tumor_polygons(
             merger.process(i, j)
         todo = merger.leaks() - merger.done
 
-    out = np.asarray(_finish(merger.whole_components(), simplify_px, min_area_px), dtype=object)
+    exact, means = merger.whole_components()
+    polygons, owner = _finish(exact, simplify_px, min_area_px)
+    out = np.asarray(polygons, dtype=object)
     if len(out) == 0:
-        return []
+        return [], np.zeros(0)
     bounds = shapely.bounds(out)
     order = np.lexsort((bounds[:, 0], bounds[:, 1], -shapely.area(out)))  # ties: top-left first
-    return out[order].tolist()
+    return out[order].tolist(), means[owner][order]
 
 
 # -- measurements and drawing ----------------------------------------------------------------

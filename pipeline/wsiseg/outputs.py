@@ -6,6 +6,7 @@ The same writers serve ``wsiseg run`` (round 0), every ``wsiseg refine`` round a
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import uuid
@@ -19,7 +20,7 @@ import shapely
 from PIL import Image
 
 from wsiseg import __version__
-from wsiseg.contours import draw_contours, polygon_stats, tumor_polygons
+from wsiseg.contours import draw_contours, polygon_stats, tumor_polygons_and_means
 from wsiseg.qupath import (
     WSISEG_SOURCE,
     Annotation,
@@ -50,11 +51,12 @@ class SlideMeasurements:
     largest_focus_mm2: float
 
 
-def round_polygons(
+def round_contours(
     store: SlideStore, array: str = "refined",
     regions: Sequence[tuple[int, int, int, int]] | None = None,
-) -> list[shapely.Polygon]:
-    """Tumor polygons of ``array`` in working pixels, filtered by the workflow.
+) -> tuple[list[shapely.Polygon], np.ndarray]:
+    """Tumor polygons of ``array`` in working pixels, filtered by the workflow, and the mean
+    probability of each (float64, over its component's pixels).
 
     ``regions`` (row0, col0, rows, cols each) limit the work to the components touching any
     of them, each traced once.
@@ -62,17 +64,19 @@ def round_polygons(
     wf = store.workflow
     cfg = wf.contours
     min_area_px = cfg.min_area_um2 / wf.working_mpp**2
-    return tumor_polygons(
+    return tumor_polygons_and_means(
         store[array], threshold=cfg.threshold, simplify_px=cfg.simplify_px,
         min_area_px=min_area_px, regions=regions,
     )
 
 
 def annotations_for(
-    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str
+    store: SlideStore, polygons: list[shapely.Polygon], round_k: int, slide_id: str,
+    means: Sequence[float] | None = None,
 ) -> list[Annotation]:
     """QuPath annotations (QuPath-frame level-0 px) for a round's polygons, each with its
-    area and mean tumor probability measured on ``refined``."""
+    area and mean tumor probability: ``means[k]`` when given and finite (from tracing, see
+    :func:`round_contours`), else measured on ``refined`` inside the polygon."""
     frame = store.frame
     cfg = store.workflow.contours
     models = store.attrs.get("models", {})
@@ -82,7 +86,9 @@ def annotations_for(
     slide_box = shapely.box(0, 0, *frame.level0_size)
     out = []
     for k, poly in enumerate(polygons, start=1):
-        mean = float(polygon_stats(store["refined"], poly)["mean_probability"])
+        mean = float(means[k - 1]) if means is not None else math.nan
+        if not math.isfinite(mean):
+            mean = float(polygon_stats(store["refined"], poly)["mean_probability"])
         area_um2 = float(poly.area) * frame.working_mpp**2
         out.append(
             Annotation(
@@ -115,17 +121,19 @@ def write_round_geojson(
     store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
     polygons: list[shapely.Polygon] | None = None,
     kept: tuple[RoundContours, list[int]] | None = None,
+    means: Sequence[float] | None = None,
 ) -> tuple[Path, list[shapely.Polygon]]:
     """Write round k's contours into the store (``rounds/r<k>.geojson``, the record, and its
     index) and publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the
     latest). ``kept``: features of the previous round that this round keeps, copied byte for
     byte (a refine round's cost then follows the changed regions, not the slide);
-    ``polygons`` are then only the new ones."""
+    ``polygons`` are then only the new ones, ``means`` their mean probabilities (NaN: measure
+    it). Without ``polygons`` the whole of ``refined`` is contoured."""
     from wsiseg.rounds import round_geojson_path, write_round_index
 
     if polygons is None:
-        polygons = round_polygons(store)
-    annotations = annotations_for(store, polygons, round_k, slide_id)
+        polygons, means = round_contours(store)
+    annotations = annotations_for(store, polygons, round_k, slide_id, means)
     texts, ids, geoms = [], [], []
     if kept is not None:
         previous, indices = kept

@@ -438,9 +438,9 @@ def refine_round(
                                     window_px, context_px)
             store["refined"][_sl(region)] = blended
         previous = latest.working_geometries(store)
-        kept, fresh = rounds.recontour(store, previous, [r for r, _ in regions])
+        kept, fresh, means = rounds.recontour(store, previous, [r for r, _ in regions])
         latest_geojson, _ = write_round_geojson(store, out_dir, slide_id, round_k, fresh,
-                                                kept=(latest, kept))
+                                                kept=(latest, kept), means=means)
         polygons = [p for g in previous[kept] for p in shapely.get_parts(g)] + fresh
         m = measurements(store, polygons, round_k)
         seconds = time.perf_counter() - t0

@@ -165,16 +165,17 @@ def _index_path(store: SlideStore, round_k: int) -> Path:
 
 def recontour(
     store: SlideStore, previous: np.ndarray, regions: list[tuple[int, int, int, int]],
-) -> tuple[list[int], list[shapely.Polygon]]:
+) -> tuple[list[int], list[shapely.Polygon], np.ndarray]:
     """Contours after a round, from the previous round's features (working px, one geometry
     each): the indices of the features that lie away from the changed regions and are kept as
-    they are (``refined`` did not change under them), and the new polygons — whole components
+    they are (``refined`` did not change under them), the new polygons — whole components
     that touch a region, each traced once, plus the parts of touched multi-part features
-    that lie away from every region (nothing re-traces those)."""
-    from wsiseg.outputs import round_polygons
+    that lie away from every region (nothing re-traces those) — and the new polygons' mean
+    probabilities (NaN for those parts: to be measured)."""
+    from wsiseg.outputs import round_contours
 
     if not regions:
-        return list(range(len(previous))), []
+        return list(range(len(previous))), [], np.zeros(0)
     # Exported polygons are simplified (≤ 1 px) and rounded: grow the regions by 2 px so a
     # polygon that touched a region is always replaced, never kept twice.
     boxes = [shapely.box(c0 - 2, r0 - 2, c0 + cols + 2, r0 + rows + 2)
@@ -184,7 +185,8 @@ def recontour(
     kept = np.flatnonzero(~hit).tolist()
     away = [part for g in previous[hit] for part in shapely.get_parts(g)
             if not shapely.intersects(part, changed)]
-    return kept, round_polygons(store, regions=regions) + away
+    traced, means = round_contours(store, regions=regions)
+    return kept, traced + away, np.concatenate([means, np.full(len(away), np.nan)])
 
 
 def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:

@@ -578,7 +578,7 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     timer.wrap(wsiseg.slide.resample, "resample", "resample (thread-s)")
     timer.wrap(wsiseg.infer, "infer_to_store", "infer (wall)", keep_result=True)
     timer.wrap(wsiseg.cohort, "publish_run", "publish (wall)")
-    timer.wrap(wsiseg.outputs, "tumor_polygons", "contours")
+    timer.wrap(wsiseg.outputs, "tumor_polygons_and_means", "contours (+ mean probabilities)")
     timer.wrap(wsiseg.outputs, "annotations_for", "annotations")
     timer.wrap(wsiseg.outputs, "thumbnail_image", "thumbnail read (thread-s, beside contours)")
     timer.wrap(wsiseg.outputs, "write_thumbnail", "thumbnail draw + write")

@@ -41,7 +41,7 @@ STAGES = (  # (module, function, label): the parts of a round, wrapped where ref
     ("wsiseg.rounds", "load_round_contours", "read previous contours"),
     ("wsiseg.rounds", "recontour", "re-contour"),
     ("wsiseg.outputs", "write_round_geojson", "write GeoJSON"),
-    ("wsiseg.outputs", "annotations_for", "  of which polygon stats"),
+    ("wsiseg.outputs", "annotations_for", "  of which annotations"),
     ("wsiseg.outputs", "measurements", "measurements"),
 )
 
