@@ -11,6 +11,7 @@ import shapely
 from scipy import ndimage as ndi
 
 from wsiseg.contours import (
+    RowStreamTracer,
     draw_contours,
     polygon_stats,
     tumor_mask,
@@ -179,6 +180,32 @@ def test_mean_probability_of_each_component_while_tracing(seed: int) -> None:
     assert len(polygons) == len(wanted)
     assert sorted(means.tolist()) == pytest.approx(sorted(expected[k - 1] for k in wanted))
     assert tumor_polygons_and_means(np.zeros((10, 10), np.uint8))[1].shape == (0,)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tracing_rows_as_they_are_written_gives_the_same_contours(seed: int) -> None:
+    """Rows written (and announced) top to bottom in uneven steps, the last ones never
+    announced: the same polygons and means as tracing the finished map, and no chunk row is
+    read before it is final."""
+    rng = np.random.default_rng(70 + seed)
+    shape = (int(rng.integers(90, 200)), int(rng.integers(60, 160)))
+    final = np.where(_random_blobs(rng, shape, 0.3, 3.0), 200, 20).astype(np.uint8)
+    expected = tumor_polygons_and_means(final, chunk_px=16, simplify_px=0.5, min_area_px=4)
+    written = np.zeros(shape, dtype=np.uint8)
+    recording = RecordingArray(written)
+    row = 0
+    with RowStreamTracer(recording, chunk_px=16, simplify_px=0.5, min_area_px=4) as tracer:
+        while row < shape[0] - 20:
+            row = min(row + int(rng.integers(5, 50)), shape[0] - 20)
+            written[:row] = final[:row]
+            tracer.rows_final(row)
+            for r0, _, rows, _ in list(recording.reads):
+                assert r0 + rows <= row, "a row was read before it was final"
+        written[:] = final
+        polygons, means = tracer.result()
+    assert len(polygons) == len(expected[0])
+    assert all(p.equals(q) for p, q in zip(polygons, expected[0], strict=True))
+    assert np.array_equal(means, expected[1])
 
 
 @pytest.mark.parametrize("seed", range(3))

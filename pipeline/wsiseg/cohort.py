@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from wsiseg.config import Workflow, load_workflow
 from wsiseg.destination import Destination
@@ -870,6 +871,7 @@ def _run_one(
 ) -> SlideRow:
     from wsiseg.infer import infer_to_store, resolve_device
     from wsiseg.nets import normalise_rgb, weights_hash
+    from wsiseg.outputs import round_tracer
     from wsiseg.store import retire_store, source_changed
     from wsiseg.tiling import BackgroundTiling
 
@@ -885,7 +887,9 @@ def _run_one(
             return done
     if options.force and store_path.exists():
         retire_store(store_path)
-    # Tiling runs beside inference: GuideNet reads each row of chunks as soon as it is written.
+    # Tiling runs beside inference: GuideNet reads each row of chunks as soon as it is written,
+    # and each row of the probability map is contoured as soon as GuideNet has written it.
+    contours = None
     with BackgroundTiling(slide, store_path, wf, mpp=options.mpp, workers=tile_workers) as tiling:
         store = tiling.store
         if source_changed(store, slide):  # pragma: no cover - prepare_store rebuilt it
@@ -896,13 +900,16 @@ def _run_one(
             store.set_stage("export", "pending")
             device = resolve_device(options.device)
             model.to(device)
-            stats = infer_to_store(
-                tiling.image, [store["guide"], store["refined"]],
-                model=model, normalise=lambda t: normalise_rgb(t, card),
-                tissue=store.tissue_mask, patch_px=wf.guidenet.patch_px,
-                stride_px=wf.guidenet.stride_px, batch_size=wf.guidenet.batch_size,
-                device=device, band_px=store.chunk_px, tta=options.tta, clip_to_tissue=True,
-            )
+            with round_tracer(store) as tracer:
+                stats = infer_to_store(
+                    tiling.image, [store["guide"], store["refined"]],
+                    model=model, normalise=lambda t: normalise_rgb(t, card),
+                    tissue=store.tissue_mask, patch_px=wf.guidenet.patch_px,
+                    stride_px=wf.guidenet.stride_px, batch_size=wf.guidenet.batch_size,
+                    device=device, band_px=store.chunk_px, tta=options.tta,
+                    clip_to_tissue=True, on_rows=tracer.rows_final,
+                )
+                contours = tracer.result()
         tiling.finish()  # every chunk written (or the tiling's error) before guide is done
     if stats is not None:
         store.update_attrs(models={"guidenet": {
@@ -911,15 +918,19 @@ def _run_one(
         }}, inference={"patches": stats.patches, "forward_s": round(stats.forward_s, 3),
                        "total_s": round(stats.total_s, 3), "tta": options.tta})
         store.set_stage("guide", "done")
-    m = publish_run(store, out_dir, slide_id, export_mask=options.export_mask)
+    m = publish_run(store, out_dir, slide_id, export_mask=options.export_mask,
+                    contours=contours)
     return SlideRow(str(slide), slide_id, "done", tissue_mm2=m.tissue_mm2,
                     tumor_mm2=m.tumor_mm2, tumor_fraction=m.tumor_fraction,
                     extra={"foci": m.foci})
 
 
-def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False):
+def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False,
+                contours: tuple[list, Any] | None = None):
     """Round 0 of a store whose ``guide``/``refined`` are complete: GeoJSON, thumbnail,
-    measurements; the slide counts as done only after this."""
+    measurements; the slide counts as done only after this. ``contours``: the polygons and
+    mean probabilities of ``refined`` when already traced (beside inference), else traced
+    here."""
     from concurrent.futures import ThreadPoolExecutor
 
     from wsiseg.outputs import (
@@ -932,7 +943,8 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
     # The network is done: decode the thumbnail on a spare core while the contours are traced.
     with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool:
         thumb = pool.submit(thumbnail_image, store)
-        _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
+        polygons, means = contours if contours is not None else (None, None)
+        _, polygons = write_round_geojson(store, out_dir, slide_id, 0, polygons, means=means)
         write_thumbnail(store, out_dir / f"{slide_id}.png", polygons, thumb=thumb.result())
     m = measurements(store, polygons, 0)
     if not store.attrs.get("rounds"):

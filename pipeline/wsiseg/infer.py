@@ -535,10 +535,11 @@ class _BandWriter:
 
     def __init__(
         self, outputs: Sequence[WritableMap], clip: NDArray[np.bool_] | None = None,
-        width: int = 0, height: int = 0,
+        width: int = 0, height: int = 0, on_rows: Callable[[int], None] | None = None,
     ) -> None:
         self.outputs = outputs
         self.clip, self.width, self.height = clip, width, height
+        self.on_rows = on_rows
         self.write_s = 0.0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsiseg-infer-writer")
         self._pending: deque[Future[None]] = deque()
@@ -557,6 +558,8 @@ class _BandWriter:
         for output in self.outputs:
             output[row0:row1, :] = band
         self.write_s += time.perf_counter() - t0
+        if self.on_rows is not None:  # bands finish in order: every row above is final too
+            self.on_rows(row1)
 
     def close(self, wait: bool = True) -> None:
         try:
@@ -594,6 +597,7 @@ def infer_to_store(
     progress: Callable[[int], None] | None = None,
     tta: bool = False,
     clip_to_tissue: bool = False,
+    on_rows: Callable[[int], None] | None = None,
 ) -> InferStats:
     """Run GuideNet over every tissue patch of ``image`` and write the blended probabilities.
 
@@ -627,6 +631,9 @@ def infer_to_store(
         Average each patch over the 8 dihedral transforms before blending.
     clip_to_tissue : bool
         Write 0 outside the tissue mask (grown by one mask pixel): glass is never tumor.
+    on_rows : callable, optional
+        Called with ``row1`` (on the writer thread) once rows ``[0, row1)`` of every output
+        are written and final, e.g. :meth:`wsiseg.contours.RowStreamTracer.rows_final`.
 
     Returns
     -------
@@ -648,7 +655,7 @@ def infer_to_store(
     # Glass is never tumor: with clip_to_tissue, probabilities outside the tissue mask (grown
     # by one mask pixel so coarse mask edges do not cut tumor borders) are written as 0.
     clip = ndimage.binary_dilation(tissue) if clip_to_tissue else None
-    writer = _BandWriter(outputs, clip, width, height)
+    writer = _BandWriter(outputs, clip, width, height, on_rows)
     blender = _BandBlender(height, width, patch_px, band_px, device, writer)
     timings: list[tuple[Any, Any]] = []  # CUDA events around each forward pass
     ok = False

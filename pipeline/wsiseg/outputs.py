@@ -20,7 +20,12 @@ import shapely
 from PIL import Image
 
 from wsiseg import __version__
-from wsiseg.contours import draw_contours, polygon_stats, tumor_polygons_and_means
+from wsiseg.contours import (
+    RowStreamTracer,
+    draw_contours,
+    polygon_stats,
+    tumor_polygons_and_means,
+)
 from wsiseg.qupath import (
     WSISEG_SOURCE,
     Annotation,
@@ -61,13 +66,20 @@ def round_contours(
     ``regions`` (row0, col0, rows, cols each) limit the work to the components touching any
     of them, each traced once.
     """
+    return tumor_polygons_and_means(store[array], regions=regions, **_contour_options(store))
+
+
+def round_tracer(store: SlideStore, array: str = "refined") -> RowStreamTracer:
+    """:func:`round_contours` of the whole ``array``, traced row by row while it is being
+    written (pass its ``rows_final`` to :func:`wsiseg.infer.infer_to_store`)."""
+    return RowStreamTracer(store[array], **_contour_options(store))
+
+
+def _contour_options(store: SlideStore) -> dict[str, float]:
     wf = store.workflow
     cfg = wf.contours
-    min_area_px = cfg.min_area_um2 / wf.working_mpp**2
-    return tumor_polygons_and_means(
-        store[array], threshold=cfg.threshold, simplify_px=cfg.simplify_px,
-        min_area_px=min_area_px, regions=regions,
-    )
+    return {"threshold": cfg.threshold, "simplify_px": cfg.simplify_px,
+            "min_area_px": cfg.min_area_um2 / wf.working_mpp**2}
 
 
 def annotations_for(

@@ -564,6 +564,7 @@ def phase_network(store: str, weights: str, device: str, batch_size: int,
 def _instrument_pipeline(timer: StageTimer) -> None:
     """Timers around the stages of ``wsiseg run`` (see each label)."""
     import wsiseg.cohort
+    import wsiseg.contours
     import wsiseg.infer
     import wsiseg.outputs
     import wsiseg.slide.reader
@@ -579,6 +580,9 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     timer.wrap(wsiseg.infer, "infer_to_store", "infer (wall)", keep_result=True)
     timer.wrap(wsiseg.cohort, "publish_run", "publish (wall)")
     timer.wrap(wsiseg.outputs, "tumor_polygons_and_means", "contours (+ mean probabilities)")
+    timer.wrap(wsiseg.contours.RowStreamTracer, "_trace_row",
+               "contours beside inference (thread-s)")
+    timer.wrap(wsiseg.contours.RowStreamTracer, "result", "contours: rest after inference")
     timer.wrap(wsiseg.outputs, "annotations_for", "annotations")
     timer.wrap(wsiseg.outputs, "thumbnail_image", "thumbnail read (thread-s, beside contours)")
     timer.wrap(wsiseg.outputs, "write_thumbnail", "thumbnail draw + write")
