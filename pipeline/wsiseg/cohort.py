@@ -940,12 +940,19 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
         write_thumbnail,
     )
 
-    # The network is done: decode the thumbnail on a spare core while the contours are traced.
+    png = out_dir / f"{slide_id}.png"
+    # The network is done: the thumbnail is decoded on a spare core while the contours are
+    # traced (or, traced already, drawn and written there while the GeoJSON is written).
     with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool:
-        thumb = pool.submit(thumbnail_image, store)
-        polygons, means = contours if contours is not None else (None, None)
-        _, polygons = write_round_geojson(store, out_dir, slide_id, 0, polygons, means=means)
-        write_thumbnail(store, out_dir / f"{slide_id}.png", polygons, thumb=thumb.result())
+        if contours is not None:
+            polygons, means = contours
+            drawn = pool.submit(write_thumbnail, store, png, polygons)
+            write_round_geojson(store, out_dir, slide_id, 0, polygons, means=means)
+            drawn.result()
+        else:
+            thumb = pool.submit(thumbnail_image, store)
+            _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
+            write_thumbnail(store, png, polygons, thumb=thumb.result())
     m = measurements(store, polygons, 0)
     if not store.attrs.get("rounds"):
         store.update_attrs(rounds=[{

@@ -14,19 +14,24 @@ output folder and:
 - peak resident memory per worker process (``getrusage`` in each worker through
   ``client.run``; for the in-process path, this process).
 
+``--s3``: each cluster size again with ``--out s3://...`` on an S3 server on loopback (moto's,
+a dev dependency): the cost of staging each slide and uploading it.
+
 Not run in CI::
 
-    .venv/bin/python scripts/bench/cohort.py --slides 6 --size 4096x3072 --workers 1 2
+    .venv/bin/python scripts/bench/cohort.py --slides 6 --size 4096x3072 --workers 1 2 --s3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--no-serial", action="store_true",
                         help="skip the in-process baseline (workers=0)")
+    parser.add_argument("--s3", action="store_true",
+                        help="also write to an S3 server on loopback (moto)")
     args = parser.parse_args(argv)
 
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -58,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_serial:
             results.append(measure_in_process(slides, weights, work / "serial", args.device))
         for n in args.workers:
-            results.append(measure_cluster(slides, weights, work / f"workers-{n}", args.device,
-                                           n))
+            results.append(measure_cluster(slides, weights, str(work / f"workers-{n}"),
+                                           args.device, n))
+        if args.s3:
+            with local_s3() as env:
+                for n in args.workers:
+                    results.append(measure_cluster(slides, weights, f"s3://bench/workers-{n}",
+                                                   args.device, n, env))
     rows = [[
         r["config"], r["threads"], fmt(r["start_s"]), fmt(r["wall_s"]),
         fmt(r["slides_per_hour"], 0), fmt(r["in_task_s"]), fmt(r["in_task_s"] / r["slides"]),
@@ -97,7 +109,8 @@ def measure_in_process(slides: list[Path], weights: Path, out: Path, device: str
                    None, wall, 1, in_task, [_peak_rss_mib()])
 
 
-def measure_cluster(slides: list[Path], weights: Path, out: Path, device: str, n: int) -> dict:
+def measure_cluster(slides: list[Path], weights: Path, out: str, device: str, n: int,
+                    env: dict[str, str] | None = None) -> dict:
     import dask
     from distributed import Client
 
@@ -120,6 +133,7 @@ def measure_cluster(slides: list[Path], weights: Path, out: Path, device: str, n
         start = time.perf_counter() - t0
         try:
             client.run(_set_threads, plan.cpu_threads)
+            client.run(_set_env, env or {})
             t0 = time.perf_counter()
             status = run_cohort([str(s) for s in slides], RunOptions(
                 out_dir=out, guidenet=str(weights), device=device,
@@ -129,7 +143,8 @@ def measure_cluster(slides: list[Path], weights: Path, out: Path, device: str, n
         finally:
             client.close()
             cluster.close()
-    return _result(f"LocalCluster, {plan.workers} worker(s)", plan.cpu_threads, status,
+    where = ", to S3 (loopback)" if out.startswith("s3://") else ""
+    return _result(f"LocalCluster, {plan.workers} worker(s){where}", plan.cpu_threads, status,
                    len(slides), start, wall, plan.workers, _in_task_seconds(out), peaks)
 
 
@@ -146,9 +161,40 @@ def _result(config: str, threads: int, status: int, slides: int, start: float | 
     }
 
 
-def _in_task_seconds(out: Path) -> float:
-    ledger = json.loads((out / "ledger.json").read_text(encoding="utf-8"))
+def _in_task_seconds(out: Path | str) -> float:
+    from wsiseg.destination import Destination
+
+    ledger = json.loads(Destination.parse(out).read_bytes("ledger.json") or b"{}")
     return sum(e["seconds"] or 0.0 for e in ledger["slides"].values())
+
+
+@contextlib.contextmanager
+def local_s3() -> Iterator[dict[str, str]]:
+    """moto's S3 server on a free loopback port with a bucket ``bench``; yields the
+    environment that points boto / s3fs there (set here, and by the caller on workers)."""
+    import socket
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    os.environ.update(env)
+    try:
+        fsspec.filesystem("s3").mkdir("bench")
+        yield env
+    finally:
+        server.stop()
+
+
+def _set_env(env: dict[str, str]) -> None:
+    """On each worker: the object-store environment (endpoint, credentials)."""
+    os.environ.update(env)
 
 
 def _set_threads(n: int) -> None:
