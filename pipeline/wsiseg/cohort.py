@@ -128,7 +128,7 @@ def _path_hash(path: Path) -> str:
 
 
 def _store_of_other_slide(dest: Destination, slide_id: str, slide: Path) -> bool:
-    source = _stored_source(dest, slide_id)
+    source = _stored_source(dest.store_attrs(slide_id))
     if source is None or Path(source.path) == slide.resolve():
         return False
     try:
@@ -137,8 +137,8 @@ def _store_of_other_slide(dest: Destination, slide_id: str, slide: Path) -> bool
         return True
 
 
-def _stored_source(dest: Destination, slide_id: str) -> SourceInfo | None:
-    attrs = dest.store_attrs(slide_id)
+def _stored_source(attrs: dict | None) -> SourceInfo | None:
+    """The source slide recorded in a store's attributes (None: no store of this format)."""
     if attrs is None or attrs.get("format") != STORE_FORMAT:
         return None
     try:
@@ -975,8 +975,8 @@ def _done_row(
     """The ``skipped`` row of a slide whose store (local or remote) is done and whose
     outputs all exist; None when it has to run."""
     attrs = dest.store_attrs(slide_id)
-    source = _stored_source(dest, slide_id) if attrs is not None else None
-    if source is None or attrs.get("stages", {}).get("export") != "done":
+    source = _stored_source(attrs)
+    if source is None or attrs is None or attrs.get("stages", {}).get("export") != "done":
         return None
     if source_differs(source, slide):
         return None
