@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = common.guidenet_weights(work / "guidenet-random.safetensors")
         names = common.slide_copies(slide.slide_path, work / "slides", args.slides)
         out = work / "run"
+        if (out / "ledger.json").exists():  # a rerun would skip every slide: nothing to time
+            raise SystemExit(f"{work}: already holds a finished run; give a new --work")
         common.log(f"(b) wsiseg run of {len(names)} slides on {device} ...")
         b = common.run_phase("pipeline", slides=[str(p) for p in names], out=str(out),
                              weights=str(weights), device=str(device), sample_gpu=on_cuda)

@@ -220,9 +220,14 @@ def refine_stroke(store_path: Path, work: Path, device, rounds: int) -> list[lis
     refiner = refinenet_refiner(model, card, device, wf.refinenet.batch_size)
     centres = core_centres(store, np.random.default_rng(0))
     times, refine_times = [], []
+    start = store.attrs["rounds"][-1]["round"]
     for k in range(rounds + 1):
-        path = write_scribbles(store, work / f"stroke-{k}.geojson", [centres[k % len(centres)]])
+        # A new file name and stroke place each time: an export seen before refines nothing.
+        path = write_scribbles(store, work / f"stroke-{time.time_ns()}.geojson",
+                               [centres[k % len(centres)]])
         result = refine_round(store, path, out_dir, slide_id, refiner, "refinenet")
+        if result.round == start:
+            raise SystemExit(f"{path}: the round refined nothing ({result.new_pixels} px)")
         undo(store, out_dir, slide_id)
         if k:  # the first round pays first-call costs
             times.append(result.seconds)
