@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from wsiseg.atomic import atomic_write_text
 from wsiseg.config import Workflow, load_workflow
 from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
@@ -933,12 +934,8 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
     here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsiseg.outputs import (
-        measurements,
-        thumbnail_image,
-        write_round_geojson,
-        write_thumbnail,
-    )
+    from wsiseg.outputs import measurements, thumbnail_image, write_thumbnail
+    from wsiseg.rounds import write_round_geojson
 
     png = out_dir / f"{slide_id}.png"
     # The network is done: the thumbnail is decoded on a spare core while the contours are
@@ -1003,7 +1000,4 @@ def write_summary(path: Path, rows: Sequence[SlideRow]) -> None:
     writer.writeheader()
     for key in sorted(previous):
         writer.writerow(previous[key])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary.", suffix=".csv")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())

@@ -14,14 +14,13 @@ writes the ledger (workers report to it), always atomically (temporary file + re
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from wsiseg.atomic import atomic_write_text
 from wsiseg.errors import WsisegError
 
 LEDGER_NAME = "ledger.json"
@@ -103,14 +102,7 @@ class Ledger:
             "slides": {k: asdict(self.entries[k]) for k in sorted(self.entries)},
         }
         text = json.dumps(data, indent=1, allow_nan=False, default=_jsonable)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, text)
 
     # -- transitions ----------------------------------------------------------------------------
     def entry(self, slide_id: str, slide: str) -> LedgerEntry:
