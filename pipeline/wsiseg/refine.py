@@ -45,7 +45,7 @@ from wsiseg.qupath import (
 )
 from wsiseg.scribbles.encode import encode_refine_input
 from wsiseg.scribbles.raster import merge_scribbles, rasterize_labels
-from wsiseg.store import SlideStore, StoreLock, file_fingerprint
+from wsiseg.store import SlideStore, StoreLock, file_fingerprint, pad_value, whiten_glass
 
 log = logging.getLogger(__name__)
 
@@ -299,16 +299,17 @@ def feather_weight(window_px: int, context_px: int) -> np.ndarray:
 
 # -- 4. refiners -----------------------------------------------------------------------------
 def read_window(array, origin: tuple[int, int], window_px: int, margin: int = 0) -> np.ndarray:
-    """A window (plus margin) of a store array, zero-padded beyond the slide."""
+    """A window (plus margin) of a store array; beyond the slide it reads as glass (white)
+    for ``image``, as the fill value (0) for the others."""
     rows, cols = array.shape[:2]
     r0, c0 = origin[0] - margin, origin[1] - margin
     size = window_px + 2 * margin
-    out = np.zeros((size, size, *array.shape[2:]), dtype=array.dtype)
+    out = np.full((size, size, *array.shape[2:]), pad_value(array), dtype=array.dtype)
     rs, cs = max(0, r0), max(0, c0)
     re, ce = min(rows, r0 + size), min(cols, c0 + size)
     if re > rs and ce > cs:
         out[rs - r0 : re - r0, cs - c0 : ce - c0] = array[rs:re, cs:ce]
-    return out
+    return whiten_glass(out, array)
 
 
 def refinenet_refiner(model, card, device, batch_size: int, tta: bool = False) -> Refiner:

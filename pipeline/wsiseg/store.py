@@ -42,7 +42,8 @@ from wsiseg.errors import StoreError
 from wsiseg.lock import StoreLock, is_writable
 from wsiseg.slide.frame import Frame
 
-__all__ = ["SlideStore", "SourceInfo", "StoreError", "StoreLock", "GLASS_RGB"]
+__all__ = ["GLASS_RGB", "SlideStore", "SourceInfo", "StoreError", "StoreLock", "pad_value",
+           "whiten_glass"]
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,21 @@ class SlideStore:
 
     def __getitem__(self, name: str) -> zarr.Array:
         return self.array(name)
+
+
+def pad_value(array: zarr.Array | np.ndarray) -> int:
+    """What a read of ``array`` beyond its edge should see: white glass for an RGB
+    ``image`` (3-D), the fill value (0 for a numpy array) otherwise."""
+    return GLASS_RGB if array.ndim == 3 else int(getattr(array, "fill_value", 0))
+
+
+def whiten_glass(rgb: np.ndarray, array: zarr.Array | np.ndarray) -> np.ndarray:
+    """``rgb`` (uint8 (..., 3)) read from ``array``, with never-tiled glass white also in
+    stores written before glass was (``image`` fill value 0, left so on a read-only store):
+    there the pure-black pixels, which tissue never has, are glass. In place; returned."""
+    if array.ndim == 3 and getattr(array, "fill_value", None) == 0:
+        rgb[rgb.max(axis=-1) == 0] = GLASS_RGB
+    return rgb
 
 
 def chunk_grid_shape(shape: tuple[int, int], chunk_px: int) -> tuple[int, int]:
