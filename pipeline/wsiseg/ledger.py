@@ -189,13 +189,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def format_status(ledger: Ledger) -> str:
-    """The ledger as a text table: slide, status, attempts, seconds, reason; then totals."""
+def format_status(ledger: Ledger, run_gone: str | None = None) -> str:
+    """The ledger as a text table: slide, status, attempts, seconds, reason; then totals.
+
+    ``run_gone``: the run that left slides ``running`` is no longer alive (killed; see
+    :func:`wsiseg.cohort.print_status`), described; those slides are shown ``interrupted``
+    with the reason, and a closing line says a rerun redoes them.
+    """
     rows = [("slide", "status", "attempts", "seconds", "reason")]
+    stale = []
     for key in sorted(ledger.entries):
         e = ledger.entries[key]
         seconds = "" if e.seconds is None else f"{e.seconds:.1f}"
-        rows.append((e.slide_id, e.status, str(e.attempts), seconds, e.reason))
+        status, reason = e.status, e.reason
+        if run_gone is not None and status == "running":
+            status, reason = "interrupted", "its run is gone; a rerun will redo it"
+            stale.append(e.slide_id)
+        rows.append((e.slide_id, status, str(e.attempts), seconds, reason))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [
         "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
@@ -213,4 +223,8 @@ def format_status(ledger: Ledger) -> str:
         last = ledger.runs[-1]
         end = last.get("finished") or "still running or interrupted"
         lines.append(f"last run: started {last.get('started', '?')}, finished {end}")
+    if stale:
+        lines.append(f"{len(stale)} slides marked running belong to a run that is gone "
+                     f"({run_gone}): it was killed or its machine stopped; run the same "
+                     "`wsiseg run` again to redo them (done slides are kept)")
     return "\n".join(lines)
