@@ -68,9 +68,8 @@ def atomic_writer(path: str | Path, mode: int | None = None) -> Iterator[IO[byte
     """
     path = Path(path)
     tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # a named file: some writers (tifffile) want its name
             yield f
             f.flush()
             os.fsync(f.fileno())
