@@ -2,10 +2,10 @@
 
 A reader of ``path`` sees the old file or the new one, never half of one, and a process
 killed mid-write leaves at most a hidden temporary ``.<name>.<random>.tmp`` beside it
-(:func:`temporaries_of` finds those, for clean-up). The new file gets the permissions a
-plain ``open(path, "w")`` would give it: ``0666`` less the process umask (``0644`` under the
-usual umask 022) — not ``mkstemp``'s private ``0600``, which would lock a pathologist out of
-files a service account wrote.
+(:func:`temporaries_of` finds those, for clean-up). The file gets the permissions a plain
+``open(path, "w")`` would leave: a replaced file keeps its own, a new one gets ``0666`` less
+the process umask (``0644`` under the usual umask 022) — not ``mkstemp``'s private ``0600``,
+which would lock a pathologist out of files a service account wrote.
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ def default_mode() -> int:
     return 0o666 & ~umask()
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: an existing file's own, else
+    :func:`default_mode`."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return default_mode()
+
+
 def temporary_name(path: Path) -> Path:
     """A fresh hidden temporary path beside ``path`` (see :func:`temporaries_of`)."""
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
@@ -53,15 +62,17 @@ def temporaries_of(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: int | None = None) -> Iterator[IO[bytes]]:
-    """Open a binary file that replaces ``path`` atomically when the block ends.
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path to write (by name: tifffile, PIL, safetensors) that replaces
+    ``path`` atomically when the block ends.
 
     Parameters
     ----------
     path : path-like
         The file to (re)place; its folder must exist.
     mode : int, optional
-        Permission bits; by default ``0o666`` less the umask.
+        Permission bits; by default those of the file replaced, or ``0o666`` less the
+        umask for a new one.
 
     On an exception inside the block the temporary file is removed and ``path`` is
     left as it was.
@@ -69,17 +80,24 @@ def atomic_writer(path: str | Path, mode: int | None = None) -> Iterator[IO[byte
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        with open(tmp, "xb") as f:  # a named file: some writers (tifffile) want its name
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:  # fsync needs no write access on Linux
             os.fsync(f.fileno())
-        os.chmod(tmp, default_mode() if mode is None else mode)
+        os.chmod(tmp, _mode_for(path) if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: int | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that replaces ``path`` atomically when the block ends (see
+    :func:`atomic_path`)."""
+    with atomic_path(path, mode) as tmp, open(tmp, "xb") as f:
+        yield f
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
