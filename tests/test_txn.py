@@ -49,15 +49,16 @@ def diff(before: dict, after: dict) -> list[str]:
     return [k for k in keys if before.get(k) != after.get(k)]
 
 
-def scribble_export(store: SlideStore, path: Path) -> Path:
-    """A tumor brush and a non-tumor stroke on tissue, in QuPath-frame coordinates."""
+def scribble_export(store: SlideStore, path: Path, at: tuple[int, int] = (1, 3)) -> Path:
+    """A tumor brush and a non-tumor stroke on tissue (at ``at`` fifths of its pixels), in
+    QuPath-frame coordinates."""
     from scipy import ndimage
 
     tissue = ndimage.binary_erosion(store.tissue_mask, iterations=3)
     rr, cc = np.nonzero(tissue)
     rows, cols = store.frame.working_shape
     pts = [((cc[i] + 0.5) * cols / tissue.shape[1], (rr[i] + 0.5) * rows / tissue.shape[0])
-           for i in (len(rr) // 5, (3 * len(rr)) // 5)]
+           for i in ((at[0] * len(rr)) // 5, (at[1] * len(rr)) // 5)]
     (x0, y0), (x1, y1) = pts
     brush = shapely.box(x0 - 15, y0 - 15, x0 + 15, y0 + 15)
     line = shapely.LineString([(x1 - 25, y1), (x1, y1 + 6), (x1 + 25, y1 - 6)])
@@ -147,8 +148,16 @@ def test_a_failure_at_every_step_leaves_store_and_files_byte_for_byte(cmu_store,
     result = refine_round(store, export, out, SLIDE_ID, good, "randomwalk")
     assert result.round == 1 and result.new_pixels > 0
     assert not journal.pending(store.path)
-    # Undo is a transaction too: failing at its last write changes nothing.
+    # Round 2 (the undo record group exists now): failures still change nothing.
     after = dir_snapshot(store.path, out)
+    second = scribble_export(store, tmp_path / "second.geojson", at=(2, 4))
+    for module, name, make in STAGES[:1] + STAGES[-3:]:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, make(getattr(module, name)))
+            with pytest.raises((Boom, KeyboardInterrupt)):
+                refine_round(store, second, out, SLIDE_ID, good, "fixed")
+        assert diff(after, dir_snapshot(store.path, out)) == [], f"round 2, failure in {name}"
+    # Undo is a transaction too: failing at its last write changes nothing.
     with monkeypatch.context() as m:
         m.setattr(SlideStore, "update_attrs", _after(SlideStore.update_attrs))
         with pytest.raises(Boom):
@@ -245,7 +254,7 @@ def test_kill_9_at_random_moments_never_leaves_half_a_round(cmu_store, tmp_path)
         proc = waiting
         _go(proc)
         waiting = _spawn(args) if k + 1 < kills else None
-        time.sleep(rng.uniform(0.0, round_s))
+        time.sleep(rng.uniform(0.0, 1.2 * round_s))  # some land after the commit
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         proc.stdout.close()

@@ -236,7 +236,9 @@ def round_paths(
     (``history/r<k>``, or ``history`` when there is none yet), its contours and index, the
     store's attributes, and its published files in ``out_dir``."""
     history = store.path / "history"
-    paths = [history / f"r{round_k}" if history.is_dir() else history,
+    undo_record = [history / f"r{round_k}", history / "zarr.json"] if history.is_dir() else [
+        history]
+    paths = [*undo_record,
              round_geojson_path(store, round_k), _index_path(store, round_k),
              store.path / "zarr.json"]
     if out_dir is not None:
