@@ -81,7 +81,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     store["guide"][...] = round0
     store["refined"][...] = round0
     store.set_stage("guide", "done")
-    _, polygons = outputs.write_round_geojson(store, run_out, SLIDE_ID, 0)
+    _, polygons = rounds.write_round_geojson(store, run_out, SLIDE_ID, 0)
     run_measurements = outputs.measurements(store, polygons, 0)
     store.update_attrs(rounds=[{"round": 0, "time": "2025-01-01T00:00:00", "kind": "run",
                                 "tumor_mm2": run_measurements.tumor_mm2}])

@@ -37,10 +37,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from wsiseg.atomic import atomic_write_text
 from wsiseg.config import Workflow, load_workflow
 from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.ledger import LEDGER_NAME, Ledger, format_status, now_iso
+from wsiseg.lock import is_locked, read_holder
 from wsiseg.report import REPORT_NAME, write_report
 from wsiseg.store import STORE_FORMAT, SlideStore, SourceInfo, file_fingerprint, source_differs
 
@@ -250,7 +252,8 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
 def print_status(out_dir: Path | str) -> int:
     """``wsiseg status DIR``: the run ledger as a table plus totals.
 
-    Returns 0, or 1 with a one-line message when ``DIR`` has no ledger.
+    Returns 0; 1 with a one-line message when ``DIR`` has no ledger, and 1 when slides
+    are marked running by a run that is gone (killed: no process holds its lock).
     """
     try:
         dest = Destination.parse(out_dir)
@@ -265,8 +268,23 @@ def print_status(out_dir: Path | str) -> int:
     except WsisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_status(ledger))
-    return 0
+    gone = _dead_run(dest, ledger)
+    print(format_status(ledger, run_gone=gone))
+    return 0 if gone is None else 1
+
+
+def _dead_run(dest: Destination, ledger: Ledger) -> str | None:
+    """Who held the run lock, when the ledger has slides ``running`` but no live process
+    holds it (a killed run); None when a run is alive or nothing is running. A remote
+    destination has no kernel lock to ask: its ledger is taken as it stands."""
+    if dest.remote or dest.local_dir is None:
+        return None
+    if not any(e.status == "running" for e in ledger.entries.values()):
+        return None
+    if is_locked(dest.local_dir):
+        return None
+    holder = read_holder(dest.local_dir)
+    return holder.describe() if holder is not None else "no process holds its lock"
 
 
 @contextlib.contextmanager
@@ -310,14 +328,21 @@ def _run_lock(dest: Destination, out_dir: Path) -> Iterator[None]:
         finally:
             fs.rm_file(dest.join(REMOTE_LOCK))
         return
+    lock = StoreLock(out_dir, "wsiseg run")
     try:
-        with StoreLock(out_dir, "wsiseg run"):
-            yield
-    except StoreError:
+        lock.__enter__()
+    except StoreError as exc:
+        if "another wsiseg process" not in str(exc):
+            raise  # read-only, or no such folder: said as it is
+        holder = read_holder(out_dir)
         raise WsisegError(
-            f"{out_dir}: another wsiseg run is using this output directory; wait for it to "
-            "finish (or remove its .lock if that process is gone)"
+            f"{out_dir}: another wsiseg run is using this output directory "
+            f"({holder.describe() if holder else 'holder unknown'}); wait for it to finish"
         ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 class _Cohort:
@@ -933,12 +958,8 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
     here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsiseg.outputs import (
-        measurements,
-        thumbnail_image,
-        write_round_geojson,
-        write_thumbnail,
-    )
+    from wsiseg.outputs import measurements, thumbnail_image, write_thumbnail
+    from wsiseg.rounds import write_round_geojson
 
     png = out_dir / f"{slide_id}.png"
     # The network is done: the thumbnail is decoded on a spare core while the contours are
@@ -1003,7 +1024,4 @@ def write_summary(path: Path, rows: Sequence[SlideRow]) -> None:
     writer.writeheader()
     for key in sorted(previous):
         writer.writerow(previous[key])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary.", suffix=".csv")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())

@@ -14,3 +14,7 @@ class WsisegError(Exception):
 
 class UsageError(WsisegError):
     """The command line itself is wrong (exit status 2)."""
+
+
+class StoreError(WsisegError):
+    """A slide store is missing, damaged, of another format, busy or read-only."""

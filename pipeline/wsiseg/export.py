@@ -52,6 +52,7 @@ import tifffile
 import zarr
 from numpy.typing import NDArray
 
+from wsiseg.atomic import atomic_write_bytes, atomic_writer
 from wsiseg.contours import uint8_threshold
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.rounds import polygons_of_round, round_geojson_path
@@ -344,34 +345,27 @@ def write_ome_tiff(
         "buffersize": _ENCODE_BUFFER_TILES * tile_bytes,
     }
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with (
-            tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.levels.") as work,
-            tifffile.TiffWriter(tmp_name, bigtiff=True, ome=True) as tif,
-        ):
-            source: Any = array_like
-            for level, shape in enumerate(shapes):
-                following = None
-                if level + 1 < len(shapes):
-                    following = _scratch_level(Path(work) / f"l{level + 1}", shapes[level + 1],
-                                               tile_px // 2)
-                step_mpp = mpp * 2**level
-                tiles = _level_tiles(source, shape, tile_px, convert if level == 0 else None,
-                                     reduce, following)
-                if level == 0:
-                    tif.write(tiles, shape=shape, subifds=len(shapes) - 1, metadata=metadata,
-                              resolution=(1e4 / step_mpp, 1e4 / step_mpp), **options)
-                else:
-                    tif.write(tiles, shape=shape, subfiletype=1, metadata=None,
-                              resolution=(1e4 / step_mpp, 1e4 / step_mpp), **options)
-                source = following
-        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would make shared outputs unreadable
-        os.replace(tmp_name, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+    with (
+        atomic_writer(path) as out,
+        tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.levels.") as work,
+        tifffile.TiffWriter(out, bigtiff=True, ome=True) as tif,
+    ):
+        source: Any = array_like
+        for level, shape in enumerate(shapes):
+            following = None
+            if level + 1 < len(shapes):
+                following = _scratch_level(Path(work) / f"l{level + 1}", shapes[level + 1],
+                                           tile_px // 2)
+            step_mpp = mpp * 2**level
+            tiles = _level_tiles(source, shape, tile_px, convert if level == 0 else None,
+                                 reduce, following)
+            if level == 0:
+                tif.write(tiles, shape=shape, subifds=len(shapes) - 1, metadata=metadata,
+                          resolution=(1e4 / step_mpp, 1e4 / step_mpp), **options)
+            else:
+                tif.write(tiles, shape=shape, subfiletype=1, metadata=None,
+                          resolution=(1e4 / step_mpp, 1e4 / step_mpp), **options)
+            source = following
     return path
 
 
@@ -483,7 +477,7 @@ def write_measurements_csv(path: Path, rows: Iterable[dict[str, str]]) -> Path:
     writer.writeheader()
     for key in sorted(merged, key=lambda k: (k[0], _as_int(k[1]))):
         writer.writerow(merged[key])
-    _atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
     return path
 
 
@@ -601,7 +595,7 @@ def export_store(
                     tile_px=tile_px, name=f"{slide_id} round {k} tumor {kind}", extra=extra,
                 ))
         if "geojson" in what:
-            _atomic_write_bytes(paths["geojson"], record.read_bytes())
+            atomic_write_bytes(paths["geojson"], record.read_bytes())
             written.append(paths["geojson"])
         if row is not None:
             written.append(write_measurements_csv(paths["measurements"], [row]))
@@ -643,18 +637,10 @@ def export_stores(
 # -- files -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _read_lock(store_path: Path) -> Iterator[None]:
-    """Hold the store lock so no refine or undo changes ``refined`` mid-export; a store on a
-    read-only file system cannot be changed anyway and is exported without it."""
-    try:
-        lock = StoreLock(store_path, "export")
-        lock.__enter__()
-    except PermissionError:
+    """Hold the store's shared lock so no refine or undo changes ``refined`` mid-export;
+    it needs no write access, so a read-only store is exported too."""
+    with StoreLock(store_path, "export", shared=True):
         yield
-        return
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _ensure_out_dir(out_dir: Path) -> None:
@@ -666,14 +652,3 @@ def _ensure_out_dir(out_dir: Path) -> None:
         reason = exc.strerror or type(exc).__name__
         raise WsisegError(f"{out_dir}: cannot write the output directory ({reason})") from None
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)

@@ -14,14 +14,13 @@ writes the ledger (workers report to it), always atomically (temporary file + re
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from wsiseg.atomic import atomic_write_text
 from wsiseg.errors import WsisegError
 
 LEDGER_NAME = "ledger.json"
@@ -103,14 +102,7 @@ class Ledger:
             "slides": {k: asdict(self.entries[k]) for k in sorted(self.entries)},
         }
         text = json.dumps(data, indent=1, allow_nan=False, default=_jsonable)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, text)
 
     # -- transitions ----------------------------------------------------------------------------
     def entry(self, slide_id: str, slide: str) -> LedgerEntry:
@@ -197,13 +189,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def format_status(ledger: Ledger) -> str:
-    """The ledger as a text table: slide, status, attempts, seconds, reason; then totals."""
+def format_status(ledger: Ledger, run_gone: str | None = None) -> str:
+    """The ledger as a text table: slide, status, attempts, seconds, reason; then totals.
+
+    ``run_gone``: the run that left slides ``running`` is no longer alive (killed; see
+    :func:`wsiseg.cohort.print_status`), described; those slides are shown ``interrupted``
+    with the reason, and a closing line says a rerun redoes them.
+    """
     rows = [("slide", "status", "attempts", "seconds", "reason")]
+    stale = []
     for key in sorted(ledger.entries):
         e = ledger.entries[key]
         seconds = "" if e.seconds is None else f"{e.seconds:.1f}"
-        rows.append((e.slide_id, e.status, str(e.attempts), seconds, e.reason))
+        status, reason = e.status, e.reason
+        if run_gone is not None and status == "running":
+            status, reason = "interrupted", "its run is gone; a rerun will redo it"
+            stale.append(e.slide_id)
+        rows.append((e.slide_id, status, str(e.attempts), seconds, reason))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [
         "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
@@ -221,4 +223,8 @@ def format_status(ledger: Ledger) -> str:
         last = ledger.runs[-1]
         end = last.get("finished") or "still running or interrupted"
         lines.append(f"last run: started {last.get('started', '?')}, finished {end}")
+    if stale:
+        lines.append(f"{len(stale)} slides marked running belong to a run that is gone "
+                     f"({run_gone}): it was killed or its machine stopped; run the same "
+                     "`wsiseg run` again to redo them (done slides are kept)")
     return "\n".join(lines)

@@ -16,14 +16,11 @@ The networks know nothing of slides or zarr: they map ``(N, C, H, W)`` float ten
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +29,7 @@ import torch
 import yaml
 
 from wsiseg import __version__
+from wsiseg.atomic import atomic_write_bytes
 from wsiseg.config import repo_root
 from wsiseg.errors import WsisegError
 from wsiseg.scribbles.encode import SCRIBBLE_KINDS
@@ -362,7 +360,7 @@ def save_weights(model: torch.nn.Module, card: ModelCard, path: Path) -> str:
     str
         sha256 hex digest of the written file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -373,16 +371,9 @@ def save_weights(model: torch.nn.Module, card: ModelCard, path: Path) -> str:
     _check_state_dict(tensors, card, what="model")
     metadata = {CARD_KEY: json.dumps(card.to_dict(), sort_keys=True, allow_nan=False)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        digest = weights_hash(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    data = save(tensors, metadata=metadata)  # bytes: written by the one atomic write
+    atomic_write_bytes(path, data)
+    digest = weights_hash(path)
     return digest
 
 

@@ -1,41 +1,32 @@
-"""What a slide store turns into for people: GeoJSON contours, thumbnail, measurements.
+"""What a slide store turns into for people: contours, annotations, thumbnail, measurements.
 
-The same writers serve ``wsiseg run`` (round 0), every ``wsiseg refine`` round and
-``wsiseg export``, so a round's files are identical whichever command wrote them.
+Renders only: the round record (what a round wrote, kept in the store) belongs to
+:mod:`wsiseg.rounds`, which calls these writers, so a round's files are identical whichever
+command wrote them (``wsiseg run`` round 0, ``wsiseg refine``, ``wsiseg export``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
 from PIL import Image
 
 from wsiseg import __version__
+from wsiseg.atomic import atomic_copy, atomic_writer
 from wsiseg.contours import (
     RowStreamTracer,
     draw_contours,
     polygon_stats,
     tumor_polygons_and_means,
 )
-from wsiseg.qupath import (
-    WSISEG_SOURCE,
-    Annotation,
-    annotation_features,
-    write_feature_collection,
-)
+from wsiseg.qupath import WSISEG_SOURCE, Annotation
 from wsiseg.store import SlideStore
-
-if TYPE_CHECKING:
-    from wsiseg.rounds import RoundContours
 
 #: The measurement holding a contour's mean tumor probability.
 MEAN_PROBABILITY = "Mean tumor probability"
@@ -129,46 +120,18 @@ def annotations_for(
     return out
 
 
-def write_round_geojson(
-    store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
-    polygons: list[shapely.Polygon] | None = None,
-    kept: tuple[RoundContours, list[int]] | None = None,
-    means: Sequence[float] | None = None,
-) -> tuple[Path, list[shapely.Polygon]]:
-    """Write round k's contours into the store (``rounds/r<k>.geojson``, the record, and its
-    index) and publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the
-    latest). ``kept``: features of the previous round that this round keeps, copied byte for
-    byte (a refine round's cost then follows the changed regions, not the slide);
-    ``polygons`` are then only the new ones, ``means`` their mean probabilities (NaN: measure
-    it). Without ``polygons`` the whole of ``refined`` is contoured."""
-    from wsiseg.rounds import round_geojson_path, write_round_index
-
-    if polygons is None:
-        polygons, means = round_contours(store)
-    annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    texts, ids, geoms = [], [], []
-    if kept is not None:
-        previous, indices = kept
-        texts += previous.feature_texts(indices)
-        ids += [previous.ids[i] for i in indices]
-        geoms += [previous.geometries[i] for i in indices]
-    for index, feature_id, text in annotation_features(annotations):
-        texts.append(text)
-        ids.append(feature_id)
-        geoms.append(annotations[index].geometry)
-    record = round_geojson_path(store, round_k)
-    record.parent.mkdir(exist_ok=True)
-    offsets = write_feature_collection(record, texts)
-    write_round_index(store, round_k, ids, geoms, offsets)
-    return publish_round(store, out_dir, slide_id, round_k), polygons
+def published_paths(out_dir: Path, slide_id: str, round_k: int) -> tuple[Path, Path]:
+    """Where round k of a slide is published: ``<slide-id>.r<k>.geojson`` and the latest,
+    ``<slide-id>.geojson``."""
+    return out_dir / f"{slide_id}.r{round_k}.geojson", out_dir / f"{slide_id}.geojson"
 
 
-def publish_round(store: SlideStore, out_dir: Path, slide_id: str, round_k: int) -> Path:
-    """Copy round k's stored GeoJSON to ``out_dir`` as that round's file and the latest."""
-    record = store.path / "rounds" / f"r{round_k}.geojson"
-    _atomic_copy(record, out_dir / f"{slide_id}.r{round_k}.geojson")
-    latest = out_dir / f"{slide_id}.geojson"
-    _atomic_copy(record, latest)
+def publish_round(record: Path, out_dir: Path, slide_id: str, round_k: int) -> Path:
+    """Copy round k's stored GeoJSON ``record`` to ``out_dir`` as that round's file and as
+    the latest (see :func:`published_paths`); returns the latest's path."""
+    round_file, latest = published_paths(out_dir, slide_id, round_k)
+    atomic_copy(record, round_file)
+    atomic_copy(record, latest)
     return latest
 
 
@@ -192,7 +155,8 @@ def write_thumbnail(
         thumb = thumbnail_image(store, max_px)
     color = tuple(store.workflow.contours.color)
     drawn = draw_contours(thumb, polygons, scale=1.0 / step, color=color)
-    _atomic_write_png(drawn, path)
+    with atomic_writer(path) as f:
+        Image.fromarray(drawn).save(f, format="PNG")
     return path
 
 
@@ -228,25 +192,3 @@ def _strided_read(image, step: int) -> np.ndarray:
     blank = thumb.max(axis=2) == 0
     thumb[blank] = 255
     return thumb
-
-
-def _atomic_write_png(rgb: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(src.read_bytes())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

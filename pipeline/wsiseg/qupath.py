@@ -15,9 +15,7 @@ import json
 import logging
 import math
 import numbers
-import os
 import re
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import shapely
 
+from wsiseg.atomic import atomic_write_bytes
 from wsiseg.config import ConfigError
 from wsiseg.errors import WsisegError
 
@@ -865,19 +864,7 @@ _INTEGRAL_DOT_ZERO = re.compile(r"(\d)\.0(?=[,\]])")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp_name, mode)  # mkstemp's 0600 would make shared outputs unreadable
-        os.replace(tmp_name, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    atomic_write_bytes(path, data)  # the one atomic write (permissions from the umask)
 
 
 # --------------------------------------------------------------------------------------------

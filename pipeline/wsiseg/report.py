@@ -9,11 +9,10 @@ time, status and reason; the head of the page gives the run totals (slides per h
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from wsiseg.atomic import atomic_write_text
 from wsiseg.ledger import STATUSES, Ledger, LedgerEntry, now_iso
 
 REPORT_NAME = "report.html"
@@ -45,14 +44,7 @@ def write_report(
         names = {p.name for p in out_dir.iterdir()}
     text = render_report(location or str(out_dir), ledger, names)
     path = out_dir / REPORT_NAME
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 
 

@@ -12,20 +12,34 @@ Layout inside ``<slide-id>.zarr``:
 - zarr group ``history/r<k>`` — for every box the round changed, the ``refined`` and
   ``scribbles`` pixels from before it (attributes hold the boxes). ``wsiseg undo`` writes
   them back, so the previous round comes back exactly.
+
+A round and an undo are transactions (:mod:`wsiseg.journal`): :func:`round_paths` lists
+every file and chunk a round writes, protected before the first write, so an interrupted
+round leaves the store and the published files exactly as before it.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import shapely
 
+from wsiseg.atomic import atomic_writer
 from wsiseg.errors import WsisegError
-from wsiseg.qupath import Annotation, is_wsiseg_feature, read_annotations
+from wsiseg.journal import Transaction
+from wsiseg.outputs import annotations_for, publish_round, published_paths, round_contours
+from wsiseg.qupath import (
+    Annotation,
+    annotation_features,
+    is_wsiseg_feature,
+    read_annotations,
+    write_feature_collection,
+)
 from wsiseg.store import SlideStore, StoreLock
 
 
@@ -104,8 +118,6 @@ class RoundContours:
     def feature_texts(self, indices: list[int]) -> list[str]:
         """The Feature JSON texts of these features: byte for byte as written when read
         through the index, written anew from the parsed annotations otherwise."""
-        from wsiseg.qupath import annotation_features
-
         if self._annotations is not None:
             chosen = [self._annotations[i] for i in indices]
             return [text for _, _, text in annotation_features(chosen)]
@@ -126,14 +138,12 @@ def write_round_index(
     st = geojson.stat()
     wkb = [shapely.to_wkb(g) for g in geometries]
     ends = np.cumsum([len(b) for b in wkb], dtype=np.int64)
-    path = _index_path(store, round_k)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp, ids=np.asarray(ids, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
-        wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8), wkb_end=ends,
-        geojson=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
-    )
-    os.replace(tmp, path)
+    with atomic_writer(_index_path(store, round_k)) as f:
+        np.savez(
+            f, ids=np.asarray(ids, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
+            wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8), wkb_end=ends,
+            geojson=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
+        )
 
 
 def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
@@ -172,8 +182,6 @@ def recontour(
     that touch a region, each traced once, plus the parts of touched multi-part features
     that lie away from every region (nothing re-traces those) — and the new polygons' mean
     probabilities (NaN for those parts: to be measured)."""
-    from wsiseg.outputs import round_contours
-
     if not regions:
         return list(range(len(previous))), [], np.zeros(0)
     # Exported polygons are simplified (≤ 1 px) and rounded: grow the regions by 2 px so a
@@ -189,33 +197,104 @@ def recontour(
     return kept, traced + away, np.concatenate([means, np.full(len(away), np.nan)])
 
 
-def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
-    """Restore the round before the latest one exactly; returns the round now current."""
-    from wsiseg.outputs import publish_round
+def write_round_geojson(
+    store: SlideStore, out_dir: Path, slide_id: str, round_k: int,
+    polygons: list[shapely.Polygon] | None = None,
+    kept: tuple[RoundContours, list[int]] | None = None,
+    means: Sequence[float] | None = None,
+) -> tuple[Path, list[shapely.Polygon]]:
+    """Write round k's contours into the store (``rounds/r<k>.geojson``, the record, and its
+    index) and publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the
+    latest). ``kept``: features of the previous round that this round keeps, copied byte for
+    byte (a refine round's cost then follows the changed regions, not the slide);
+    ``polygons`` are then only the new ones, ``means`` their mean probabilities (NaN: measure
+    it). Without ``polygons`` the whole of ``refined`` is contoured."""
+    if polygons is None:
+        polygons, means = round_contours(store)
+    annotations = annotations_for(store, polygons, round_k, slide_id, means)
+    texts, ids, geoms = [], [], []
+    if kept is not None:
+        previous, indices = kept
+        texts += previous.feature_texts(indices)
+        ids += [previous.ids[i] for i in indices]
+        geoms += [previous.geometries[i] for i in indices]
+    for index, feature_id, text in annotation_features(annotations):
+        texts.append(text)
+        ids.append(feature_id)
+        geoms.append(annotations[index].geometry)
+    record = round_geojson_path(store, round_k)
+    record.parent.mkdir(exist_ok=True)
+    offsets = write_feature_collection(record, texts)
+    write_round_index(store, round_k, ids, geoms, offsets)
+    return publish_round(record, out_dir, slide_id, round_k), polygons
 
+
+def round_paths(
+    store: SlideStore, round_k: int, out_dir: Path | None, slide_id: str,
+) -> list[Path]:
+    """Every file a round k writes besides ``scribbles``/``refined`` chunks: its undo record
+    (``history/r<k>``, or ``history`` when there is none yet), its contours and index, the
+    store's attributes, and its published files in ``out_dir``."""
+    history = store.path / "history"
+    undo_record = [history / f"r{round_k}", history / "zarr.json"] if history.is_dir() else [
+        history]
+    paths = [*undo_record,
+             round_geojson_path(store, round_k), _index_path(store, round_k),
+             store.path / "zarr.json"]
+    if out_dir is not None:
+        paths += published_paths(out_dir, slide_id, round_k)
+    return paths
+
+
+def protect_boxes(txn: Transaction, store: SlideStore, names: Sequence[str],
+                  boxes: Sequence[tuple[int, int, int, int]]) -> None:
+    """Protect the chunks of the arrays ``names`` that writes of ``boxes`` touch."""
+    for name in names:
+        for box in boxes:
+            txn.protect_chunks(store[name], store.path / name, box)
+
+
+def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
+    """Restore the round before the latest one exactly; returns the round now current.
+
+    All or nothing: interrupted, the store and the published files stay at the latest round.
+    """
     with StoreLock(store.path, "undo"):
+        store.reload(recover=True)  # another process may have changed it since it was opened
         history = list(store.attrs.get("rounds") or [])
         if len(history) < 2:
             raise WsisegError(f"{store.path}: nothing to undo (only round 0, the run)")
         last = int(history[-1]["round"])
-        for b in load_backup(store, last):
-            r0, c0, rows, cols = b.region
-            sl = np.s_[r0 : r0 + rows, c0 : c0 + cols]
-            store["scribbles"][sl] = b.scribbles
-            if b.refined is not None:
-                store["refined"][sl] = b.refined
-        history.pop()
-        current = int(history[-1]["round"])
+        backups = load_backup(store, last)
+        current = int(history[-2]["round"])
         stamp = time.strftime("%Y%m%d-%H%M%S")
         undone = round_geojson_path(store, last)
-        if undone.exists():  # kept, renamed: nothing written is lost
-            os.replace(undone, undone.with_name(f"r{last}.undone-{stamp}.geojson"))
-        _index_path(store, last).unlink(missing_ok=True)  # derived from the file just renamed
-        if out_dir is not None:
-            out_round = out_dir / f"{slide_id}.r{last}.geojson"
-            if out_round.exists():
-                os.replace(out_round, out_dir / f"{slide_id}.r{last}.undone-{stamp}.geojson")
-            publish_round(store, out_dir, slide_id, current)
-        del store.group["history"][f"r{last}"]
-        store.update_attrs(rounds=history, measurements=history[-1].get("measurements"))
+        kept_as = undone.with_name(f"r{last}.undone-{stamp}.geojson")
+        try:
+            with Transaction(store.path, f"undo of round {last}") as txn:
+                protect_boxes(txn, store, ["scribbles", "refined"], [b.region for b in backups])
+                txn.protect(round_paths(store, last, out_dir, slide_id) + [kept_as])
+                if out_dir is not None:
+                    out_round = published_paths(out_dir, slide_id, last)[0]
+                    out_kept = out_dir / f"{slide_id}.r{last}.undone-{stamp}.geojson"
+                    txn.protect([*published_paths(out_dir, slide_id, current), out_kept])
+                for b in backups:
+                    r0, c0, rows, cols = b.region
+                    sl = np.s_[r0 : r0 + rows, c0 : c0 + cols]
+                    store["scribbles"][sl] = b.scribbles
+                    if b.refined is not None:
+                        store["refined"][sl] = b.refined
+                history.pop()
+                if undone.exists():  # kept, renamed: nothing written is lost
+                    os.replace(undone, kept_as)
+                _index_path(store, last).unlink(missing_ok=True)  # derived from that file
+                if out_dir is not None:
+                    if out_round.exists():
+                        os.replace(out_round, out_kept)
+                    publish_round(round_geojson_path(store, current), out_dir, slide_id, current)
+                del store.group["history"][f"r{last}"]
+                store.update_attrs(rounds=history, measurements=history[-1].get("measurements"))
+                txn.commit()
+        finally:
+            store.reload()  # the attributes on disk, whether committed or rolled back
         return current

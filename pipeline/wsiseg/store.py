@@ -23,6 +23,8 @@ writers never race on one attribute document, and a marker is written only after
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import time
@@ -33,17 +35,25 @@ from typing import Any
 import numpy as np
 import zarr
 
-from wsiseg import __version__
+from wsiseg import __version__, journal
+from wsiseg.atomic import atomic_write_bytes
 from wsiseg.config import Workflow, workflow_from_dict
-from wsiseg.errors import WsisegError
+from wsiseg.errors import StoreError
+from wsiseg.lock import StoreLock, is_writable
 from wsiseg.slide.frame import Frame
+
+__all__ = ["GLASS_RGB", "SlideStore", "SourceInfo", "StoreError", "StoreLock", "pad_value",
+           "whiten_glass"]
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 _FINGERPRINT_BYTES = 1 << 20  # hash the first and last MiB: cheap, and catches rewrites
 
-
-class StoreError(WsisegError):
-    """A slide store is missing, damaged or of another format."""
+#: What ``image`` reads where nothing was tiled (glass, the slide's edge): white, as
+#: glass looks in a brightfield slide and as QuPath shows it, so patches at tissue edges
+#: (inference, refine windows, training) see glass, never a black block.
+GLASS_RGB = 255
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class SlideStore:
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         group.create_array(
             "image", shape=(rows, cols, 3), chunks=(chunk, chunk, 3), dtype="uint8",
-            fill_value=0, dimension_names=("y", "x", "c"),
+            fill_value=GLASS_RGB, dimension_names=("y", "x", "c"),
         )
         for name, dtype in (("guide", "uint8"), ("refined", "uint8"), ("scribbles", "int8")):
             group.create_array(
@@ -144,6 +154,10 @@ class SlideStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a wsiseg slide store (no zarr.json)")
+        if journal.pending(path):
+            recover_interrupted(path)
+        if mode != "r":
+            _upgrade_glass(path)
         try:
             group = zarr.open_group(str(path), mode=mode)
         except Exception as exc:  # zarr raises several types for a damaged group
@@ -158,6 +172,15 @@ class SlideStore:
                 f"{__version__}; rebuild it with `wsiseg tile` (or --force)"
             )
         return cls(path, group)
+
+    def reload(self, *, recover: bool = False) -> None:
+        """Read the store's attributes again (after another process, or a rolled-back
+        transaction, changed them: zarr keeps a group's attributes in memory);
+        ``recover``: first roll back an interrupted change (the caller holds the lock)."""
+        if recover and journal.pending(self.path):
+            recover_interrupted(self.path, locked=True)
+        mode = "r" if self.group.store.read_only else "r+"
+        self.group = zarr.open_group(str(self.path), mode=mode)
 
     # -- attributes -----------------------------------------------------------------------
     @property
@@ -203,6 +226,21 @@ class SlideStore:
 
     def __getitem__(self, name: str) -> zarr.Array:
         return self.array(name)
+
+
+def pad_value(array: zarr.Array | np.ndarray) -> int:
+    """What a read of ``array`` beyond its edge should see: white glass for an RGB
+    ``image`` (3-D), the fill value (0 for a numpy array) otherwise."""
+    return GLASS_RGB if array.ndim == 3 else int(getattr(array, "fill_value", 0))
+
+
+def whiten_glass(rgb: np.ndarray, array: zarr.Array | np.ndarray) -> np.ndarray:
+    """``rgb`` (uint8 (..., 3)) read from ``array``, with never-tiled glass white also in
+    stores written before glass was (``image`` fill value 0, left so on a read-only store):
+    there the pure-black pixels, which tissue never has, are glass. In place; returned."""
+    if array.ndim == 3 and getattr(array, "fill_value", None) == 0:
+        rgb[rgb.max(axis=-1) == 0] = GLASS_RGB
+    return rgb
 
 
 def chunk_grid_shape(shape: tuple[int, int], chunk_px: int) -> tuple[int, int]:
@@ -280,50 +318,46 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-class StoreLock:
-    """An exclusive lock on a store (``<store>/.lock``) for commands that change it.
+def recover_interrupted(path: Path, *, locked: bool = False) -> None:
+    """Roll back a change to the store ``path`` that was interrupted (kill -9, power loss),
+    saying so; ``locked``: the caller holds the store lock already.
 
-    Taken with ``O_CREAT | O_EXCL``; a lock left by a process that no longer runs (killed)
-    is taken over.
+    A store whose lock is held is being changed right now: its journal is that process's,
+    and left alone. A read-only store with an interrupted change cannot be rolled back.
     """
-
-    def __init__(self, store_path: Path, what: str):
-        self.path = Path(store_path) / ".lock"
-        self.what = what
-
-    def __enter__(self) -> StoreLock:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _pid_alive(holder):
-                    raise StoreError(
-                        f"{self.path.parent}: another wsiseg process (pid {holder}) is "
-                        f"changing this store; wait for it to finish"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {self.what}\n")
-            return self
-        raise StoreError(f"{self.path.parent}: cannot take the store lock")
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def _holder(self) -> int | None:
+    if not locked:
+        if not is_writable(path):
+            raise StoreError(
+                f"{path}: a change to this store was interrupted and it cannot be rolled back "
+                "here: store is read-only; run any wsiseg command on it where it is writable"
+            )
         try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+            with StoreLock(path, "recover"):
+                recover_interrupted(path, locked=True)
+        except StoreError as exc:
+            if "another wsiseg process" not in str(exc):
+                raise
+        return
+    said = journal.recover(path)
+    if said is not None:
+        log.warning("%s: %s was interrupted and has been rolled back: the store and its "
+                    "published files are as before it; run it again", path, said)
 
 
-def _pid_alive(pid: int) -> bool:
+def _upgrade_glass(path: Path) -> None:
+    """Stores written before glass was white have ``image`` fill value 0: set it to
+    :data:`GLASS_RGB` in place (only never-tiled chunks read the fill value, and tiled
+    tissue chunks are never all black, so nothing else changes)."""
+    meta_path = path / "image" / "zarr.json"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        meta = json.loads(meta_path.read_bytes())
+    except (OSError, ValueError):
+        return  # not ours to judge here: opening the group reports a damaged store
+    if meta.get("fill_value") != 0 or not is_writable(meta_path.parent):
+        return
+    meta["fill_value"] = GLASS_RGB
+    try:
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    except OSError:
+        return  # a read-only file: thumbnail and refine windows still whiten black glass
+    log.info("%s: image fill value set to white glass (%d)", path, GLASS_RGB)

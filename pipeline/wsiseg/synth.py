@@ -48,6 +48,7 @@ import tifffile
 from scipy import ndimage, sparse
 from skimage import measure, transform
 
+from wsiseg.atomic import atomic_path
 from wsiseg.errors import WsisegError
 
 __all__ = [
@@ -307,17 +308,11 @@ def _ensure_writable(out_dir: Path) -> None:
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` on a temporary file beside `path`, then rename it to `path`."""
-    # Not mkstemp: its files are private (0600); the outputs get the usual permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise WsisegError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -567,6 +567,7 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     import wsiseg.contours
     import wsiseg.infer
     import wsiseg.outputs
+    import wsiseg.rounds
     import wsiseg.slide.reader
     import wsiseg.slide.resample
     import wsiseg.tiling
@@ -583,7 +584,7 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     timer.wrap(wsiseg.contours.RowStreamTracer, "_trace_row",
                "contours beside inference (thread-s)")
     timer.wrap(wsiseg.contours.RowStreamTracer, "result", "contours: rest after inference")
-    timer.wrap(wsiseg.outputs, "annotations_for", "annotations")
+    timer.wrap(wsiseg.rounds, "annotations_for", "annotations")  # rounds writes the record
     timer.wrap(wsiseg.outputs, "thumbnail_image", "thumbnail read (thread-s, beside contours)")
     timer.wrap(wsiseg.outputs, "write_thumbnail", "thumbnail draw + write")
 

@@ -40,9 +40,9 @@ STAGES = (  # (module, function, label): the parts of a round, wrapped where ref
     ("wsiseg.refine", "blend_windows", "blend"),
     ("wsiseg.rounds", "load_round_contours", "read previous contours"),
     ("wsiseg.rounds", "recontour", "re-contour"),
-    ("wsiseg.outputs", "write_round_geojson", "write GeoJSON"),
-    ("wsiseg.outputs", "annotations_for", "  of which annotations"),
-    ("wsiseg.outputs", "measurements", "measurements"),
+    ("wsiseg.rounds", "write_round_geojson", "write GeoJSON"),
+    ("wsiseg.rounds", "annotations_for", "  of which annotations"),
+    ("wsiseg.refine", "measurements", "measurements"),
 )
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from wsiseg.atomic import atomic_write_bytes
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -28,14 +28,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write atomically: a temporary file beside ``path``, then ``os.replace``."""
+    """Write atomically (:func:`wsiseg.atomic.atomic_write_bytes`), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, data)

@@ -23,8 +23,6 @@ Coordinates inside are ``(row, col)`` pixels of the array.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ from scipy.spatial import cKDTree
 from skimage.morphology import disk, skeletonize
 from skimage.segmentation import find_boundaries
 
+from wsiseg.atomic import atomic_writer
 from wsiseg.errors import WsisegError
 
 __all__ = [
@@ -680,14 +679,8 @@ def preview_png(
     rgb[other] = _GREEN
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(out_png) as f:
+        Image.fromarray(rgb).save(f, format="PNG")
 
 
 def _read_mask(path: Path) -> NDArray[np.bool_]:

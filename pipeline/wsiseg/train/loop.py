@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsiseg.atomic import atomic_path
 from wsiseg.errors import WsisegError
 
 CHECKPOINT_KEY = "wsiseg_checkpoint"
@@ -203,14 +203,8 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata={CHECKPOINT_KEY: json.dumps(meta, allow_nan=False)})
-        os.replace(tmp_name, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={CHECKPOINT_KEY: json.dumps(meta, allow_nan=False)})
 
 
 def load_checkpoint(

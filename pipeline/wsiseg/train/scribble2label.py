@@ -54,6 +54,7 @@ import torch
 from numpy.typing import NDArray
 
 from wsiseg import __version__
+from wsiseg.atomic import atomic_path
 from wsiseg.config import Workflow
 from wsiseg.errors import WsisegError
 from wsiseg.train.data import LabelledSlide, augment, max_cached, split_slides
@@ -787,23 +788,13 @@ class _Average:
         self.path.unlink(missing_ok=True)
 
     def save(self) -> None:
-        import os
-        import tempfile
-
         from safetensors.numpy import save_file
 
         meta = {"config": self.config, "count": self.count, "epoch": self.epoch,
                 "log": self.log}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(self.path) as tmp:
             save_file({"average": self.average.astype(np.float16)}, tmp,
                       metadata={_EMA_KEY: json.dumps(meta)})
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def load(self) -> None:
         """Averages of the run being resumed (none if absent or made with other settings)."""

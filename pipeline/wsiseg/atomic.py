@@ -1,0 +1,136 @@
+"""The one atomic file write: a temporary file beside the target, fsync, rename.
+
+A reader of ``path`` sees the old file or the new one, never half of one, and a process
+killed mid-write leaves at most a hidden temporary ``.<name>.<random>.tmp`` beside it
+(:func:`temporaries_of` finds those, for clean-up). The file gets the permissions a plain
+``open(path, "w")`` would leave: a replaced file keeps its own, a new one gets ``0666`` less
+the process umask (``0644`` under the usual umask 022) — not ``mkstemp``'s private ``0600``,
+which would lock a pathologist out of files a service account wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+_TMP_SUFFIX = ".tmp"
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (racy with threads)
+    os.umask(mask)
+    return mask
+
+
+def default_mode() -> int:
+    """Permission bits of a new regular file: ``0o666 & ~umask``."""
+    return 0o666 & ~umask()
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: an existing file's own, else
+    :func:`default_mode`."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return default_mode()
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden temporary path beside ``path`` (see :func:`temporaries_of`)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """Temporary files an interrupted :func:`atomic_write` of ``path`` may have left."""
+    try:
+        return sorted(path.parent.glob(f".{_glob_escape(path.name)}.*{_TMP_SUFFIX}"))
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path to write (by name: tifffile, PIL, safetensors) that replaces
+    ``path`` atomically when the block ends.
+
+    Parameters
+    ----------
+    path : path-like
+        The file to (re)place; its folder must exist.
+    mode : int, optional
+        Permission bits; by default those of the file replaced, or ``0o666`` less the
+        umask for a new one.
+
+    On an exception inside the block the temporary file is removed and ``path`` is
+    left as it was.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:  # fsync needs no write access on Linux
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path) if mode is None else mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: int | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that replaces ``path`` atomically when the block ends (see
+    :func:`atomic_path`)."""
+    with atomic_path(path, mode) as tmp, open(tmp, "xb") as f:
+        yield f
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path, mode) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_copy(src: str | Path, dst: str | Path, mode: int | None = None) -> None:
+    """Copy ``src`` over ``dst`` atomically."""
+    with open(src, "rb") as fin, atomic_writer(dst, mode) as fout:
+        while block := fin.read(1 << 20):
+            fout.write(block)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or creation in folder ``path`` durable (ignored where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

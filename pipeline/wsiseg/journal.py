@@ -1,0 +1,236 @@
+"""All-or-nothing changes to a store and its published files: an undo journal.
+
+A :class:`Transaction` keeps, inside the store, ``.wsiseg-txn/``: a manifest of every path
+it is about to change and a copy of each one that existed. A path is *protected* (copied,
+fsync'd, then listed in the manifest) before anything writes it, so the manifest always
+covers every change made so far. :meth:`Transaction.commit` makes the changes durable and
+then renames the journal away — one atomic rename is the moment the change happens.
+Until then, an exception, Ctrl-C or kill -9 leaves a journal that :func:`recover` plays
+back, in reverse: files copied back byte for byte, paths that did not exist removed
+(with the hidden temporaries an interrupted atomic write or zarr chunk write left beside
+them). Playing back twice gives the same result, so a crash during recovery is harmless.
+
+Paths inside the store are recorded relative to it (a moved store keeps its journal);
+others, such as the published files of the output folder, absolutely. The caller holds the
+store lock (:mod:`wsiseg.lock`) for the whole transaction and for recovery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import zarr
+
+from wsiseg.atomic import atomic_copy, atomic_write_bytes, fsync_dir, temporaries_of
+
+JOURNAL_NAME = ".wsiseg-txn"
+_MANIFEST = "manifest.jsonl"
+_INTENT = "intent.json"
+
+
+class Transaction:
+    """Changes under ``root`` (a store) and beside it that all happen or none does.
+
+    Use in a ``with`` block; call :meth:`protect` before each write and :meth:`commit` at
+    the end. Leaving the block without :meth:`commit` (an exception, Ctrl-C, an early
+    return) rolls every protected path back.
+    """
+
+    def __init__(self, root: str | Path, what: str):
+        self.root = Path(root)
+        self.what = what
+        self.dir = self.root / JOURNAL_NAME
+        self._protected: dict[Path, bool] = {}  # path → existed
+        self._manifest = None
+        self._done = False
+
+    def __enter__(self) -> Transaction:
+        if self.dir.exists():  # the caller recovers first; two journals would not nest
+            raise RuntimeError(f"{self.dir}: an unfinished transaction is in the way")
+        staging = self.root / f"{JOURNAL_NAME}.new-{secrets.token_hex(4)}"
+        staging.mkdir()
+        intent = {"what": self.what, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_bytes(staging / _INTENT, json.dumps(intent).encode())
+        os.rename(staging, self.dir)  # the journal exists whole or not at all
+        fsync_dir(self.root)
+        self._manifest = open(self.dir / _MANIFEST, "ab")  # noqa: SIM115 (closed in exit)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._manifest is not None:
+            self._manifest.close()
+            self._manifest = None
+        if not self._done:
+            _play_back(self.root, self.dir)
+            _remove_journal(self.root, self.dir)
+
+    # -- before writing ------------------------------------------------------------------
+    def protect(self, paths: Iterable[str | Path]) -> None:
+        """Record ``paths`` (files or folders, existing or not) before they are written."""
+        for path in paths:
+            path = Path(path).absolute()
+            top = _highest_missing(path)
+            key = top if top is not None else path
+            if key in self._protected or any(p in self._protected for p in key.parents):
+                continue  # already covered (a folder is restored or removed whole)
+            entry: dict = {"path": self._name(key), "existed": top is None}
+            if top is None:
+                backup = f"b{len(self._protected)}"
+                if key.is_dir():
+                    shutil.copytree(key, self.dir / backup)
+                    entry["dir"] = True
+                else:
+                    shutil.copyfile(key, self.dir / backup)
+                    entry["mode"] = key.stat().st_mode & 0o7777
+                    _fsync_file(self.dir / backup)
+                entry["backup"] = backup
+                fsync_dir(self.dir)
+            assert self._manifest is not None
+            self._manifest.write(json.dumps(entry).encode() + b"\n")
+            self._manifest.flush()
+            os.fsync(self._manifest.fileno())
+            self._protected[key] = top is None
+
+    def protect_chunks(self, array: zarr.Array, array_dir: Path,
+                       box: tuple[int, int, int, int]) -> None:
+        """Protect the chunk files of ``array`` (stored in ``array_dir``) that a write of
+        ``box`` = (row0, col0, rows, cols), in array px, touches."""
+        r0, c0, rows, cols = box
+        if rows <= 0 or cols <= 0:
+            return
+        ch, cw = array.chunks[:2]
+        keys = [array.metadata.encode_chunk_key((i, j, *([0] * (array.ndim - 2))))
+                for i in range(r0 // ch, (r0 + rows - 1) // ch + 1)
+                for j in range(c0 // cw, (c0 + cols - 1) // cw + 1)]
+        self.protect(array_dir / key for key in keys)
+
+    # -- the end ---------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Make every protected change durable, then drop the journal (atomically)."""
+        for path in self._protected:
+            _fsync_tree(path)
+        for folder in {p.parent for p in self._protected}:
+            fsync_dir(folder)
+        if self._manifest is not None:
+            self._manifest.close()
+            self._manifest = None
+        _remove_journal(self.root, self.dir)
+        self._done = True
+
+    def _name(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root.absolute()))
+        except ValueError:
+            return str(path)
+
+
+def pending(root: str | Path) -> bool:
+    """Whether ``root`` holds an interrupted transaction."""
+    return (Path(root) / JOURNAL_NAME).is_dir()
+
+
+def recover(root: str | Path) -> str | None:
+    """Roll back an interrupted transaction of ``root`` (the caller holds the lock).
+
+    Returns what was interrupted (``"refine round 3 (pid 123 on host, started …)"``), or
+    None when there was nothing to roll back. Leftovers of transactions that never started
+    or had committed are removed either way.
+    """
+    root = Path(root)
+    journal = root / JOURNAL_NAME
+    said = None
+    if journal.is_dir():
+        try:
+            intent = json.loads((journal / _INTENT).read_text())
+            said = (f"{intent['what']} (pid {intent['pid']} on {intent['host']}, started "
+                    f"{intent['started']})")
+        except (OSError, ValueError, KeyError, TypeError):
+            said = "a change"
+        _play_back(root, journal)
+        _remove_journal(root, journal)
+    for stale in root.glob(f"{JOURNAL_NAME}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return said
+
+
+def _play_back(root: Path, journal: Path) -> None:
+    entries = []
+    try:
+        with open(journal / _MANIFEST, "rb") as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    break  # a line cut by a kill: its path was never written
+    except FileNotFoundError:
+        return
+    for entry in reversed(entries):
+        path = Path(entry["path"])
+        path = path if path.is_absolute() else root / path
+        for tmp in _temporaries(path):
+            tmp.unlink(missing_ok=True)
+        if not entry["existed"]:
+            _remove(path)
+        elif entry.get("dir"):
+            _remove(path)
+            shutil.copytree(journal / entry["backup"], path)
+        else:
+            atomic_copy(journal / entry["backup"], path, mode=entry["mode"])
+
+
+def _remove_journal(root: Path, journal: Path) -> None:
+    if not journal.exists():
+        return
+    gone = root / f"{JOURNAL_NAME}.done-{secrets.token_hex(4)}"
+    os.rename(journal, gone)  # the commit point: after this nothing is played back
+    fsync_dir(root)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _highest_missing(path: Path) -> Path | None:
+    """The outermost folder (or ``path`` itself) of ``path`` that does not exist yet."""
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _temporaries(path: Path) -> list[Path]:
+    """Hidden temporaries of our atomic writes and zarr's ``<stem>.<hex>.partial``."""
+    found = temporaries_of(path)
+    with contextlib.suppress(OSError):
+        found += path.parent.glob(f"{path.stem if path.suffix else path.name}.*.partial")
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for sub in path.rglob("*"):
+            if sub.is_file():
+                _fsync_file(sub)
+        fsync_dir(path)
+    elif path.is_file():
+        _fsync_file(path)

@@ -1,0 +1,178 @@
+"""Files readable as the umask says (15.7), white glass (15.6), and outputs ↔ rounds without
+an import cycle (18)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_txn import scribble_export
+from wsiseg.atomic import atomic_copy, atomic_write_bytes, atomic_writer, temporaries_of
+from wsiseg.cli import main
+from wsiseg.refine import read_window, refine_round
+from wsiseg.store import GLASS_RGB, SlideStore
+from wsiseg.tiling import tile_slide
+
+from conftest import CMU_SVS, REPO, real
+from storekit import blobs, run_store
+
+SLIDE_ID = "cmu"
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture()
+def umask():
+    """Set the process umask for a test, restoring it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002, 0o077])
+def test_atomic_write_follows_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    path = tmp_path / "a.txt"
+    atomic_write_bytes(path, b"one")
+    assert mode_of(path) == 0o666 & ~mask
+    atomic_copy(path, tmp_path / "b.txt")
+    assert mode_of(tmp_path / "b.txt") == 0o666 & ~mask
+    assert (tmp_path / "b.txt").read_bytes() == b"one"
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "x.geojson"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_writer(path) as f:
+        f.write(b"half")
+        raise RuntimeError
+    assert path.read_bytes() == b"old" and temporaries_of(path) == []
+
+
+def _refiner(store, windows, window_px):
+    return [np.full((window_px, window_px), 0.9, np.float32) for _ in windows]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_published_files_follow_the_umask(tmp_path, small_workflow, umask, mask):
+    """`<slide>.geojson`, `.r<k>.geojson`, the thumbnail and the export files: 0644 under the
+    usual umask 022 (they were 0600: QuPath said "access denied" to other users)."""
+    umask(mask)
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, blobs)
+    export = scribble_export(store, tmp_path / "s.geojson")
+    assert refine_round(store, export, out, SLIDE_ID, _refiner, "fixed").round == 1
+    exported = tmp_path / "exported"
+    assert main(["export", str(store.path), "--out", str(exported),
+                 "--what", "mask,geojson,measurements"]) == 0
+    files = [out / f"{SLIDE_ID}.geojson", out / f"{SLIDE_ID}.r0.geojson",
+             out / f"{SLIDE_ID}.r1.geojson", out / f"{SLIDE_ID}.png",
+             store.path / "rounds" / "r1.geojson", store.path / "rounds" / "r1.index.npz",
+             *sorted(exported.iterdir())]
+    assert len(files) >= 8
+    want = 0o666 & ~mask
+    assert {f.name: oct(mode_of(f)) for f in files} == {f.name: oct(want) for f in files}
+
+
+# -- white glass -------------------------------------------------------------------------------
+@pytest.fixture()
+def fine_workflow(small_workflow):
+    """64 px chunks: the small CMU region then has glass chunks beside tissue chunks."""
+    import dataclasses
+
+    return small_workflow.replace(tiling=dataclasses.replace(small_workflow.tiling, chunk_px=64))
+
+
+def _edge_chunk(store: SlideStore) -> tuple[int, int]:
+    """(row, col) of an untiled chunk with a tiled neighbour to its right or below."""
+    tiled = np.asarray(store["tiled"][...], bool)
+    for i, j in zip(*np.nonzero(~tiled), strict=True):
+        if j + 1 < tiled.shape[1] and tiled[i, j + 1]:
+            return int(i), int(j)
+    raise AssertionError("no tissue edge between chunks")
+
+
+def test_a_patch_straddling_the_tissue_edge_sees_white_glass(tmp_path, fine_workflow):
+    store = tile_slide(real(CMU_SVS), tmp_path / "cmu.zarr", fine_workflow).store
+    chunk = store.chunk_px
+    i, j = _edge_chunk(store)
+    r0, c0 = i * chunk, j * chunk + chunk // 2  # half glass, half tissue chunk
+    patch = np.asarray(store["image"][r0 : r0 + chunk, c0 : c0 + chunk])
+    glass = patch[:, : chunk // 2]
+    assert (glass == GLASS_RGB).all(), "untiled glass reads black"
+    assert (patch[:, chunk // 2 :] != GLASS_RGB).any()  # the tissue chunk is real pixels
+    # A refine window past the slide's edge: glass too (it was zero-padded).
+    rows, cols = store.frame.working_shape
+    window = read_window(store["image"], (rows - 100, cols - 100), 256)
+    assert (window[100:, :] == GLASS_RGB).all() and (window[:, 100:] == GLASS_RGB).all()
+    # Other arrays still pad with their fill value.
+    assert (read_window(store["guide"], (rows - 100, cols - 100), 256)[100:] == 0).all()
+
+
+def test_a_training_patch_at_the_tissue_edge_sees_white_glass(tmp_path, fine_workflow):
+    from wsiseg.train.data import LabelledSlide
+
+    store = tile_slide(real(CMU_SVS), tmp_path / "cmu.zarr", fine_workflow).store
+    chunk = store.chunk_px
+    i, j = _edge_chunk(store)
+    labels = np.zeros(store.frame.working_shape, np.int8)
+    rgb, _ = LabelledSlide(store, labels).read(i * chunk, j * chunk + chunk // 2, chunk)
+    assert (rgb[:, : chunk // 2] == GLASS_RGB).all()
+
+
+def test_an_old_store_with_black_glass_is_read_white(tmp_path, fine_workflow):
+    store = tile_slide(real(CMU_SVS), tmp_path / "cmu.zarr", fine_workflow).store
+    i, j = _edge_chunk(store)
+    chunk = store.chunk_px
+    meta_path = store.path / "image" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fill_value"] = 0  # as stores before white glass were written
+    meta_path.write_text(json.dumps(meta))
+    old = SlideStore.open(store.path, mode="r")  # a reader leaves the store as it is…
+    assert int(old["image"].fill_value) == 0
+    window = read_window(old["image"], (i * chunk, j * chunk), chunk)
+    assert (window == GLASS_RGB).all()  # …and refine windows whiten its glass on read
+    upgraded = SlideStore.open(store.path)  # a writer sets the fill value once
+    assert int(upgraded["image"].fill_value) == GLASS_RGB
+    assert (np.asarray(upgraded["image"][i * chunk : (i + 1) * chunk,
+                                         j * chunk : (j + 1) * chunk]) == GLASS_RGB).all()
+
+
+# -- no import cycle -----------------------------------------------------------------------------
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """Modules imported at module level, and inside functions."""
+    tree = ast.parse(path.read_text())
+    top, inner = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names = {a.name for a in node.names}
+        else:
+            continue
+        (top if node.col_offset == 0 else inner).update(names)
+    return top, inner
+
+
+def test_outputs_renders_and_rounds_owns_the_record_without_a_cycle():
+    pkg = REPO / "pipeline" / "wsiseg"
+    out_top, out_inner = _imports(pkg / "outputs.py")
+    rounds_top, rounds_inner = _imports(pkg / "rounds.py")
+    assert not any(m.startswith("wsiseg.rounds") for m in out_top | out_inner)
+    assert not any(m.startswith("wsiseg") for m in rounds_inner), "function-level imports"
+    assert "wsiseg.outputs" in rounds_top
+    code = "import sys, wsiseg.outputs; print('wsiseg.rounds' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(pkg.parent)), check=True)
+    assert done.stdout.strip() == "False"

@@ -1,0 +1,281 @@
+"""A refine round is a transaction: an exception, Ctrl-C or kill -9 at any point leaves the
+store and the published files exactly as before, byte for byte (issue 15.3)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+import wsiseg.outputs
+import wsiseg.refine
+import wsiseg.rounds
+from wsiseg import journal
+from wsiseg.refine import randomwalk_refiner, refine_round
+from wsiseg.rounds import undo
+from wsiseg.store import SlideStore
+
+from conftest import CMU_SVS, REPO, real
+from storekit import blobs, feature, run_store, write_export
+
+SLIDE_ID = "cmu"
+
+
+def dir_snapshot(*folders: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every file and folder under ``folders``: relative path → (mode, bytes); the lock
+    file's content (who held it last) is not part of the store."""
+    snap: dict[str, tuple[int, bytes | None]] = {}
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            rel = f"{folder.name}/{p.relative_to(folder)}"
+            if p.name == ".lock":
+                continue
+            mode = p.stat().st_mode & 0o7777
+            snap[rel] = (mode, p.read_bytes() if p.is_file() else None)
+    return snap
+
+
+def diff(before: dict, after: dict) -> list[str]:
+    keys = sorted(set(before) | set(after))
+    return [k for k in keys if before.get(k) != after.get(k)]
+
+
+def scribble_export(store: SlideStore, path: Path, at: tuple[int, int] = (1, 3)) -> Path:
+    """A tumor brush and a non-tumor stroke on tissue (at ``at`` fifths of its pixels), in
+    QuPath-frame coordinates."""
+    from scipy import ndimage
+
+    tissue = ndimage.binary_erosion(store.tissue_mask, iterations=3)
+    rr, cc = np.nonzero(tissue)
+    rows, cols = store.frame.working_shape
+    pts = [((cc[i] + 0.5) * cols / tissue.shape[1], (rr[i] + 0.5) * rows / tissue.shape[0])
+           for i in ((at[0] * len(rr)) // 5, (at[1] * len(rr)) // 5)]
+    (x0, y0), (x1, y1) = pts
+    brush = shapely.box(x0 - 15, y0 - 15, x0 + 15, y0 + 15)
+    line = shapely.LineString([(x1 - 25, y1), (x1, y1 + 6), (x1 + 25, y1 - 6)])
+    q = store.frame.transform_geometry
+    return write_export(path, [feature(q(brush, "working", "qupath"), "Tumor"),
+                               feature(q(line, "working", "qupath"), "Stroma")])
+
+
+@pytest.fixture()
+def cmu_store(tmp_path, small_workflow):
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, blobs)
+    return store, out
+
+
+class Boom(Exception):
+    pass
+
+
+def _after(fn, exc=Boom):
+    """``fn`` doing its work, then failing: the partial writes are on disk."""
+    def wrapped(*args, **kwargs):
+        fn(*args, **kwargs)
+        raise exc("injected")
+    return wrapped
+
+
+def _instead(exc=Boom):
+    def wrapped(*args, **kwargs):
+        raise exc("injected")
+    return wrapped
+
+
+def _nth_call_fails(fn, n: int):
+    calls = {"k": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["k"] += 1
+        if calls["k"] == n:
+            raise Boom("injected")
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+# (module, name, replacement factory): every stage of a round, failing after its writes.
+STAGES = [
+    (wsiseg.rounds, "save_backup", lambda f: _after(f)),
+    (wsiseg.refine, "blend_windows", lambda f: _nth_call_fails(f, 1)),
+    (wsiseg.rounds, "recontour", lambda f: _after(f)),
+    (wsiseg.rounds, "write_feature_collection", lambda f: _after(f)),
+    (wsiseg.rounds, "write_round_index", lambda f: _after(f)),
+    (wsiseg.outputs, "atomic_copy", lambda f: _nth_call_fails(f, 2)),  # r<k> out, not latest
+    (wsiseg.rounds, "write_round_geojson", lambda f: _after(f)),
+    (wsiseg.refine, "measurements", lambda f: _after(f)),
+    (SlideStore, "update_attrs", lambda f: _after(f)),
+    (journal.Transaction, "commit", lambda f: _instead(KeyboardInterrupt)),
+    (journal, "fsync_dir", lambda f: _nth_call_fails(f, 3)),
+]
+
+
+def test_a_failure_at_every_step_leaves_store_and_files_byte_for_byte(cmu_store, tmp_path,
+                                                                      monkeypatch):
+    store, out = cmu_store
+    export = scribble_export(store, tmp_path / "scribbles.geojson")
+    before = dir_snapshot(store.path, out)
+
+    def good(s, windows, window_px):  # the refiner's result does not matter here
+        return [np.full((window_px, window_px), 0.9, np.float32) for _ in windows]
+
+    def refiner_fails_after_merge(s, windows, window_px):
+        assert (np.asarray(s["scribbles"][...]) != 0).any()  # the merge is on disk
+        raise MemoryError("injected: out of memory in the refiner")
+
+    failures = [(None, "refiner", None)] + STAGES
+    for module, name, make in failures:
+        with monkeypatch.context() as m:
+            refiner = good
+            if module is None:
+                refiner = refiner_fails_after_merge
+            else:
+                m.setattr(module, name, make(getattr(module, name)))
+            with pytest.raises((Boom, MemoryError, KeyboardInterrupt)):
+                refine_round(store, export, out, SLIDE_ID, refiner, "randomwalk")
+        assert diff(before, dir_snapshot(store.path, out)) == [], f"failure in {name}"
+        assert store.attrs["rounds"][-1]["round"] == 0, name
+    # The same export then refines: nothing of it was recorded.
+    result = refine_round(store, export, out, SLIDE_ID, good, "randomwalk")
+    assert result.round == 1 and result.new_pixels > 0
+    assert not journal.pending(store.path)
+    # Round 2 (the undo record group exists now): failures still change nothing.
+    after = dir_snapshot(store.path, out)
+    second = scribble_export(store, tmp_path / "second.geojson", at=(2, 4))
+    for module, name, make in STAGES[:1] + STAGES[-3:]:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, make(getattr(module, name)))
+            with pytest.raises((Boom, KeyboardInterrupt)):
+                refine_round(store, second, out, SLIDE_ID, good, "fixed")
+        assert diff(after, dir_snapshot(store.path, out)) == [], f"round 2, failure in {name}"
+    # Undo is a transaction too: failing at its last write changes nothing.
+    with monkeypatch.context() as m:
+        m.setattr(SlideStore, "update_attrs", _after(SlideStore.update_attrs))
+        with pytest.raises(Boom):
+            undo(store, out, SLIDE_ID)
+    assert diff(after, dir_snapshot(store.path, out)) == []
+    assert undo(store, out, SLIDE_ID) == 0
+
+
+def test_an_interrupted_round_is_rolled_back_and_said_by_the_next_open(cmu_store, tmp_path,
+                                                                       caplog):
+    """A journal left by a killed process (simulated: the transaction's state mid-round,
+    copied before its rollback) is played back by the next open, which says so."""
+    store, out = cmu_store
+    export = scribble_export(store, tmp_path / "s.geojson")
+    before = dir_snapshot(store.path, out)
+    frozen = tmp_path / "frozen"
+
+    def freeze(s, windows, window_px):  # mid-round: scribbles merged, journal live
+        shutil.copytree(s.path, frozen / s.path.name)
+        shutil.copytree(out, frozen / "out", ignore=shutil.ignore_patterns("*.zarr"))
+        raise Boom("killed here")
+
+    with pytest.raises(Boom):
+        refine_round(store, export, out, SLIDE_ID, freeze, "rw")
+    # Put the killed state back in place, as kill -9 would have left it.
+    shutil.rmtree(store.path)
+    shutil.copytree(frozen / store.path.name, store.path)
+    assert journal.pending(store.path)
+    assert diff(before, dir_snapshot(store.path, out))  # scribbles are merged on disk
+    with caplog.at_level("WARNING"):
+        reopened = SlideStore.open(store.path)
+    assert "refine round 1" in caplog.text and "rolled back" in caplog.text
+    assert diff(before, dir_snapshot(store.path, out)) == []
+    result = refine_round(reopened, export, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+    assert result.round == 1 and result.new_pixels > 0
+
+
+_HARNESS = """
+import sys
+from wsiseg.cli import main
+import wsiseg.refine, wsiseg.session, skimage.segmentation  # imported before "go"
+print("ready", flush=True)
+sys.stdin.readline()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env() -> dict[str, str]:
+    # One BLAS thread: the random walker's solver is slower with more on a busy machine.
+    return dict(os.environ, PYTHONPATH=str(REPO / "pipeline"), OMP_NUM_THREADS="1",
+                OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    """A ``wsiseg`` process with its modules imported, waiting for "go" on stdin."""
+    return subprocess.Popen([sys.executable, "-c", _HARNESS, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            text=True)
+
+
+def _go(proc: subprocess.Popen) -> None:
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def test_kill_9_at_random_moments_never_leaves_half_a_round(cmu_store, tmp_path):
+    """≥ 20 kills of ``wsiseg refine`` at random moments of its round: every time the store
+    is, once reopened, exactly as before the round or holds the whole round; then the same
+    export refines."""
+    store, out = cmu_store
+    export = scribble_export(store, tmp_path / "s.geojson")
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    before = dir_snapshot(store.path, out)
+    args = ["refine", str(store.path), "--scribbles", str(export), "--refiner", "randomwalk"]
+
+    def reset():
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+
+    # One whole round, timed from "go", sets the window the kills fall in.
+    proc = _spawn(args)
+    _go(proc)
+    t0 = time.monotonic()
+    assert proc.wait(120) == 0, proc.stderr.read()
+    round_s = time.monotonic() - t0
+    reset()
+    rng = random.Random(15)
+    outcomes = {"before": 0, "after": 0, "rolled back": 0}
+    kills = 22
+    waiting = _spawn(args)  # the next process imports while the current one runs
+    for k in range(kills):
+        proc = waiting
+        _go(proc)
+        waiting = _spawn(args) if k + 1 < kills else None
+        time.sleep(rng.uniform(0.0, 1.2 * round_s))  # some land after the commit
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.stdin.close()
+        outcomes["rolled back"] += journal.pending(store.path)
+        reopened = SlideStore.open(store.path)  # recovers
+        assert not journal.pending(store.path)
+        if len(reopened.attrs["rounds"]) == 1:
+            assert diff(before, dir_snapshot(store.path, out)) == []
+            outcomes["before"] += 1
+        else:
+            assert [r["round"] for r in reopened.attrs["rounds"]] == [0, 1]
+            latest = (out / f"{SLIDE_ID}.geojson").read_bytes()
+            assert latest == (out / f"{SLIDE_ID}.r1.geojson").read_bytes()
+            assert latest == (store.path / "rounds" / "r1.geojson").read_bytes()
+            outcomes["after"] += 1
+            reset()
+    print(outcomes)
+    assert outcomes["rolled back"] >= 3, outcomes  # kills did land inside rounds
+    done = subprocess.run([sys.executable, "-m", "wsiseg.cli", *args], capture_output=True,
+                          text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("round 1:"), done.stdout
