@@ -187,11 +187,15 @@ def test_stale_entry_of_the_wrong_shape_is_refused_and_rebuilt(weights, he_patch
 
 @pytest.mark.parametrize("damage", ["truncated bin", "record of another key", "garbage xml",
                                     "no record"])
-def test_corrupt_entry_is_rebuilt_never_trusted(weights, own_cache, monkeypatch, damage):
+def test_corrupt_entry_is_rebuilt_never_trusted(tmp_path, weights, own_cache, monkeypatch,
+                                                damage):
     import openvino as ov
 
     xml, binary, record = _entry(own_cache, "guidenet")
-    good = ov.Core().read_model(str(xml), str(binary))
+    # OpenVINO maps the .bin file: read the good model from copies, not from what is damaged.
+    shutil.copy(xml, tmp_path / "good.xml")
+    shutil.copy(binary, tmp_path / "good.bin")
+    good = ov.Core().read_model(str(tmp_path / "good.xml"), str(tmp_path / "good.bin"))
     if damage == "truncated bin":
         binary.write_bytes(binary.read_bytes()[:1000])
     elif damage == "record of another key":
