@@ -15,6 +15,9 @@ Memory is ``O(W × (B + P))``, independent of the slide height.
 Three things run at once so the network never waits: a reader thread decodes image chunk
 rows (each once) and cuts batches of patches, the calling thread runs the network and blends
 (on the network's device), and a writer thread encodes finished bands into the outputs.
+
+The network is a :class:`wsiseg.runtime.Network` (OpenVINO on CPU, torch on CUDA; see
+:func:`wsiseg.runtime.load_network`); a bare torch module is run as the torch runtime.
 """
 
 from __future__ import annotations
