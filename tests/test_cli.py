@@ -85,16 +85,17 @@ def test_refine_with_tta_averages_eight_views_and_needs_refinenet(tmp_path, smal
 
     from wsiseg.nets import init_weights, load_weights
     from wsiseg.refine import refinenet_refiner
+    from wsiseg.runtime import torch_network
 
     out = tmp_path / "out"
     store = run_store(real(CMU_SVS), out, "cmu", small_workflow, blobs)
     weights = tmp_path / "r.safetensors"
     init_weights("refinenet", weights, seed=3)
     model, card = load_weights(weights, role="refinenet")
+    net = torch_network(model, torch.device("cpu"), card=card)
     window_px = 64
-    plain = refinenet_refiner(model, card, torch.device("cpu"), 1)(store, [(0, 0)], window_px)
-    tta = refinenet_refiner(model, card, torch.device("cpu"), 1, tta=True)(
-        store, [(0, 0)], window_px)
+    plain = refinenet_refiner(net, 1)(store, [(0, 0)], window_px)
+    tta = refinenet_refiner(net, 1, tta=True)(store, [(0, 0)], window_px)
     assert tta[0].shape == plain[0].shape == (window_px, window_px)
     assert not np.allclose(tta[0], plain[0])  # a random network is not rotation invariant
 

@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workflow=args.workflow, guidenet=args.guidenet, mpp=args.mpp,
         device=args.device, force=args.force, scheduler=args.scheduler, tta=args.tta,
         export_mask=args.export == "mask" if args.export else False,
+        runtime=args.runtime, precision=args.precision,
     )
     return run_cohort(args.slides, options)
 
@@ -141,6 +142,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     return refine_store(
         Path(args.store), Path(args.scribbles), refinenet=args.refinenet, refiner=args.refiner,
         out_dir=Path(args.out) if args.out else None, device=args.device, tta=args.tta,
+        runtime=args.runtime, precision=args.precision,
     )
 
 
@@ -227,7 +229,8 @@ def cmd_eval_interactive(args: argparse.Namespace) -> int:
             raise UsageError("--refinenet WEIGHTS is needed for the refinenet method "
                              "(or leave it out of --methods)")
         refiners["RefineNet"], card = evaluate.refinenet_refiner(
-            Path(args.refinenet), device=args.device)
+            Path(args.refinenet), device=args.device, runtime=args.runtime or wf.inference.runtime,
+            precision=args.precision or wf.inference.precision)
         window_px, threshold = card.patch_px, card.threshold
     refiners |= evaluate.baseline_refiners(beta=wf.refinenet.randomwalk_beta,
                                            margins=[wf.refinenet.confident_margin],
@@ -237,7 +240,8 @@ def cmd_eval_interactive(args: argparse.Namespace) -> int:
             raise UsageError("--guidenet WEIGHTS is needed to predict the patches' start")
         windows = evaluate.windows_from_patch_folder(
             Path(args.patch_folder), Path(args.guidenet), window_px=window_px,
-            device=args.device)
+            device=args.device, runtime=args.runtime or wf.inference.runtime,
+            precision=args.precision or wf.inference.precision)
     else:
         if not args.truth:
             raise UsageError("--truth FILE... (or FOLDER) is needed with slide stores")
@@ -289,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     def workflow_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--workflow", default=None, help="preset name or YAML file (default)")
 
+    def runtime_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runtime", choices=["auto", "openvino", "torch"], default=None,
+                       help="inference runtime: auto = OpenVINO on CPU, torch on CUDA "
+                            "(default: the workflow's inference.runtime, auto)")
+        p.add_argument("--precision", choices=["auto", "f32", "bf16"], default=None,
+                       help="auto = bf16 where the CPU has it (OpenVINO), else f32 "
+                            "(default: the workflow's inference.precision, auto)")
+
     p = add("info", cmd_info, "print what a slide file says about itself")
     p.add_argument("slides", nargs="+", metavar="SLIDE")
 
@@ -314,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo slides already done")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rots)")
     p.add_argument("--export", choices=["mask"], help="also write the tumor mask OME-TIFF")
+    runtime_options(p)
     workflow_option(p)
 
     p = add("status", cmd_status, "print a run's ledger: slides done, failed (why), pending")
@@ -329,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: mean over 8 flips/rotations (8× RefineNet)")
     p.add_argument("--out", metavar="DIR", help="where the GeoJSON go (default: the store's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    runtime_options(p)
 
     p = add("history", cmd_history, "list the refine rounds of a slide store")
     p.add_argument("store", metavar="STORE")
@@ -439,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--out", required=True, metavar="DIR", help="tables, curves and plot")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    runtime_options(p)
     p.add_argument("--seed", type=int, default=0)
     workflow_option(p)
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = (
     "slide", "slide_id", "status", "reason", "tissue_mm2", "tumor_mm2", "tumor_fraction",
-    "seconds",
+    "seconds", "runtime", "precision",
 )
 
 
@@ -77,6 +77,8 @@ class RunOptions:
     progress: bool = True
     workers: int | None = None
     threads_per_worker: int | None = None
+    runtime: str | None = None  # None: the workflow's inference.runtime
+    precision: str | None = None  # None: the workflow's inference.precision
 
 
 @dataclass
@@ -89,6 +91,8 @@ class SlideRow:
     tumor_mm2: float | None = None
     tumor_fraction: float | None = None
     seconds: float = 0.0
+    runtime: str = ""  # the inference runtime GuideNet ran on (openvino, torch)
+    precision: str = ""  # what it computed in (f32, bf16, fp16)
     extra: dict = field(default_factory=dict)
 
     def csv_row(self) -> dict[str, str]:
@@ -205,15 +209,16 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     int
         0 when every slide is done, 1 when some slide failed.
     """
-    from wsiseg.nets import load_weights, missing_weights_error
+    from wsiseg.nets import missing_weights_error
 
     wf = load_workflow(options.workflow)
     if not options.guidenet:
         raise UsageError(str(missing_weights_error("guidenet")))
     _check_cluster_options(options)
     dest = Destination.parse(options.out_dir)
-    # Checked here, before any slide or worker, so bad weights are one error, not N failures.
-    model, card = load_weights(Path(options.guidenet), role="guidenet", workflow=wf)
+    # Loaded here, before any slide or worker, so bad weights are one error, not N failures
+    # (and an OpenVINO conversion is done once, into the cache every worker then reads).
+    model, card = cached_guidenet(options.guidenet, wf, options.device, options)
     paths = list({Path(s).resolve(): Path(s) for s in slides}.values())  # each slide once
     with contextlib.ExitStack() as stack:
         out_dir = stack.enter_context(_driver_dir(dest))
@@ -463,8 +468,9 @@ EVENT_TOPIC = "wsiseg-slide"
 
 #: Modules a worker process needs; imported once by the forkserver, then forked per worker.
 _WORKER_PRELOAD = ("distributed", "numpy", "torch", "segmentation_models_pytorch", "skimage",
-                   "openslide", "PIL", "safetensors", "wsiseg.cohort", "wsiseg.nets",
-                   "wsiseg.infer", "wsiseg.tiling", "wsiseg.outputs")
+                   "openslide", "PIL", "safetensors", "wsiseg.cohort",
+                   "wsiseg.nets", "wsiseg.runtime", "wsiseg.infer", "wsiseg.tiling",
+                   "wsiseg.outputs")
 
 # Sizing of the default LocalCluster on CPU: a slide task uses several cores (tiling threads,
 # torch threads) and a few GiB (torch, the model, chunk-sized buffers).
@@ -768,7 +774,8 @@ def slide_task(
     if threads:
         torch.set_num_threads(threads)
     try:
-        model, card = cached_guidenet(options.guidenet, wf, options.device)
+        model, card = cached_guidenet(options.guidenet, wf, options.device, options,
+                                      threads=threads or None)
     except WsisegError as exc:
         row = SlideRow(slide, slide_id, "failed", reason=str(exc))
     else:
@@ -778,10 +785,14 @@ def slide_task(
     return row
 
 
-def cached_guidenet(weights: str | Path, wf: Workflow, device: str):
-    """GuideNet and its card, loaded once per process for a weights file and device."""
+def cached_guidenet(
+    weights: str | Path, wf: Workflow, device: str, options: RunOptions | None = None,
+    threads: int | None = None,
+):
+    """GuideNet (a :class:`wsiseg.runtime.Network`) and its card, loaded once per process for
+    a weights file, device, runtime, precision and thread count, and reused across slides."""
     from wsiseg.infer import resolve_device
-    from wsiseg.nets import load_weights
+    from wsiseg.runtime import load_network
 
     path = Path(weights).resolve()
     try:
@@ -790,13 +801,23 @@ def cached_guidenet(weights: str | Path, wf: Workflow, device: str):
         raise WsisegError(f"{weights}: cannot read the GuideNet weights on this worker "
                           f"({exc.strerror or type(exc).__name__})") from None
     resolved = resolve_device(device)
-    key = (str(path), stat.st_mtime_ns, stat.st_size, str(resolved))
+    runtime, precision = inference_choice(wf, options)
+    key = (str(path), stat.st_mtime_ns, stat.st_size, str(resolved), runtime, precision,
+           threads)
     if key not in _MODELS:
         for old in [k for k in _MODELS if k[0] == key[0] or len(_MODELS) >= 4]:
             del _MODELS[old]  # weights replaced on disk, or too many kept
-        model, card = load_weights(path, role="guidenet", workflow=wf)
-        _MODELS[key] = (model, card)
+        net = load_network(path, role="guidenet", workflow=wf, device=resolved,
+                           runtime=runtime, precision=precision, threads=threads)
+        _MODELS[key] = (net, net.card)
     return _MODELS[key]
+
+
+def inference_choice(wf: Workflow, options: RunOptions | None) -> tuple[str, str]:
+    """(runtime, precision): the command line's, else the workflow's ``inference`` keys."""
+    runtime = (options.runtime if options else None) or wf.inference.runtime
+    precision = (options.precision if options else None) or wf.inference.precision
+    return runtime, precision
 
 
 def _worker_address() -> str:
@@ -894,7 +915,7 @@ def _run_one(
     slide: Path, slide_id: str, wf: Workflow, model, card, options: RunOptions,
     tile_workers: int | None = None,
 ) -> SlideRow:
-    from wsiseg.infer import infer_to_store, resolve_device
+    from wsiseg.infer import infer_to_store
     from wsiseg.nets import normalise_rgb, weights_hash
     from wsiseg.outputs import round_tracer
     from wsiseg.store import retire_store, source_changed
@@ -923,30 +944,32 @@ def _run_one(
         stats = None
         if store.stage("guide") != "done":
             store.set_stage("export", "pending")
-            device = resolve_device(options.device)
-            model.to(device)
             with round_tracer(store) as tracer:
                 stats = infer_to_store(
                     tiling.image, [store["guide"], store["refined"]],
                     model=model, normalise=lambda t: normalise_rgb(t, card),
                     tissue=store.tissue_mask, patch_px=wf.guidenet.patch_px,
                     stride_px=wf.guidenet.stride_px, batch_size=wf.guidenet.batch_size,
-                    device=device, band_px=store.chunk_px, tta=options.tta,
+                    device=model.device, band_px=store.chunk_px, tta=options.tta,
                     clip_to_tissue=True, on_rows=tracer.rows_final,
                 )
                 contours = tracer.result()
         tiling.finish()  # every chunk written (or the tiling's error) before guide is done
     if stats is not None:
         store.update_attrs(models={"guidenet": {
-            "card": card.to_dict(), "sha256": weights_hash(Path(options.guidenet)),
+            "card": card.to_dict(),
+            "sha256": model.weights_sha256 or weights_hash(Path(options.guidenet)),
             "path": str(Path(options.guidenet).resolve()),
         }}, inference={"patches": stats.patches, "forward_s": round(stats.forward_s, 3),
-                       "total_s": round(stats.total_s, 3), "tta": options.tta})
+                       "total_s": round(stats.total_s, 3), "tta": options.tta,
+                       **model.describe()})
         store.set_stage("guide", "done")
     m = publish_run(store, out_dir, slide_id, export_mask=options.export_mask,
                     contours=contours)
+    used = store.attrs.get("inference") or {}
     return SlideRow(str(slide), slide_id, "done", tissue_mm2=m.tissue_mm2,
                     tumor_mm2=m.tumor_mm2, tumor_fraction=m.tumor_fraction,
+                    runtime=used.get("runtime", ""), precision=used.get("precision", ""),
                     extra={"foci": m.foci})
 
 
@@ -1004,9 +1027,11 @@ def _done_row(
     if not all(dest.exists(p.name) for p in slide_outputs(Path(), slide_id, export_mask)):
         return None
     m = attrs.get("measurements", {})
+    used = attrs.get("inference") or {}
     return SlideRow(str(slide), slide_id, "skipped", reason="already done",
                     tissue_mm2=m.get("tissue_mm2"), tumor_mm2=m.get("tumor_mm2"),
-                    tumor_fraction=m.get("tumor_fraction"), extra={"foci": m.get("foci")})
+                    tumor_fraction=m.get("tumor_fraction"), runtime=used.get("runtime", ""),
+                    precision=used.get("precision", ""), extra={"foci": m.get("foci")})
 
 
 def write_summary(path: Path, rows: Sequence[SlideRow]) -> None:

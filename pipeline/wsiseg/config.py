@@ -79,6 +79,15 @@ class ScribblesConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """How the networks run for inference (see :mod:`wsiseg.runtime`); ``--runtime`` and
+    ``--precision`` override these."""
+
+    runtime: str = "auto"  # auto (OpenVINO on CPU, torch on CUDA) | openvino | torch
+    precision: str = "auto"  # auto (bf16 where the CPU has it) | f32 | bf16
+
+
+@dataclass(frozen=True)
 class Workflow:
     """One workflow preset. ``source`` is the file it came from (not a YAML key)."""
 
@@ -90,6 +99,7 @@ class Workflow:
     refinenet: RefineNetConfig = field(default_factory=RefineNetConfig)
     contours: ContoursConfig = field(default_factory=ContoursConfig)
     scribbles: ScribblesConfig = field(default_factory=ScribblesConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +118,10 @@ _POSITIVE = {
     "randomwalk_beta",
 }
 _UNIT_INTERVAL = {"threshold", "min_saturation", "confident_margin"}
+_CHOICES = {
+    "inference.runtime": ("auto", "openvino", "torch"),
+    "inference.precision": ("auto", "f32", "bf16"),
+}
 
 
 def repo_root() -> Path:
@@ -226,6 +240,9 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if hint is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{source}: {key}: expected a non-empty string, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{source}: {key}: expected one of {', '.join(_CHOICES[key])}, "
+                              f"got {value!r}")
         return value
     raise ConfigError(f"{source}: {key}: unsupported type {hint}")  # pragma: no cover
 

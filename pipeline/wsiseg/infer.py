@@ -15,6 +15,9 @@ Memory is ``O(W × (B + P))``, independent of the slide height.
 Three things run at once so the network never waits: a reader thread decodes image chunk
 rows (each once) and cuts batches of patches, the calling thread runs the network and blends
 (on the network's device), and a writer thread encodes finished bands into the outputs.
+
+The network is a :class:`wsiseg.runtime.Network` (OpenVINO on CPU, torch on CUDA; see
+:func:`wsiseg.runtime.load_network`); a bare torch module is run as the torch runtime.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from wsiseg.errors import WsisegError
+from wsiseg.runtime import Network, resolve_device, torch_network
+
+__all__ = ["resolve_device"]  # re-exported: it moved to wsiseg.runtime
 
 #: Smallest blending weight: border pixels covered by a single patch still normalise.
 WINDOW_FLOOR = 1e-3
@@ -83,37 +89,6 @@ class InferStats:
 
 
 # --------------------------------------------------------------------------- device, model
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device for ``--device``: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
-
-    Raises
-    ------
-    WsisegError
-        Unknown device name, or CUDA asked for where there is none.
-    """
-    name = device.strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise WsisegError(f"--device {device}: expected auto, cpu or cuda") from None
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type != "cuda":
-        raise WsisegError(f"--device {device}: expected auto, cpu or cuda")
-    if not torch.cuda.is_available():
-        raise WsisegError(
-            f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-            f"built for CUDA {torch.version.cuda}); use --device cpu or auto"
-        )
-    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise WsisegError(
-            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present"
-        )
-    return resolved
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -249,30 +224,26 @@ def blend_window(patch_px: int) -> NDArray[np.float32]:
 # --------------------------------------------------------------------------------- network
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if out.ndim == 4:
-        if out.shape[1] != 1:
-            raise WsisegError(f"GuideNet: expected 1 output channel, got {out.shape[1]}")
-        out = out[:, 0]
-    return out.float()
+def as_network(model: Network | torch.nn.Module, device: torch.device) -> Network:
+    """A :class:`wsiseg.runtime.Network` as is; a bare torch module (logits out) wrapped as
+    the torch runtime on ``device`` (the reference path, and what tests pass)."""
+    if isinstance(model, Network):
+        return model
+    return torch_network(model, device)
 
 
 def _forward(
-    model: torch.nn.Module,
+    network: Network,
     normalise: Callable[[torch.Tensor], torch.Tensor],
     batch_nhwc: torch.Tensor,
-    device: torch.device,
     tta: bool,
 ) -> torch.Tensor:
-    """(N, P, P, 3) uint8 on ``device`` → (N, P, P) float32 probabilities on ``device``."""
+    """(N, P, P, 3) uint8 → (N, P, P) float32 probabilities (on the network's device)."""
     # The NHWC → NCHW permute is a view with channels-last strides: no copy.
     x = normalise(batch_nhwc.permute(0, 3, 1, 2))
-    dtype = _autocast_dtype(device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        if not tta:
-            return torch.sigmoid(_logits(model, x))
-        return dihedral_mean(lambda t: torch.sigmoid(_logits(model, t)), x)
+    if not tta:
+        return network(x)[:, 0]
+    return dihedral_mean(lambda t: network(t)[:, 0], x)
 
 
 def dihedral_mean(
@@ -294,7 +265,7 @@ def dihedral_mean(
 
 
 def predict_patches(
-    model: torch.nn.Module,
+    model: Network | torch.nn.Module,
     normalise: Callable[[torch.Tensor], torch.Tensor],
     batch_uint8: NDArray[np.uint8],
     device: torch.device,
@@ -305,9 +276,9 @@ def predict_patches(
 
     Parameters
     ----------
-    model : torch.nn.Module
-        GuideNet, already on ``device`` in eval mode (see :func:`prepare_model`); maps
-        ``(N, 3, P, P)`` float to ``(N, 1, P, P)`` logits.
+    model : Network or torch.nn.Module
+        GuideNet from :func:`wsiseg.runtime.load_network`, or a bare torch module mapping
+        ``(N, 3, P, P)`` float to ``(N, 1, P, P)`` logits (run as the torch runtime).
     normalise : callable
         ``(N, 3, P, P)`` uint8 tensor (channels-last strides) → float tensor, e.g.
         ``nets.normalise_rgb`` bound to the model card.
@@ -321,11 +292,12 @@ def predict_patches(
     ndarray of float32, shape (N, P, P)
         Sigmoid of the logits.
     """
-    pin = device.type == "cuda"
+    network = as_network(model, device)
+    pin = network.device.type == "cuda"
     x = torch.from_numpy(np.ascontiguousarray(batch_uint8))
     with torch.inference_mode():
         x = x.pin_memory() if pin else x
-        prob = _forward(model, normalise, x.to(device, non_blocking=pin), device, tta)
+        prob = _forward(network, normalise, x.to(network.device, non_blocking=pin), tta)
         return prob.cpu().numpy()
 
 
@@ -586,7 +558,7 @@ def infer_to_store(
     image: ReadableImage,
     outputs: Sequence[WritableMap],
     *,
-    model: torch.nn.Module,
+    model: Network | torch.nn.Module,
     normalise: Callable[[torch.Tensor], torch.Tensor],
     tissue: NDArray[np.bool_],
     patch_px: int,
@@ -609,9 +581,10 @@ def infer_to_store(
         Written with identical data, ``round(255 · p)``, e.g. ``[store["guide"],
         store["refined"]]``. Bands of rows without any tissue patch are not written (they
         keep the fill value 0), so the outputs should start empty.
-    model : torch.nn.Module
-        GuideNet ``(N, 3, P, P) → (N, 1, P, P)`` logits; moved to ``device`` in eval mode and
-        channels-last (in place, once per worker is enough).
+    model : Network or torch.nn.Module
+        GuideNet from :func:`wsiseg.runtime.load_network` (OpenVINO or torch), or a bare
+        torch module ``(N, 3, P, P) → (N, 1, P, P)`` logits, run as the torch runtime on
+        ``device`` (moved there in eval mode and channels-last, in place).
     normalise : callable
         ``(N, 3, P, P)`` uint8 tensor → float tensor on the same device.
     tissue : ndarray of bool, shape (h, w)
@@ -621,8 +594,8 @@ def infer_to_store(
     batch_size : int
         Patches per forward pass.
     device : torch.device
-        From :func:`resolve_device`. CUDA runs in mixed precision with pinned, asynchronous
-        copies; blending happens on the device too.
+        From :func:`resolve_device`; a :class:`Network` runs where it was loaded. On CUDA
+        batches are copied pinned and asynchronously, and blending happens on the device.
     band_px : int
         Rows per band; the outputs' chunk height (or a multiple) keeps writes chunk-aligned.
     progress : callable, optional
@@ -648,7 +621,8 @@ def infer_to_store(
         stats.total_s = time.perf_counter() - t_start
         return stats
 
-    prepare_model(model, device)
+    network = as_network(model, device)
+    device = network.device
     on_cuda = device.type == "cuda"
     rows_per_read = _chunk_rows(image) or band_px
     reader = _PatchReader(image, origins, patch_px, batch_size, rows_per_read, pin=on_cuda)
@@ -673,12 +647,12 @@ def infer_to_store(
                     start = torch.cuda.Event(enable_timing=True)
                     end = torch.cuda.Event(enable_timing=True)
                     start.record()
-                    prob = _forward(model, normalise, pixels, device, tta)
+                    prob = _forward(network, normalise, pixels, tta)
                     end.record()
                     timings.append((start, end))
                 else:
                     t0 = time.perf_counter()
-                    prob = _forward(model, normalise, pixels, device, tta)
+                    prob = _forward(network, normalise, pixels, tta)
                     stats.forward_s += time.perf_counter() - t0
                 blender.add(batch.origins, prob)
                 if progress is not None:

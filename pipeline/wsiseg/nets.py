@@ -441,6 +441,33 @@ def load_weights(
     return model.to(device).eval(), card
 
 
+def weights_card(
+    path: Path, *, role: str | None = None, workflow: Workflow | None = None
+) -> ModelCard:
+    """The card of a weights file, checked against the use as :func:`load_weights` checks it
+    (role, channels, workflow), reading only the header: no tensor is loaded.
+
+    Raises
+    ------
+    WsisegError
+        As :func:`load_weights`, except for problems only the tensors show.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WsisegError(f"{path}: weights file not found" if not path.exists()
+                          else f"{path}: not a weights file (a directory?)")
+    card = _card_from_header(path, _read_header(path))
+    if role is not None and card.role != role:
+        raise WsisegError(
+            f"{path}: holds {card.role} weights but {role} weights are needed; "
+            f"pass a {role} .safetensors file"
+        )
+    _check_channels(card, str(path))
+    if workflow is not None:
+        _check_workflow(card, workflow, path)
+    return card
+
+
 def init_weights(
     role: str, out: Path, *, seed: int = 0, workflow: Workflow | None = None
 ) -> ModelCard:

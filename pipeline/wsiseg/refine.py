@@ -312,37 +312,53 @@ def read_window(array, origin: tuple[int, int], window_px: int, margin: int = 0)
     return whiten_glass(out, array)
 
 
-def refinenet_refiner(model, card, device, batch_size: int, tta: bool = False) -> Refiner:
-    """Refine windows with RefineNet (model loaded once by the caller); ``tta``: the mean
-    over the 8 flips / 90° rotations of each window (8× the network's time)."""
+def refinenet_refiner(network, batch_size: int, tta: bool = False) -> Refiner:
+    """Refine windows with RefineNet, batch by batch.
+
+    Parameters
+    ----------
+    network : wsiseg.runtime.Network
+        RefineNet loaded once by the caller (:func:`wsiseg.runtime.load_network`, OpenVINO or
+        torch); its ``card`` says how to encode the windows.
+    batch_size : int
+        Windows encoded and refined at once: at most this many encoded windows (6 × P² float32
+        each) exist at any time, whatever the number of windows, so a scribble across the
+        whole slide costs the memory of one batch plus the ``(P, P)`` float32 results.
+    tta : bool
+        The mean over the 8 flips / 90° rotations of each window (8× the network's time).
+    """
     import torch
 
     from wsiseg.infer import dihedral_mean
 
+    card = network.card
     kind = str(card.scribble_encoding.get("kind", "distance"))
     max_distance = float(card.scribble_encoding.get("max_distance_px", 64.0))
     mean = tuple(card.normalisation["mean"])
     std = tuple(card.normalisation["std"])
+    batch_size = max(1, int(batch_size))
+
+    def encode(store: SlideStore, origin: tuple[int, int], window_px: int) -> np.ndarray:
+        margin = math.ceil(max_distance)  # distances see scribbles just outside the window
+        rgb = read_window(store["image"], origin, window_px, margin)
+        guide = read_window(store["guide"], origin, window_px, margin)
+        scrib = read_window(store["scribbles"], origin, window_px, margin)
+        x = encode_refine_input(rgb, guide, scrib, max_distance_px=max_distance,
+                                scribble_kind=kind, mean=mean, std=std)
+        return x[:, margin : margin + window_px, margin : margin + window_px]
 
     def refine(store: SlideStore, windows: list[tuple[int, int]], window_px: int):
-        margin = math.ceil(max_distance)  # distances see scribbles just outside the window
-        inputs = []
-        for origin in windows:
-            rgb = read_window(store["image"], origin, window_px, margin)
-            guide = read_window(store["guide"], origin, window_px, margin)
-            scrib = read_window(store["scribbles"], origin, window_px, margin)
-            x = encode_refine_input(rgb, guide, scrib, max_distance_px=max_distance,
-                                    scribble_kind=kind, mean=mean, std=std)
-            inputs.append(x[:, margin : margin + window_px, margin : margin + window_px])
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(inputs), batch_size):
-                batch = torch.from_numpy(np.stack(inputs[i : i + batch_size])).to(device)
-                if tta:
-                    prob = dihedral_mean(lambda t: torch.sigmoid(model(t))[:, 0], batch)
-                else:
-                    prob = torch.sigmoid(model(batch))[:, 0]
-                out.extend(prob.float().cpu().numpy())
+        out: list[np.ndarray] = []
+        for i in range(0, len(windows), batch_size):
+            # Encoded, refined and dropped one batch at a time (np.stack copies the crops,
+            # so the margins of this batch are freed with the list).
+            batch = np.stack([encode(store, w, window_px) for w in windows[i : i + batch_size]])
+            x = torch.from_numpy(batch)
+            del batch
+            with torch.inference_mode():
+                prob = (dihedral_mean(lambda t: network(t)[:, 0], x) if tta
+                        else network(x)[:, 0])
+            out.extend(prob.float().cpu().numpy())
         return out
 
     return refine

@@ -21,7 +21,7 @@ def slide_id_of(store_path: Path) -> str:
 def refine_store(
     store_path: Path, scribbles: Path, *, refinenet: str | None = None,
     refiner: str | None = None, out_dir: Path | None = None, device: str = "auto",
-    tta: bool = False,
+    tta: bool = False, runtime: str | None = None, precision: str | None = None,
 ) -> int:
     from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
 
@@ -39,17 +39,20 @@ def refine_store(
     if kind == "refinenet":
         if not refinenet:
             raise UsageError("--refiner refinenet needs --refinenet WEIGHTS")
-        from wsiseg.infer import resolve_device
-        from wsiseg.nets import load_weights
+        from wsiseg.runtime import load_network
 
-        dev = resolve_device(device)
-        model, card = load_weights(Path(refinenet), role="refinenet", workflow=wf, device=dev)
-        fn = refinenet_refiner(model, card, dev, wf.refinenet.batch_size, tta=tta)
+        # runtime / precision: the command line's, else the workflow's (OpenVINO on CPU).
+        net = load_network(Path(refinenet), role="refinenet", workflow=wf, device=device,
+                           runtime=runtime or wf.inference.runtime,
+                           precision=precision or wf.inference.precision)
+        fn = refinenet_refiner(net, wf.refinenet.batch_size, tta=tta)
+        kind_note = f"{net.runtime} {net.precision}"
     else:
         if tta:
             raise UsageError("--tta needs the RefineNet refiner (the random walker has no "
                              "network to augment)")
         fn = randomwalk_refiner(wf.refinenet.randomwalk_beta, wf.refinenet.confident_margin)
+        kind_note = ""
     out = out_dir or store_path.parent
     result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind)
     if result.new_pixels == 0:
@@ -57,7 +60,8 @@ def refine_store(
         return 0
     print(
         f"round {result.round}: {result.new_pixels} new scribble px, {len(result.windows)} "
-        f"windows refined ({kind}{', TTA ×8' if tta else ''}, {result.refine_s:.2f} s of "
+        f"windows refined ({kind}{f' {kind_note}' if kind_note else ''}"
+        f"{', TTA ×8' if tta else ''}, {result.refine_s:.2f} s of "
         f"{result.seconds:.2f} s); tumor "
         f"{result.tumor_mm2_before:.3f} → {result.tumor_mm2_after:.3f} mm²; {result.geojson}"
     )

@@ -17,6 +17,16 @@ round starts from the same store.
 A round should cost in proportion to the scribbled windows, not the slide: the two slides'
 rows should match at equal windows.
 
+RefineNet runs through :func:`wsiseg.runtime.load_network` (``--runtime``, ``--precision``;
+OpenVINO on CPU by default). Two more measurements (issue 17, issue 15 point 9), each in a
+fresh process (``runtime_phases.py``):
+
+- one RefineNet window (6 channels, ``window_px``² of the default workflow) alone, and per
+  window in a batch;
+- peak memory of a round whose scribble covers the whole tissue of the demo slide
+  (``--memory-size``, ``demo`` workflow) and of one with ``--memory-factor`` × its area:
+  windows are encoded and refined batch by batch, so the second should not need more.
+
     .venv/bin/python scripts/bench/refine.py --size 4096x4096 --mpp 1.0 --area-factor 16
 """
 
@@ -31,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import runtime_phases  # noqa: E402
 from common import fmt, markdown_table  # noqa: E402
 
 STAGES = (  # (module, function, label): the parts of a round, wrapped where refine_round calls
@@ -46,7 +57,7 @@ STAGES = (  # (module, function, label): the parts of a round, wrapped where ref
 )
 
 
-def build_store(slide, store_path: Path):
+def build_store(slide, store_path: Path, workflow: str | None = None):
     """Tile the slide and publish round 0 with a guide made from its ground truth."""
     import numpy as np
     from scipy import ndimage
@@ -62,7 +73,7 @@ def build_store(slide, store_path: Path):
         if store.stage("export") == "done":
             return store
         raise SystemExit(f"{store_path}: an unfinished store from an earlier run; remove it")
-    wf = load_workflow()
+    wf = load_workflow(workflow)
     t0 = time.perf_counter()
     store = tile_slide(slide.slide_path, store_path, wf).store
     rows, cols = store.frame.working_shape
@@ -131,6 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", default="1,4,16", help="scribbled windows per round")
     parser.add_argument("--refiners", default="refinenet,randomwalk")
     parser.add_argument("--device", default="cpu", help="RefineNet's device (default cpu)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "openvino", "torch"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"])
+    parser.add_argument("--memory-size", type=common.parse_size, default=(4096, 3072),
+                        metavar="WxH", help="level-0 size of the 1× memory slide at 0.5 µm/px "
+                        "(default 4096x3072: the demo slide)")
+    parser.add_argument("--memory-factor", type=int, default=4,
+                        help="area of the larger memory slide over the 1× (default 4)")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="only the window and memory measurements")
+    parser.add_argument("--skip-memory", action="store_true")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -139,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from wsiseg.config import load_workflow
-    from wsiseg.infer import resolve_device
-    from wsiseg.nets import init_weights, load_weights
+    from wsiseg.nets import init_weights
     from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
     from wsiseg.rounds import undo
+    from wsiseg.runtime import load_network
 
     counts = [int(n) for n in args.windows.split(",")]
     edge = math.sqrt(args.area_factor)
@@ -150,24 +171,30 @@ def main(argv: list[str] | None = None) -> int:
              (f"{args.area_factor}×", (round(args.size[0] * edge), round(args.size[1] * edge)))]
     wf = load_workflow()
     rows = []
+    tables = []
     with common.scratch(args.work, "wsiseg-bench-refine-") as work:
-        device = resolve_device(args.device)
+        weights = work / "refinenet-random.safetensors"
+        if not weights.exists():
+            init_weights("refinenet", weights, workflow=wf)
+        common.log("RefineNet window alone ...")
+        win = runtime_phases.run("window", weights=str(weights), runtime=args.runtime,
+                                 precision=args.precision, batch_size=wf.refinenet.batch_size)
+        tables.append(window_table(win))
+        if not args.skip_memory:
+            tables.append(memory_table(args, work))
         refiners = {}
-        for name in args.refiners.split(","):
+        for name in ([] if args.skip_latency else args.refiners.split(",")):
             if name == "refinenet":
-                weights = work / "refinenet-random.safetensors"
-                if not weights.exists():
-                    init_weights("refinenet", weights, workflow=wf)
-                model, card = load_weights(weights, role="refinenet", workflow=wf,
-                                           device=device)
-                refiners[name] = refinenet_refiner(model, card, device,
-                                                   wf.refinenet.batch_size)
+                net = load_network(weights, role="refinenet", workflow=wf, device=args.device,
+                                   runtime=args.runtime, precision=args.precision)
+                refiners[name] = refinenet_refiner(net, wf.refinenet.batch_size)
+                common.log(f"RefineNet: {net.runtime} {net.precision}")
             elif name == "randomwalk":
                 refiners[name] = randomwalk_refiner(wf.refinenet.randomwalk_beta,
                                                     wf.refinenet.confident_margin)
             else:
                 parser.error(f"--refiners: unknown refiner {name!r}")
-        for label, size in sizes:
+        for label, size in (sizes if refiners else []):
             slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
             store_path = work / f"{slide.slide_path.stem}.zarr"
             store = build_store(slide, store_path)
@@ -204,14 +231,94 @@ def main(argv: list[str] | None = None) -> int:
                     common.log(f"{label} {name} {n} windows: {result.seconds:.2f} s")
     headers = ["slide", "working px", "refiner", "windows", "round (s)", "refiner (s)",
                "rest (s)", *(s.strip() for _, _, s in STAGES)]
-    common.print_report(
-        "wsiseg refine: round latency by scribbled windows and slide size",
-        [("One brush stroke per window core; each round undone before the next. 'rest' is "
-          "the round minus the refiner: reading and rasterising the scribbles, the undo "
-          "record, blending, re-contouring and writing the round's GeoJSON.",
-          markdown_table(headers, rows))],
-    )
+    if rows:
+        tables.append(
+            ("One brush stroke per window core; each round undone before the next. 'rest' is "
+             "the round minus the refiner: reading and rasterising the scribbles, the undo "
+             "record, blending, re-contouring and writing the round's GeoJSON.",
+             markdown_table(headers, rows)))
+    common.print_report("wsiseg refine: a RefineNet window, round latency by scribbled "
+                        "windows and slide size, memory of a slide-wide scribble", tables)
     return 0
+
+
+def window_table(win: common.ChildResult) -> tuple[str, str]:
+    d = win.data
+    if "single_ms" not in d:
+        return ("RefineNet window: failed", f"```\n{d.get('error') or win.stderr_tail}\n```")
+    return (
+        f"One RefineNet window ({d['window_px']}², 6 channels), {d['runtime']} "
+        f"{d['precision']}, best of 10 (goal ≤ 40 ms):",
+        markdown_table(["input", "ms per window"],
+                       [["1 window", fmt(d["single_ms"], 1)],
+                        [f"batch of {d['batch_size']}", fmt(d["batch_ms_per_window"], 1)]]),
+    )
+
+
+def tissue_scribble(store, path: Path) -> Path:
+    """A QuPath export with one Tumor annotation covering the store's whole tissue mask."""
+    import numpy as np
+    import shapely
+
+    from wsiseg.qupath import Annotation, write_annotations
+
+    tissue = store.tissue_mask
+    rows, cols = store.frame.working_shape
+    sy, sx = rows / tissue.shape[0], cols / tissue.shape[1]
+    boxes = []
+    for r in range(tissue.shape[0]):  # runs of tissue pixels, row by row
+        line = np.concatenate([[0], tissue[r].astype(np.int8), [0]])
+        starts, stops = np.nonzero(np.diff(line) == 1)[0], np.nonzero(np.diff(line) == -1)[0]
+        boxes += [shapely.box(a * sx, r * sy, b * sx, (r + 1) * sy)
+                  for a, b in zip(starts, stops, strict=True)]
+    area = shapely.union_all(boxes)
+    write_annotations(path, [Annotation(
+        geometry=store.frame.transform_geometry(area, "working", "qupath"),
+        class_name="Tumor")])
+    return path
+
+
+def memory_table(args, work: Path) -> tuple[str, str]:
+    """Peak RSS of a refine round whose scribble covers the whole tissue, at 1× and k× area."""
+    from wsiseg.config import load_workflow
+    from wsiseg.nets import init_weights
+
+    wf = load_workflow("demo")
+    weights = work / "refinenet-demo-random.safetensors"
+    if not weights.exists():
+        init_weights("refinenet", weights, workflow=wf)
+    edge = math.sqrt(args.memory_factor)
+    w, h = args.memory_size
+    rows, peaks = [], []
+    for label, size in (("1×", (w, h)),
+                        (f"{args.memory_factor}×", (round(w * edge), round(h * edge)))):
+        slide = common.generated_slide(args.cache, size, 0.5, args.seed)
+        store_path = work / f"memory-{label}-{slide.slide_path.stem}.zarr"
+        store = build_store(slide, store_path, "demo")
+        scribbles = tissue_scribble(store, work / f"memory-{label}.geojson")
+        common.log(f"memory {label}: refine round over the whole tissue ...")
+        r = runtime_phases.run("refine_memory", store=str(store_path), scribbles=str(scribbles),
+                               weights=str(weights), runtime=args.runtime,
+                               precision=args.precision)
+        d = r.data
+        if "peak_rss_mib" not in d or "windows" not in d:
+            return ("memory: failed", f"```\n{d.get('error') or r.stderr_tail}\n```")
+        peaks.append(d["peak_rss_mib"])
+        srows, scols = d["working_shape"]
+        rows.append([label, f"{scols}×{srows}", d["windows"], d["new_pixels"],
+                     fmt(d["seconds"], 1), fmt(d["start_rss_mib"], 0),
+                     fmt(d["peak_rss_mib"], 0),
+                     fmt(d["peak_rss_mib"] - d["start_rss_mib"], 0)])
+    rows.append(["ratio", "", "", "", "", "", fmt(peaks[1] / peaks[0], 2), ""])
+    return (
+        f"A scribble covering the whole tissue of a generated slide (demo workflow, "
+        f"{wf.working_mpp:g} µm/px, RefineNet {wf.refinenet.window_px}², batch "
+        f"{wf.refinenet.batch_size}), one refine round in a fresh process; RSS before the "
+        f"round (network loaded) and its peak (goal: {args.memory_factor}× area ≤ 1.1× the "
+        f"peak at 1×):",
+        markdown_table(["area", "working px", "windows", "scribbled px", "round (s)",
+                        "RSS before (MiB)", "peak RSS (MiB)", "peak − before (MiB)"], rows),
+    )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def refinenet_refiner(
     *,
     device: str = "cpu",
     workflow: Workflow | None = None,
+    runtime: str = "auto",
+    precision: str = "auto",
 ) -> tuple[Refiner, ModelCard]:
     """RefineNet on one window, as ``wsiseg refine`` runs it.
 
@@ -77,6 +79,8 @@ def refinenet_refiner(
         ``cpu``, ``cuda`` or ``auto``.
     workflow : Workflow, optional
         When given, the card must fit it (window size, working mpp, distance saturation).
+    runtime, precision : str
+        See :func:`wsiseg.runtime.load_network` (OpenVINO on CPU by default).
 
     Returns
     -------
@@ -89,13 +93,13 @@ def refinenet_refiner(
     WsisegError
         Missing or bad weights, or weights that do not fit ``workflow``.
     """
-    from wsiseg.infer import resolve_device
-    from wsiseg.nets import load_weights
     from wsiseg.refine import refinenet_refiner as store_refiner
+    from wsiseg.runtime import load_network
 
-    dev = resolve_device(device)
-    model, card = load_weights(Path(weights), role="refinenet", workflow=workflow, device=dev)
-    inner = store_refiner(model, card, dev, batch_size=1)
+    net = load_network(Path(weights), role="refinenet", workflow=workflow, device=device,
+                       runtime=runtime, precision=precision)
+    card = net.card
+    inner = store_refiner(net, batch_size=1)
 
     def refine(rgb, guide, scribbles):
         return _on_window(inner, rgb, guide, scribbles, multiple=_NET_MULTIPLE)

@@ -109,15 +109,17 @@ def guidenet_probability(model, card, rgb: NDArray[np.uint8], device) -> NDArray
     """
     import torch
 
+    from wsiseg.infer import as_network
     from wsiseg.nets import normalise_rgb
 
+    net = as_network(model, device)  # a runtime Network, or a bare torch module (logits)
     rows, cols = rgb.shape[:2]
     pad_r, pad_c = -rows % _NET_MULTIPLE, -cols % _NET_MULTIPLE
     mode = "reflect" if pad_r < rows and pad_c < cols else "edge"
     padded = np.pad(rgb, ((0, pad_r), (0, pad_c), (0, 0)), mode=mode)
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(padded)).to(device)[None].permute(0, 3, 1, 2)
-        prob = torch.sigmoid(model(normalise_rgb(x, card)))[0, 0].float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(padded)).to(net.device)[None]
+        prob = net(normalise_rgb(x.permute(0, 3, 1, 2), card))[0, 0].float().cpu().numpy()
     return prob[:rows, :cols]
 
 
@@ -127,6 +129,8 @@ def windows_from_patch_folder(
     *,
     window_px: int,
     device: str = "cpu",
+    runtime: str = "auto",
+    precision: str = "auto",
 ) -> list[EvalWindow]:
     """Windows of every image/mask pair of a patch folder, GuideNet's start included.
 
@@ -139,6 +143,8 @@ def windows_from_patch_folder(
     window_px : int
         Window edge (the RefineNet card's ``patch_px`` is the natural choice).
     device : str
+    runtime, precision : str
+        See :func:`wsiseg.runtime.load_network`.
 
     Raises
     ------
@@ -146,8 +152,7 @@ def windows_from_patch_folder(
         Missing ``images/`` or ``masks/``, no pairs, unpaired files, a mask whose size
         differs from its image's, bad weights.
     """
-    from wsiseg.infer import resolve_device
-    from wsiseg.nets import load_weights
+    from wsiseg.runtime import load_network
     from wsiseg.train.data import IMAGE_SUFFIXES, patch_pairs_from_folder
 
     folder = Path(folder)
@@ -155,11 +160,11 @@ def windows_from_patch_folder(
     # The pairs come in the order of their sorted names (every image has its mask by now).
     names = sorted(p.stem for p in (folder / "images").iterdir()
                    if p.suffix.lower() in IMAGE_SUFFIXES)
-    dev = resolve_device(device)
-    model, card = load_weights(Path(guidenet), role="guidenet", device=dev)
+    net = load_network(Path(guidenet), role="guidenet", device=device, runtime=runtime,
+                       precision=precision)
     out: list[EvalWindow] = []
     for name, rgb, truth in zip(names, images, masks, strict=True):
-        prob = guidenet_probability(model, card, rgb, dev)
+        prob = guidenet_probability(net, net.card, rgb, net.device)
         out += windows_from_arrays(f"{folder.name}/{name}", rgb, truth, prob,
                                    window_px=window_px)
     return out
