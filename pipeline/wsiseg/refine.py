@@ -2,7 +2,9 @@
 
 1. The QuPath export is read (:mod:`wsiseg.qupath`) and its classes mapped to tumor /
    non-tumor / ignore. Our own contours are not scribbles, except where the pathologist
-   edited one: the area added counts as tumor, the area removed as non-tumor.
+   edited one (by geometry, :mod:`wsiseg.edits`): the area added counts as tumor, the area
+   removed as non-tumor, and a contour of the latest round deleted from an export that holds
+   others as non-tumor.
 2. Scribbles are rasterised at the working resolution and merged into the store's
    ``scribbles`` array; only pixels that are new count.
 3. Affected windows: a global grid of ``window_px`` windows with stride
@@ -34,6 +36,7 @@ import shapely
 
 from wsiseg import rounds
 from wsiseg.config import Workflow
+from wsiseg.edits import Contours, ai_contour_changes
 from wsiseg.errors import WsisegError
 from wsiseg.qupath import (
     Annotation,
@@ -58,8 +61,10 @@ class ScribbleSet:
     """Scribbles of one export, in working pixels, with what was left out and why."""
 
     shapes: list[tuple[shapely.Geometry, int]]  # (geometry, +1 tumor / −1 non-tumor)
-    edits: list[tuple[shapely.Geometry, int]]  # areas added to / removed from our contours
-    counts: dict[str, int]  # annotations per outcome: tumor, non_tumor, ignored, edited_ai
+    edits: list[tuple[shapely.Geometry, int]]  # our contours' edits and deletions
+    # annotations per outcome: tumor, non_tumor, ignored; AI contours: edited_ai,
+    # ai_matched_by_overlap, deleted_ai (see wsiseg.edits)
+    counts: dict[str, int]
     unknown_classes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -74,6 +79,10 @@ class RoundResult:
     tumor_mm2_after: float
     seconds: float
     refine_s: float
+    # AI contours of the export: edited, matched by overlap (ids replaced in QuPath), deleted
+    edited_ai: int = 0
+    matched_by_overlap: int = 0
+    deleted_ai: int = 0
 
 
 Refiner = Callable[[SlideStore, list[tuple[int, int]], int], list[np.ndarray]]
@@ -86,30 +95,24 @@ def load_scribbles(
     """Parse a QuPath export into labelled working-pixel geometries.
 
     ``latest`` are the contours of the store's latest round (read from the store when not
-    given): an edited AI contour is compared with its exported original.
+    given): exported AI contours are compared with them by geometry (:mod:`wsiseg.edits`):
+    edits, and deletions, become scribbles.
     """
     annotations, warnings = read_annotations_report(path)
     wf = store.workflow
     mapping = ClassMapping.from_workflow(wf.scribbles)
     frame = store.frame
-    if latest is None:
-        history = store.attrs.get("rounds") or []
-        if history:
-            latest = rounds.load_round_contours(store, int(history[-1]["round"]))
-    previous = latest.by_id() if latest is not None else {}  # our contours, QuPath frame
+    history = store.attrs.get("rounds") or []
+    if latest is None and history:
+        latest = rounds.load_round_contours(store, int(history[-1]["round"]))
     shapes: list[tuple[shapely.Geometry, int]] = []
-    edits: list[tuple[shapely.Geometry, int]] = []
-    counts = {"tumor": 0, "non_tumor": 0, "ignored": 0, "edited_ai": 0}
+    ours: list[Annotation] = []
+    counts = {"tumor": 0, "non_tumor": 0, "ignored": 0}
     unknown: set[str] = set()
     for a in annotations:
-        if is_wsiseg_feature(a):
-            changes = _ai_contour_edits(a, previous)
-            if changes:
-                counts["edited_ai"] += 1
-                edits.extend(
-                    (frame.transform_geometry(g, "qupath", "working"), label)
-                    for g, label in changes
-                )
+        # QuPath 0.4 drops metadata: our class name tells our contours then.
+        if is_wsiseg_feature(a, ai_class_name=wf.contours.class_name):
+            ours.append(a)
             continue
         label = mapping.label_of(a.class_name)
         if label is None:
@@ -121,28 +124,25 @@ def load_scribbles(
             continue
         counts["tumor" if label == Label.TUMOR else "non_tumor"] += 1
         shapes.append((frame.transform_geometry(a.geometry, "qupath", "working"), int(label)))
+    def earlier() -> list[Contours]:  # read only for AI contours of earlier rounds
+        return [_working_contours(store, rounds.load_round_contours(store, int(r["round"])))
+                for r in reversed(history[:-1])]
+
+    changes = ai_contour_changes(ours, frame, _working_contours(store, latest), earlier)
+    counts |= {"edited_ai": changes.edited, "ai_matched_by_overlap": changes.matched_by_overlap,
+               "deleted_ai": changes.deleted}
     if unknown:
         warnings = [*warnings, f"{path}: unknown classes ignored: {', '.join(sorted(unknown))}"]
-    return ScribbleSet(shapes, edits, counts, sorted(unknown), list(warnings))
+    if changes.unmatched:
+        warnings = [*warnings, f"{path}: {changes.unmatched} AI contour(s) match no contour of "
+                               "this slide's rounds: ignored"]
+    return ScribbleSet(shapes, changes.edits, counts, sorted(unknown), list(warnings))
 
 
-def _ai_contour_edits(
-    a: Annotation, previous: dict[str, shapely.Geometry]
-) -> list[tuple[shapely.Geometry, int]]:
-    """Area added to one of our contours → tumor; area removed → non-tumor."""
-    original = previous.get(a.id or "")
-    if original is None:
-        return []
-    edited = shapely.make_valid(a.geometry)
-    # Below a pixel's worth of area the difference is rounding (0.01 px coordinates).
-    added = shapely.difference(edited, original)
-    removed = shapely.difference(original, edited)
-    out = []
-    if added.area > 1.0:
-        out.append((added, int(Label.TUMOR)))
-    if removed.area > 1.0:
-        out.append((removed, int(Label.NON_TUMOR)))
-    return out
+def _working_contours(store: SlideStore, contours: rounds.RoundContours | None) -> Contours | None:
+    if contours is None:
+        return None
+    return Contours(list(contours.ids), np.asarray(contours.working_geometries(store)))
 
 
 # -- 2. rasterise and merge ------------------------------------------------------------------
@@ -413,7 +413,7 @@ def refine_round(
         new_count = sum(int((merged != before).sum()) for _, before, merged in rasters)
         if new_count == 0:  # the same export again, or only ignored classes
             return RoundResult(round_k - 1, 0, [], None, before_mm2, before_mm2,
-                               time.perf_counter() - t0, 0.0)
+                               time.perf_counter() - t0, 0.0, **_ai_counts(scribbles))
         window_px, context_px = wf.refinenet.window_px, wf.refinenet.context_px
         shape = store.frame.working_shape
         windows = sorted({
@@ -457,7 +457,7 @@ def refine_round(
         })
         store.update_attrs(rounds=history, measurements=_asdict(m))
         return RoundResult(round_k, new_count, windows, latest_geojson, before_mm2, m.tumor_mm2,
-                           seconds, refine_s)
+                           seconds, refine_s, **_ai_counts(scribbles))
 
 
 def blend_windows(
@@ -478,6 +478,12 @@ def blend_windows(
     alpha = np.minimum(wsum, 1.0)  # 1 inside, ramping to 0 at the union's border
     out = alpha * new + (1.0 - alpha) * (old.astype(np.float32) / 255.0)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def _ai_counts(scribbles: ScribbleSet) -> dict[str, int]:
+    c = scribbles.counts
+    return {"edited_ai": c["edited_ai"], "matched_by_overlap": c["ai_matched_by_overlap"],
+            "deleted_ai": c["deleted_ai"]}
 
 
 def _sl(box: tuple[int, int, int, int]) -> tuple[slice, slice]:

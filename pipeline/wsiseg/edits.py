@@ -1,0 +1,230 @@
+"""What the pathologist changed in our AI contours, found by geometry, not by ids.
+
+``export_scribbles.groovy`` exports every annotation of an image, our locked AI contours
+included. Each exported AI contour is compared with the contour we wrote (the *original*):
+
+- **Matching.** By id first: the latest round's contour with that id. QuPath may replace
+  ids ("Update IDs? Yes" when a round is dragged onto an image holding an earlier one), so an
+  AI contour whose id is unknown is the latest round's contour it overlaps best, at an IoU of
+  at least :data:`MIN_MATCH_IOU`. An id of an earlier round (a stale copy left in the image)
+  is compared with that round's contour. An AI contour with an unknown id that matches the
+  latest round only with a change, but an earlier round's contour exactly, is an untouched
+  stale copy.
+- **Edits.** Area added to the original counts as tumor, area removed as non-tumor, but only
+  where the boundary moved by :data:`TOLERANCE_WORKING_PX` or more: the difference is opened
+  morphologically and only its parts that survive the opening are kept, *whole* (so an edit
+  counts with the area QuPath reports for it). Coordinate rounding (QuPath writes 2
+  decimals), another ring start or orientation, and the writer's 0.01 px snap are thinner
+  than that and count as nothing.
+- **Deletions.** When the export holds some of the latest round's contours but not others,
+  the missing ones were deleted: their area, less what exported AI contours still cover, is
+  non-tumor. An export holding none of them says nothing about deletions (the pathologist
+  may not have imported the round). The export must hold a contour *new* in the latest
+  round (its id, or by geometry, not an earlier round's contour): an image that still shows
+  an earlier round holds the contours the latest round kept from it, but not the new ones,
+  which it never deleted.
+
+Everything here is in working pixels; exported geometries arrive in the QuPath frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+
+from wsiseg.qupath import Annotation, Label
+from wsiseg.slide.frame import Frame
+
+#: A boundary moved by less than this (working px) is rounding, not an edit; the difference
+#: must be at least this thick somewhere to count (a brush edit of one working pixel does).
+TOLERANCE_WORKING_PX = 0.75
+
+#: An AI contour whose id is unknown is matched to the contour it overlaps with at least this
+#: intersection over union (a contour grown to twice its area still matches).
+MIN_MATCH_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class Contours:
+    """One round's AI contours in working px: ``ids[k]`` and ``geometries[k]`` (shapely)."""
+
+    ids: list[str]
+    geometries: np.ndarray  # of shapely (Multi)Polygons, working px
+
+
+@dataclass(frozen=True)
+class AiChanges:
+    """The changes an export makes to our contours.
+
+    ``edits`` are (geometry in working px, +1 tumor / −1 non-tumor); the counts are AI
+    contours: ``edited`` with an edit, ``matched_by_overlap`` matched without a known id,
+    ``deleted`` of the latest round missing from the export (with area left to mark),
+    ``unmatched`` matched to nothing (ignored).
+    """
+
+    edits: list[tuple[shapely.Geometry, int]]
+    edited: int = 0
+    matched_by_overlap: int = 0
+    deleted: int = 0
+    unmatched: int = 0
+
+
+def ai_contour_changes(
+    exported: Sequence[Annotation], frame: Frame, latest: Contours | None,
+    earlier: Callable[[], list[Contours]] = list,
+    tolerance_px: float = TOLERANCE_WORKING_PX,
+) -> AiChanges:
+    """Compare exported AI contours with the originals (see the module docstring).
+
+    Parameters
+    ----------
+    exported : sequence of Annotation
+        The export's AI contours, QuPath-frame level-0 px.
+    frame : Frame
+        The slide's frame (QuPath → working px).
+    latest : Contours or None
+        The latest round's contours, working px; None: nothing to compare with.
+    earlier : callable
+        Returns the earlier rounds' contours (newest first); called only when an AI contour
+        is not one of the latest round's.
+    tolerance_px : float
+        :data:`TOLERANCE_WORKING_PX`.
+    """
+    if latest is None or not exported:
+        return AiChanges([], unmatched=len(exported))
+    ex = np.asarray([_polygonal(frame.transform_geometry(a.geometry, "qupath", "working"))
+                     for a in exported], dtype=object)
+    index = {fid: k for k, fid in enumerate(latest.ids)}
+    by_overlap = _best_overlap(ex, latest.geometries)
+    olds_cache: list[list[Contours]] = []
+
+    def olds() -> list[Contours]:  # the earlier rounds, read once and only when needed
+        if not olds_cache:
+            olds_cache.append(earlier())
+        return olds_cache[0]
+
+    edits: list[tuple[shapely.Geometry, int]] = []
+    held: set[int] = set()  # latest contours the export holds
+    shown: set[int] = set()  # ... of which these prove the export shows the latest round
+    edited = matched_by_overlap = unmatched = 0
+    for k, a in enumerate(exported):
+        i = index.get(a.id or "", -1)
+        if i >= 0:
+            original = latest.geometries[i]
+            held.add(i)
+            shown.add(i)  # unless the id is an earlier round's too (checked below)
+        elif (old := _by_id(olds(), a.id)) is not None:
+            original = old  # a stale copy of an earlier round, ids kept
+        else:
+            i = by_overlap[k]
+            stale, stale_untouched = _earlier_by_overlap(ex[k], olds(), tolerance_px)
+            if i >= 0 and not (stale_untouched and _changes(ex[k], latest.geometries[i],
+                                                            tolerance_px)):
+                original = latest.geometries[i]
+                matched_by_overlap += 1
+                held.add(i)
+                if not stale_untouched:
+                    shown.add(i)
+            elif stale is not None:
+                original = stale  # an earlier round's contour, ids replaced
+            else:
+                unmatched += 1
+                continue
+        changes = _changes(ex[k], original, tolerance_px)
+        if changes:
+            edited += 1
+            edits.extend(changes)
+    missing = sorted(set(range(len(latest.ids))) - held)
+    deleted = 0
+    if missing and shown:
+        earlier_ids = {fid for r in olds() for fid in r.ids}
+        shown = {i for i in shown if latest.ids[i] not in earlier_ids}
+    if missing and shown:
+        covered = shapely.union_all(ex)
+        for i in missing:
+            gone = _thick(shapely.difference(latest.geometries[i], covered), tolerance_px)
+            if not gone.is_empty:
+                deleted += 1
+                edits.append((gone, int(Label.NON_TUMOR)))
+    return AiChanges(edits, edited, matched_by_overlap, deleted, unmatched)
+
+
+def _polygonal(geometry: shapely.Geometry) -> shapely.Geometry:
+    """The area of a geometry, valid (an AI contour reduced to a line has none)."""
+    valid = shapely.make_valid(geometry)
+    parts = [p for p in shapely.get_parts(valid)
+             if shapely.get_type_id(p) in (3, 6)]  # Polygon, MultiPolygon
+    return shapely.union_all(parts) if parts else shapely.Polygon()
+
+
+def _best_overlap(ex: np.ndarray, originals: np.ndarray) -> list[int]:
+    """For each exported geometry, the original it overlaps best (IoU ≥ MIN_MATCH_IOU), or −1."""
+    best = [-1] * len(ex)
+    if len(originals) == 0 or len(ex) == 0:
+        return best
+    pairs = shapely.STRtree(originals).query(ex, predicate="intersects")
+    if pairs.shape[1] == 0:
+        return best
+    a, b = ex[pairs[0]], originals[pairs[1]]
+    inter = shapely.area(shapely.intersection(a, b))
+    iou = inter / np.maximum(shapely.area(a) + shapely.area(b) - inter, 1e-12)
+    score = [-1.0] * len(ex)
+    for k, i, value in zip(pairs[0].tolist(), pairs[1].tolist(), iou.tolist(), strict=True):
+        if value >= MIN_MATCH_IOU and value > score[k]:
+            best[k], score[k] = i, value
+    return best
+
+
+def _by_id(rounds: list[Contours], fid: str | None) -> shapely.Geometry | None:
+    for r in rounds:
+        if fid and fid in r.ids:
+            return r.geometries[r.ids.index(fid)]
+    return None
+
+
+def _earlier_by_overlap(
+    geometry: shapely.Geometry, rounds: list[Contours], tolerance_px: float
+) -> tuple[shapely.Geometry | None, bool]:
+    """The earlier rounds' contour ``geometry`` is an untouched copy of (and True), else the
+    newest one it overlaps best (and False), else (None, False)."""
+    first = None
+    for r in rounds:  # newest first
+        (k,) = _best_overlap(np.asarray([geometry], dtype=object), r.geometries)
+        if k < 0:
+            continue
+        if not _changes(geometry, r.geometries[k], tolerance_px):
+            return r.geometries[k], True
+        first = r.geometries[k] if first is None else first
+    return first, False
+
+
+def _changes(
+    edited: shapely.Geometry, original: shapely.Geometry, tolerance_px: float
+) -> list[tuple[shapely.Geometry, int]]:
+    """Area added to the original → tumor; area removed → non-tumor (see the module doc)."""
+    out = []
+    for diff, label in ((shapely.difference(edited, original), Label.TUMOR),
+                        (shapely.difference(original, edited), Label.NON_TUMOR)):
+        kept = _thick(diff, tolerance_px)
+        if not kept.is_empty:
+            out.append((kept, int(label)))
+    return out
+
+
+def _thick(area: shapely.Geometry, tolerance_px: float) -> shapely.Geometry:
+    """The parts of ``area`` at least ``tolerance_px`` thick somewhere, each kept whole.
+
+    A part survives when its inward buffer by half the tolerance is not empty: a sliver of
+    rounding (≪ 1 px) vanishes, a brush stroke one pixel wide stays, with its whole area.
+    """
+    if area is None or area.is_empty:
+        return shapely.Polygon()
+    parts = shapely.get_parts(_polygonal(area))
+    if len(parts) == 0:
+        return shapely.Polygon()
+    core = shapely.buffer(parts, -tolerance_px / 2.0)
+    kept = parts[~shapely.is_empty(core)]
+    return shapely.union_all(kept) if len(kept) else shapely.Polygon()
