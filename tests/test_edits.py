@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from wsiseg.edits import TOLERANCE_WORKING_PX
 from wsiseg.refine import load_scribbles, rasterize_new, read_window, refine_round
+from wsiseg.session import ai_contours_line
 
 from conftest import CMU_SVS, QUPATH_FIXTURES, real
 from storekit import blobs, feature, run_store, write_export
@@ -240,6 +241,8 @@ def test_every_round_exported_back_untouched_after_two_refines_adds_nothing(cmu_
                           scribble_refiner, "fake")
     assert result.round == 3 and result.new_pixels > 0
     assert result.edited_ai == 1 and result.matched_by_overlap == len(back)
+    assert ai_contours_line(result) == (f"AI contours: 1 edited, {len(back)} matched by overlap "
+                                        "(QuPath replaced their ids)")
     assert store.attrs["rounds"][-1]["scribbles"]["ai_matched_by_overlap"] == len(back)
 
 
@@ -262,6 +265,8 @@ def test_a_deleted_contour_becomes_non_tumor(cmu_run, tmp_path):
     before = np.asarray(store["scribbles"][...]).copy()
     result = refine_round(store, export, out, SLIDE_ID, scribble_refiner, "fake")
     assert result.deleted_ai == 1 and result.new_pixels > 0
+    assert "1 contour deleted (their area is non-tumor)" in ai_contours_line(result)
+    assert store.attrs["rounds"][-1]["scribbles"]["deleted_ai"] == 1
     added = np.asarray(store["scribbles"][...]) != before
     assert (np.asarray(store["scribbles"][...])[added] == -1).all()
     rr, cc = np.nonzero(added)
