@@ -298,3 +298,15 @@ def test_an_image_still_showing_an_earlier_round_deletes_nothing(cmu_run, tmp_pa
         scribbles = load_scribbles(back, store)
         assert scribbles.counts["deleted_ai"] == 0 and scribbles.edits == []
 
+
+
+def test_contours_without_metadata_are_known_by_their_class(cmu_run, tmp_path):
+    """QuPath 0.4 drops annotations' metadata: our class name still tells our contours."""
+    store, out = cmu_run
+    features = back_from_qupath(round_features(out, 0))
+    for f in features:
+        del f["properties"]["metadata"]
+        assert f["properties"]["classification"]["name"] == "Tumor (AI)"
+    scribbles = load_scribbles(write_export(tmp_path / "q04.geojson", features), store)
+    assert scribbles.edits == [] and scribbles.unknown_classes == []
+    assert scribbles.counts["ai_matched_by_overlap"] == len(features)

@@ -98,7 +98,9 @@ def ai_contour_changes(
     ex = np.asarray([_polygonal(frame.transform_geometry(a.geometry, "qupath", "working"))
                      for a in exported], dtype=object)
     index = {fid: k for k, fid in enumerate(latest.ids)}
-    by_overlap = _best_overlap(ex, latest.geometries)
+    # Overlaps are computed only for the AI contours whose id the latest round does not know.
+    unknown = [k for k, a in enumerate(exported) if (a.id or "") not in index]
+    by_overlap = dict(zip(unknown, _best_overlap(ex[unknown], latest.geometries), strict=True))
     olds_cache: list[list[Contours]] = []
 
     def olds() -> list[Contours]:  # the earlier rounds, read once and only when needed
@@ -205,6 +207,8 @@ def _changes(
     edited: shapely.Geometry, original: shapely.Geometry, tolerance_px: float
 ) -> list[tuple[shapely.Geometry, int]]:
     """Area added to the original → tumor; area removed → non-tumor (see the module doc)."""
+    if _same_outline(edited, original, tolerance_px / 2.0):
+        return []  # the common case, untouched: no overlay needed
     out = []
     for diff, label in ((shapely.difference(edited, original), Label.TUMOR),
                         (shapely.difference(original, edited), Label.NON_TUMOR)):
@@ -214,17 +218,32 @@ def _changes(
     return out
 
 
+def _same_outline(a: shapely.Geometry, b: shapely.Geometry, within_px: float) -> bool:
+    """True when ``a`` and ``b`` have the same rings, vertex for vertex within ``within_px``
+    (after normalising ring starts and orientations); False says nothing."""
+    ring_a = shapely.get_rings(shapely.get_parts(shapely.normalize(a)))
+    ring_b = shapely.get_rings(shapely.get_parts(shapely.normalize(b)))
+    if len(ring_a) != len(ring_b) or not np.array_equal(shapely.get_num_coordinates(ring_a),
+                                                        shapely.get_num_coordinates(ring_b)):
+        return False
+    xy_a, xy_b = shapely.get_coordinates(ring_a), shapely.get_coordinates(ring_b)
+    return bool(np.abs(xy_a - xy_b).max(initial=0.0) <= within_px)
+
+
 def _thick(area: shapely.Geometry, tolerance_px: float) -> shapely.Geometry:
-    """The parts of ``area`` at least ``tolerance_px`` thick somewhere, each kept whole.
+    """The parts of ``area`` (a difference of valid areas) at least ``tolerance_px`` thick
+    somewhere, each kept whole.
 
     A part survives when its inward buffer by half the tolerance is not empty: a sliver of
     rounding (≪ 1 px) vanishes, a brush stroke one pixel wide stays, with its whole area.
     """
-    if area is None or area.is_empty:
+    radius = tolerance_px / 2.0
+    # A part that survives holds a disc of that radius: less area in all is rounding (fast).
+    if area is None or area.is_empty or area.area < np.pi * radius**2:
         return shapely.Polygon()
-    parts = shapely.get_parts(_polygonal(area))
-    if len(parts) == 0:
-        return shapely.Polygon()
-    core = shapely.buffer(parts, -tolerance_px / 2.0)
-    kept = parts[~shapely.is_empty(core)]
-    return shapely.union_all(kept) if len(kept) else shapely.Polygon()
+    parts = shapely.get_parts(shapely.get_parts(area))  # GeometryCollection → Multi → parts
+    parts = parts[shapely.get_type_id(parts) == 3]  # Polygons (lines of touching edges: no)
+    parts = parts[shapely.area(parts) >= np.pi * radius**2]
+    kept = parts[~shapely.is_empty(shapely.buffer(parts, -radius))]
+    # Parts of one valid difference are disjoint: together they are a valid MultiPolygon.
+    return shapely.multipolygons(kept) if len(kept) else shapely.Polygon()
