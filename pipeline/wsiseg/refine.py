@@ -124,6 +124,7 @@ def load_scribbles(
             continue
         counts["tumor" if label == Label.TUMOR else "non_tumor"] += 1
         shapes.append((frame.transform_geometry(a.geometry, "qupath", "working"), int(label)))
+
     def earlier() -> list[Contours]:  # read only for AI contours of earlier rounds
         return [_working_contours(store, rounds.load_round_contours(store, int(r["round"])))
                 for r in reversed(history[:-1])]
@@ -185,8 +186,8 @@ def rasterize_new(
             for group in (strokes, edits)
         ]
         drawn_boxes.append((drawn[0], drawn[1], box))
-    # Only the pathologist's own strokes can betray another slide's file: edits of our
-    # contours are matched by this slide's feature ids.
+    # Only the pathologist's own strokes can betray another slide's file: edits and deletions
+    # are of this slide's own contours (matched by id or by overlap).
     _check_on_tissue(store, [(d, box) for d, _, box in drawn_boxes], source)
     out = []
     for stroke_px, edit_px, box in drawn_boxes:
