@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import shapely
@@ -53,6 +54,14 @@ class Contours:
 
     ids: list[str]
     geometries: np.ndarray  # of shapely (Multi)Polygons, working px
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {fid: k for k, fid in enumerate(self.ids)}
+
+    @cached_property
+    def tree(self) -> shapely.STRtree:
+        return shapely.STRtree(self.geometries)
 
 
 @dataclass(frozen=True)
@@ -97,10 +106,10 @@ def ai_contour_changes(
         return AiChanges([], unmatched=len(exported))
     ex = np.asarray([_polygonal(frame.transform_geometry(a.geometry, "qupath", "working"))
                      for a in exported], dtype=object)
-    index = {fid: k for k, fid in enumerate(latest.ids)}
+    index = latest.index
     # Overlaps are computed only for the AI contours whose id the latest round does not know.
     unknown = [k for k, a in enumerate(exported) if (a.id or "") not in index]
-    by_overlap = dict(zip(unknown, _best_overlap(ex[unknown], latest.geometries), strict=True))
+    by_overlap = dict(zip(unknown, _best_overlap(ex[unknown], latest), strict=True))
     olds_cache: list[list[Contours]] = []
 
     def olds() -> list[Contours]:  # the earlier rounds, read once and only when needed
@@ -110,40 +119,45 @@ def ai_contour_changes(
 
     edits: list[tuple[shapely.Geometry, int]] = []
     held: set[int] = set()  # latest contours the export holds
-    shown: set[int] = set()  # ... of which these prove the export shows the latest round
+    shown: set[int] = set()  # ... of which these show the export holds the latest round
+    unsure: list[tuple[int, int]] = []  # (k, i): unless ex[k] is an earlier round's copy
     edited = matched_by_overlap = unmatched = 0
     for k, a in enumerate(exported):
         i = index.get(a.id or "", -1)
         if i >= 0:
-            original = latest.geometries[i]
+            changes = _changes(ex[k], latest.geometries[i], tolerance_px)
             held.add(i)
             shown.add(i)  # unless the id is an earlier round's too (checked below)
         elif (old := _by_id(olds(), a.id)) is not None:
-            original = old  # a stale copy of an earlier round, ids kept
-        else:
-            i = by_overlap[k]
-            stale, stale_untouched = _earlier_by_overlap(ex[k], olds(), tolerance_px)
-            if i >= 0 and not (stale_untouched and _changes(ex[k], latest.geometries[i],
-                                                            tolerance_px)):
-                original = latest.geometries[i]
-                matched_by_overlap += 1
-                held.add(i)
-                if not stale_untouched:
-                    shown.add(i)
-            elif stale is not None:
-                original = stale  # an earlier round's contour, ids replaced
+            changes = _changes(ex[k], old, tolerance_px)  # a stale copy, ids kept
+        elif (i := by_overlap[k]) >= 0:
+            changes = _changes(ex[k], latest.geometries[i], tolerance_px)
+            if changes and _earlier_by_overlap(ex[k], olds(), tolerance_px)[1]:
+                continue  # an untouched copy of an earlier round, ids replaced
+            matched_by_overlap += 1
+            held.add(i)
+            if changes:
+                shown.add(i)
             else:
+                unsure.append((k, i))
+        else:
+            stale, _ = _earlier_by_overlap(ex[k], olds(), tolerance_px)
+            if stale is None:
                 unmatched += 1
                 continue
-        changes = _changes(ex[k], original, tolerance_px)
+            changes = _changes(ex[k], stale, tolerance_px)  # an earlier round's, ids replaced
         if changes:
             edited += 1
             edits.extend(changes)
     missing = sorted(set(range(len(latest.ids))) - held)
     deleted = 0
-    if missing and shown:
+    if missing and held:
+        # Only a contour new in the latest round shows the export holds that round.
         earlier_ids = {fid for r in olds() for fid in r.ids}
         shown = {i for i in shown if latest.ids[i] not in earlier_ids}
+        if not shown:
+            shown = next(({i} for k, i in unsure if latest.ids[i] not in earlier_ids
+                          and not _earlier_by_overlap(ex[k], olds(), tolerance_px)[1]), set())
     if missing and shown:
         covered = shapely.union_all(ex)
         for i in missing:
@@ -162,15 +176,15 @@ def _polygonal(geometry: shapely.Geometry) -> shapely.Geometry:
     return shapely.union_all(parts) if parts else shapely.Polygon()
 
 
-def _best_overlap(ex: np.ndarray, originals: np.ndarray) -> list[int]:
+def _best_overlap(ex: np.ndarray, originals: Contours) -> list[int]:
     """For each exported geometry, the original it overlaps best (IoU ≥ MIN_MATCH_IOU), or −1."""
     best = [-1] * len(ex)
-    if len(originals) == 0 or len(ex) == 0:
+    if len(originals.geometries) == 0 or len(ex) == 0:
         return best
-    pairs = shapely.STRtree(originals).query(ex, predicate="intersects")
+    pairs = originals.tree.query(ex, predicate="intersects")
     if pairs.shape[1] == 0:
         return best
-    a, b = ex[pairs[0]], originals[pairs[1]]
+    a, b = ex[pairs[0]], originals.geometries[pairs[1]]
     inter = shapely.area(shapely.intersection(a, b))
     iou = inter / np.maximum(shapely.area(a) + shapely.area(b) - inter, 1e-12)
     score = [-1.0] * len(ex)
@@ -181,9 +195,9 @@ def _best_overlap(ex: np.ndarray, originals: np.ndarray) -> list[int]:
 
 
 def _by_id(rounds: list[Contours], fid: str | None) -> shapely.Geometry | None:
-    for r in rounds:
-        if fid and fid in r.ids:
-            return r.geometries[r.ids.index(fid)]
+    for r in rounds:  # newest first
+        if fid and fid in r.index:
+            return r.geometries[r.index[fid]]
     return None
 
 
@@ -194,7 +208,7 @@ def _earlier_by_overlap(
     newest one it overlaps best (and False), else (None, False)."""
     first = None
     for r in rounds:  # newest first
-        (k,) = _best_overlap(np.asarray([geometry], dtype=object), r.geometries)
+        (k,) = _best_overlap(np.asarray([geometry], dtype=object), r)
         if k < 0:
             continue
         if not _changes(geometry, r.geometries[k], tolerance_px):
