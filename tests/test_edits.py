@@ -16,9 +16,11 @@ import pytest
 import shapely
 from scipy import ndimage
 
-from wsiseg.edits import TOLERANCE_WORKING_PX
+from wsiseg.edits import TOLERANCE_WORKING_PX, Contours, ai_contour_changes
+from wsiseg.qupath import Annotation
 from wsiseg.refine import load_scribbles, rasterize_new, read_window, refine_round
 from wsiseg.session import ai_contours_line
+from wsiseg.slide.frame import Frame
 
 from conftest import CMU_SVS, QUPATH_FIXTURES, real
 from storekit import blobs, feature, run_store, write_export
@@ -310,3 +312,31 @@ def test_contours_without_metadata_are_known_by_their_class(cmu_run, tmp_path):
     scribbles = load_scribbles(write_export(tmp_path / "q04.geojson", features), store)
     assert scribbles.edits == [] and scribbles.unknown_classes == []
     assert scribbles.counts["ai_matched_by_overlap"] == len(features)
+
+
+# -- the comparison on its own (no store) -------------------------------------------------------
+def _contours(*geoms, prefix="r0") -> Contours:
+    return Contours([f"{prefix}-{k}" for k in range(len(geoms))],
+                    np.asarray(geoms, dtype=object))
+
+
+def test_a_contour_split_in_two_is_no_non_tumor():
+    frame = Frame((1000, 1000), 2.0, 2.0)  # one working px per level-0 px
+    square, other = shapely.box(100, 100, 140, 140), shapely.box(300, 300, 340, 340)
+    latest = _contours(square, other)
+    left = Annotation(shapely.box(100, 100, 120, 140), "Tumor (AI)", id="r0-0")
+    right = Annotation(shapely.box(120, 100, 140, 140), "Tumor (AI)", id="new")
+    kept = Annotation(other, "Tumor (AI)", id="r0-1")
+    changes = ai_contour_changes([left, right, kept], frame, latest)
+    assert changes.edits == [] and changes.deleted == 0
+    assert changes.matched_by_overlap == 1  # the right half: IoU 0.5
+
+
+def test_an_edited_stale_copy_is_compared_with_its_own_round():
+    frame = Frame((1000, 1000), 2.0, 2.0)
+    r0 = _contours(shapely.box(100, 100, 140, 140), prefix="r0")
+    r1 = _contours(shapely.box(100, 100, 150, 140), prefix="r1")  # grown by the refine
+    stale = Annotation(shapely.box(100, 100, 140, 145), "Tumor (AI)", id="r0-0")
+    changes = ai_contour_changes([stale], frame, r1, earlier=lambda: [r0])
+    assert [(round(g.area), label) for g, label in changes.edits] == [(200, 1)]
+    assert changes.deleted == 0  # r1's contour is missing, but the image shows round 0

@@ -10,10 +10,11 @@ included. Each exported AI contour is compared with the contour we wrote (the *o
   is compared with that round's contour. An AI contour with an unknown id that matches the
   latest round only with a change, but an earlier round's contour exactly, is an untouched
   stale copy.
-- **Edits.** Area added to the original counts as tumor, area removed as non-tumor, but only
-  where the boundary moved by :data:`TOLERANCE_WORKING_PX` or more: the difference is opened
-  morphologically and only its parts that survive the opening are kept, *whole* (so an edit
-  counts with the area QuPath reports for it). Coordinate rounding (QuPath writes 2
+- **Edits.** Area added to the original counts as tumor, area removed (and held by no other
+  exported AI contour: a contour split in two) as non-tumor, but only where the boundary
+  moved by :data:`TOLERANCE_WORKING_PX` or more: the difference is opened morphologically and
+  only its parts that survive the opening are kept, *whole* (so an edit counts with the area
+  QuPath reports for it). Coordinate rounding (QuPath writes 2
   decimals), another ring start or orientation, and the writer's 0.01 px snap are thinner
   than that and count as nothing.
 - **Deletions.** When the export holds some of the latest round's contours but not others,
@@ -146,6 +147,7 @@ def ai_contour_changes(
                 unmatched += 1
                 continue
             changes = _changes(ex[k], stale, tolerance_px)  # an earlier round's, ids replaced
+        changes = _still_uncovered(changes, k, ex, tolerance_px)
         if changes:
             edited += 1
             edits.extend(changes)
@@ -166,6 +168,24 @@ def ai_contour_changes(
                 deleted += 1
                 edits.append((gone, int(Label.NON_TUMOR)))
     return AiChanges(edits, edited, matched_by_overlap, deleted, unmatched)
+
+
+def _still_uncovered(
+    changes: list[tuple[shapely.Geometry, int]], k: int, ex: np.ndarray, tolerance_px: float
+) -> list[tuple[shapely.Geometry, int]]:
+    """Area removed from a contour but held by another exported AI contour (a contour split
+    in two, one part matched) is no non-tumor."""
+    out = []
+    for geometry, label in changes:
+        if label == Label.NON_TUMOR:
+            others = np.flatnonzero(shapely.intersects(ex, geometry))
+            others = others[others != k]
+            if len(others):
+                geometry = _thick(shapely.difference(geometry, shapely.union_all(ex[others])),
+                                  tolerance_px)
+        if not geometry.is_empty:
+            out.append((geometry, label))
+    return out
 
 
 def _polygonal(geometry: shapely.Geometry) -> shapely.Geometry:
