@@ -195,7 +195,8 @@ def recontour(
     near = shapely.union_all([_box(r, REPLACE_PX) for r in regions])
     replaced = shapely.intersects(previous, near)
     traced, means = round_contours(store, regions=[_grown(r, RETRACE_PX) for r in regions])
-    replaced |= _mostly_covered(previous, traced) & ~replaced
+    away = np.flatnonzero(~replaced)
+    replaced[away] = _mostly_covered(previous[away], traced)
     return np.flatnonzero(~replaced).tolist(), traced, means
 
 
