@@ -59,10 +59,11 @@ def qupath_like_export(store, out, path):
     )
     line = shapely.LineString([(x1 - 20, y1), (x1, y1 + 5), (x1 + 20, y1 - 5)])
     points = shapely.MultiPoint([(x2, y2), (x2 + 6, y2 + 6)])
-    ai = json.loads((out / f"{SLIDE_ID}.geojson").read_text())["features"][0]
+    # export_scribbles.groovy exports every annotation, our contours included
+    ai, *other_ai = json.loads((out / f"{SLIDE_ID}.geojson").read_text())["features"]
     edited = shapely.geometry.shape(ai["geometry"]).buffer(40)  # pathologist grew it
     ai["geometry"] = json.loads(shapely.to_geojson(shapely.set_precision(edited, 0.01)))
-    features = [
+    features = [*other_ai,
         feature(to_qupath(store, brush), "Tumor"),
         feature(to_qupath(store, line), "Stroma"),
         feature(to_qupath(store, points), "Tumor"),
@@ -100,7 +101,8 @@ def test_round_trip_changes_only_the_scribbled_windows_and_undo_restores(cmu_run
     assert (scribbles > 0).any() and (scribbles < 0).any()  # tumor brush + stroma line
     history = store.attrs["rounds"]
     counts = history[-1]["scribbles"]
-    assert counts == {"tumor": 2, "non_tumor": 1, "ignored": 2, "edited_ai": 1}
+    assert counts == {"tumor": 2, "non_tumor": 1, "ignored": 2, "edited_ai": 1,
+                      "ai_matched_by_overlap": 0, "deleted_ai": 0}
     # Every file validates by QuPath's rules and lies inside the slide.
     w, h = store.frame.level0_size
     for name in (f"{SLIDE_ID}.geojson", f"{SLIDE_ID}.r0.geojson", f"{SLIDE_ID}.r1.geojson"):

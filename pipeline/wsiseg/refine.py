@@ -2,7 +2,9 @@
 
 1. The QuPath export is read (:mod:`wsiseg.qupath`) and its classes mapped to tumor /
    non-tumor / ignore. Our own contours are not scribbles, except where the pathologist
-   edited one: the area added counts as tumor, the area removed as non-tumor.
+   edited one (by geometry, :mod:`wsiseg.edits`): the area added counts as tumor, the area
+   removed as non-tumor, and a contour of the latest round deleted from an export that holds
+   others as non-tumor.
 2. Scribbles are rasterised at the working resolution and merged into the store's
    ``scribbles`` array; only pixels that are new count.
 3. Affected windows: a global grid of ``window_px`` windows with stride
@@ -33,6 +35,7 @@ import numpy as np
 import shapely
 
 from wsiseg import rounds
+from wsiseg.edits import Contours, ai_contour_changes
 from wsiseg.errors import WsisegError
 from wsiseg.journal import Transaction
 from wsiseg.outputs import measurements
@@ -59,8 +62,10 @@ class ScribbleSet:
     """Scribbles of one export, in working pixels, with what was left out and why."""
 
     shapes: list[tuple[shapely.Geometry, int]]  # (geometry, +1 tumor / −1 non-tumor)
-    edits: list[tuple[shapely.Geometry, int]]  # areas added to / removed from our contours
-    counts: dict[str, int]  # annotations per outcome: tumor, non_tumor, ignored, edited_ai
+    edits: list[tuple[shapely.Geometry, int]]  # our contours' edits and deletions
+    # annotations per outcome: tumor, non_tumor, ignored; AI contours: edited_ai,
+    # ai_matched_by_overlap, deleted_ai (see wsiseg.edits)
+    counts: dict[str, int]
     unknown_classes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -75,6 +80,10 @@ class RoundResult:
     tumor_mm2_after: float
     seconds: float
     refine_s: float
+    # AI contours of the export: edited, matched by overlap (ids replaced in QuPath), deleted
+    edited_ai: int = 0
+    matched_by_overlap: int = 0
+    deleted_ai: int = 0
 
 
 Refiner = Callable[[SlideStore, list[tuple[int, int]], int], list[np.ndarray]]
@@ -87,30 +96,24 @@ def load_scribbles(
     """Parse a QuPath export into labelled working-pixel geometries.
 
     ``latest`` are the contours of the store's latest round (read from the store when not
-    given): an edited AI contour is compared with its exported original.
+    given): exported AI contours are compared with them by geometry (:mod:`wsiseg.edits`):
+    edits, and deletions, become scribbles.
     """
     annotations, warnings = read_annotations_report(path)
     wf = store.workflow
     mapping = ClassMapping.from_workflow(wf.scribbles)
     frame = store.frame
-    if latest is None:
-        history = store.attrs.get("rounds") or []
-        if history:
-            latest = rounds.load_round_contours(store, int(history[-1]["round"]))
-    previous = latest.by_id() if latest is not None else {}  # our contours, QuPath frame
+    history = store.attrs.get("rounds") or []
+    if latest is None and history:
+        latest = rounds.load_round_contours(store, int(history[-1]["round"]))
     shapes: list[tuple[shapely.Geometry, int]] = []
-    edits: list[tuple[shapely.Geometry, int]] = []
-    counts = {"tumor": 0, "non_tumor": 0, "ignored": 0, "edited_ai": 0}
+    ours: list[Annotation] = []
+    counts = {"tumor": 0, "non_tumor": 0, "ignored": 0}
     unknown: set[str] = set()
     for a in annotations:
-        if is_wsiseg_feature(a):
-            changes = _ai_contour_edits(a, previous)
-            if changes:
-                counts["edited_ai"] += 1
-                edits.extend(
-                    (frame.transform_geometry(g, "qupath", "working"), label)
-                    for g, label in changes
-                )
+        # QuPath 0.4 drops metadata: our class name tells our contours then.
+        if is_wsiseg_feature(a, ai_class_name=wf.contours.class_name):
+            ours.append(a)
             continue
         label = mapping.label_of(a.class_name)
         if label is None:
@@ -122,28 +125,26 @@ def load_scribbles(
             continue
         counts["tumor" if label == Label.TUMOR else "non_tumor"] += 1
         shapes.append((frame.transform_geometry(a.geometry, "qupath", "working"), int(label)))
+
+    def earlier() -> list[Contours]:  # read only for AI contours of earlier rounds
+        return [_working_contours(store, rounds.load_round_contours(store, int(r["round"])))
+                for r in reversed(history[:-1])]
+
+    changes = ai_contour_changes(ours, frame, _working_contours(store, latest), earlier)
+    counts |= {"edited_ai": changes.edited, "ai_matched_by_overlap": changes.matched_by_overlap,
+               "deleted_ai": changes.deleted}
     if unknown:
         warnings = [*warnings, f"{path}: unknown classes ignored: {', '.join(sorted(unknown))}"]
-    return ScribbleSet(shapes, edits, counts, sorted(unknown), list(warnings))
+    if changes.unmatched:
+        warnings = [*warnings, f"{path}: {changes.unmatched} AI contour(s) match no contour of "
+                               "this slide's rounds: ignored"]
+    return ScribbleSet(shapes, changes.edits, counts, sorted(unknown), list(warnings))
 
 
-def _ai_contour_edits(
-    a: Annotation, previous: dict[str, shapely.Geometry]
-) -> list[tuple[shapely.Geometry, int]]:
-    """Area added to one of our contours → tumor; area removed → non-tumor."""
-    original = previous.get(a.id or "")
-    if original is None:
-        return []
-    edited = shapely.make_valid(a.geometry)
-    # Below a pixel's worth of area the difference is rounding (0.01 px coordinates).
-    added = shapely.difference(edited, original)
-    removed = shapely.difference(original, edited)
-    out = []
-    if added.area > 1.0:
-        out.append((added, int(Label.TUMOR)))
-    if removed.area > 1.0:
-        out.append((removed, int(Label.NON_TUMOR)))
-    return out
+def _working_contours(store: SlideStore, contours: rounds.RoundContours | None) -> Contours | None:
+    if contours is None:
+        return None
+    return Contours(list(contours.ids), np.asarray(contours.working_geometries(store)))
 
 
 # -- 2. rasterise and merge ------------------------------------------------------------------
@@ -186,8 +187,8 @@ def rasterize_new(
             for group in (strokes, edits)
         ]
         drawn_boxes.append((drawn[0], drawn[1], box))
-    # Only the pathologist's own strokes can betray another slide's file: edits of our
-    # contours are matched by this slide's feature ids.
+    # Only the pathologist's own strokes can betray another slide's file: edits and deletions
+    # are of this slide's own contours (matched by id or by overlap).
     _check_on_tissue(store, [(d, box) for d, _, box in drawn_boxes], source)
     out = []
     for stroke_px, edit_px, box in drawn_boxes:
@@ -428,7 +429,8 @@ def refine_round(
             log.warning("%s", w)
         before_mm2 = float(history[-1].get("tumor_mm2", 0.0))
         digest = file_fingerprint(Path(scribble_file))
-        nothing = RoundResult(round_k - 1, 0, [], None, before_mm2, before_mm2, 0.0, 0.0)
+        nothing = RoundResult(round_k - 1, 0, [], None, before_mm2, before_mm2, 0.0, 0.0,
+                              **_ai_counts(scribbles))
         if any(r.get("scribble_sha256") == digest for r in history):
             # The very same export again: nothing new, whatever conflicts it had.
             return replace(nothing, seconds=time.perf_counter() - t0)
@@ -465,7 +467,7 @@ def refine_round(
             store.reload()  # the attributes as rolled back on disk
             raise
         return RoundResult(round_k, new_count, windows, latest_geojson, before_mm2, m.tumor_mm2,
-                           seconds, refine_s)
+                           seconds, refine_s, **_ai_counts(scribbles))
 
 
 def _apply_round(store, round_k, rasters, windows, regions, refiner, latest, out_dir, slide_id):
@@ -523,6 +525,12 @@ def blend_windows(
     alpha = np.minimum(wsum, 1.0)  # 1 inside, ramping to 0 at the union's border
     out = alpha * new + (1.0 - alpha) * (old.astype(np.float32) / 255.0)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def _ai_counts(scribbles: ScribbleSet) -> dict[str, int]:
+    c = scribbles.counts
+    return {"edited_ai": c["edited_ai"], "matched_by_overlap": c["ai_matched_by_overlap"],
+            "deleted_ai": c["deleted_ai"]}
 
 
 def _sl(box: tuple[int, int, int, int]) -> tuple[slice, slice]:

@@ -173,28 +173,63 @@ def _index_path(store: SlideStore, round_k: int) -> Path:
     return store.path / "rounds" / f"r{round_k}.index.npz"
 
 
+#: Features within this many working px of a changed region are replaced (see recontour).
+REPLACE_PX = 2
+#: ... and the components within this many px traced again: one more than the polygons' 1 px.
+RETRACE_PX = REPLACE_PX + 1
+
+
 def recontour(
     store: SlideStore, previous: np.ndarray, regions: list[tuple[int, int, int, int]],
 ) -> tuple[list[int], list[shapely.Polygon], np.ndarray]:
     """Contours after a round, from the previous round's features (working px, one geometry
-    each): the indices of the features that lie away from the changed regions and are kept as
-    they are (``refined`` did not change under them), the new polygons — whole components
-    that touch a region, each traced once, plus the parts of touched multi-part features
-    that lie away from every region (nothing re-traces those) — and the new polygons' mean
-    probabilities (NaN for those parts: to be measured)."""
+    each) and the regions whose ``refined`` changed (row0, col0, rows, cols).
+
+    Returns the indices of the features kept as they are, the polygons traced anew (whole
+    components, each once) and their mean probabilities. Nothing is lost and nothing is
+    there twice:
+
+    - a feature within :data:`REPLACE_PX` of a region is replaced: exported polygons lie
+      within 1 px of their components' outlines (simplified, rounded), so every component
+      that touches a region, or merges with or splits from one that does, has its features
+      there;
+    - every component reaching within :data:`RETRACE_PX` of a region is traced: it holds
+      each replaced feature's component (1 px from its polygon), changed or not;
+    - a feature outside the first margin whose component reached the second one is traced
+      again as well: the traced polygon covering most of it replaces it.
+    """
     if not regions:
         return list(range(len(previous))), [], np.zeros(0)
-    # Exported polygons are simplified (≤ 1 px) and rounded: grow the regions by 2 px so a
-    # polygon that touched a region is always replaced, never kept twice.
-    boxes = [shapely.box(c0 - 2, r0 - 2, c0 + cols + 2, r0 + rows + 2)
-             for r0, c0, rows, cols in regions]
-    changed = shapely.union_all(boxes)
-    hit = shapely.intersects(previous, changed)
-    kept = np.flatnonzero(~hit).tolist()
-    away = [part for g in previous[hit] for part in shapely.get_parts(g)
-            if not shapely.intersects(part, changed)]
-    traced, means = round_contours(store, regions=regions)
-    return kept, traced + away, np.concatenate([means, np.full(len(away), np.nan)])
+    near = shapely.union_all([_box(r, REPLACE_PX) for r in regions])
+    replaced = shapely.intersects(previous, near)
+    traced, means = round_contours(store, regions=[_grown(r, RETRACE_PX) for r in regions])
+    away = np.flatnonzero(~replaced)
+    replaced[away] = _mostly_covered(previous[away], traced)
+    return np.flatnonzero(~replaced).tolist(), traced, means
+
+
+def _grown(region: tuple[int, int, int, int], px: int) -> tuple[int, int, int, int]:
+    r0, c0, rows, cols = region
+    return r0 - px, c0 - px, rows + 2 * px, cols + 2 * px
+
+
+def _box(region: tuple[int, int, int, int], px: int) -> shapely.Polygon:
+    r0, c0, rows, cols = _grown(region, px)
+    return shapely.box(c0, r0, c0 + cols, r0 + rows)
+
+
+def _mostly_covered(features: np.ndarray, polygons: list[shapely.Polygon]) -> np.ndarray:
+    """bool per feature: at least half of its area lies in ``polygons`` (which are disjoint)."""
+    out = np.zeros(len(features), dtype=bool)
+    if not polygons or len(features) == 0:
+        return out
+    traced = np.asarray(polygons, dtype=object)
+    pairs = shapely.STRtree(traced).query(features, predicate="intersects")
+    if pairs.shape[1] == 0:
+        return out
+    inside = shapely.area(shapely.intersection(features[pairs[0]], traced[pairs[1]]))
+    covered = np.bincount(pairs[0], weights=inside, minlength=len(features))
+    return covered >= 0.5 * shapely.area(features)
 
 
 def write_round_geojson(

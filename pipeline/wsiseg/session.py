@@ -55,6 +55,8 @@ def refine_store(
         kind_note = ""
     out = out_dir or store_path.parent
     result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind)
+    if line := ai_contours_line(result):
+        print(line)
     if result.new_pixels == 0:
         print(f"{scribbles}: nothing new to refine (round {result.round} stays current)")
         return 0
@@ -66,6 +68,22 @@ def refine_store(
         f"{result.tumor_mm2_before:.3f} → {result.tumor_mm2_after:.3f} mm²; {result.geojson}"
     )
     return 0
+
+
+def ai_contours_line(result) -> str:
+    """What the export did to our contours, e.g. "AI contours: 1 edited, 2 contours deleted
+    (their area is non-tumor), 6 matched by overlap (QuPath replaced their ids)"; "" if
+    nothing."""
+    parts = []
+    if result.edited_ai:
+        parts.append(f"{result.edited_ai} edited")
+    if result.deleted_ai:
+        n = result.deleted_ai
+        parts.append(f"{n} contour{'s' if n != 1 else ''} deleted (their area is non-tumor)")
+    if result.matched_by_overlap:
+        parts.append(f"{result.matched_by_overlap} matched by overlap (QuPath replaced their "
+                     "ids)")
+    return f"AI contours: {', '.join(parts)}" if parts else ""
 
 
 def print_history(store_path: Path) -> int:
