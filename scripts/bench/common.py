@@ -97,11 +97,12 @@ def generated_slide(cache: Path, size: tuple[int, int], mpp: float, seed: int = 
     -------
     wsiseg.synth.SyntheticSlide
     """
-    from wsiseg.synth import SyntheticSlide, synthesize_slide
+    from wsiseg.synth import TRUTH_DIR, SyntheticSlide, synthesize_slide
 
     width, height = size
     slide_id = f"synth-{width}x{height}-mpp{mpp:g}-seed{seed}"
-    paths = [cache / f"{slide_id}{s}" for s in (".tiff", ".truth.tiff", ".truth.geojson")]
+    paths = [cache / f"{slide_id}.tiff"]
+    paths += [cache / TRUTH_DIR / f"{slide_id}{s}" for s in (".truth.tiff", ".truth.geojson")]
     if all(p.exists() for p in paths):
         return SyntheticSlide(*paths, level0_size=(width, height), mpp=float(mpp),
                               truth_mpp=2.0)
