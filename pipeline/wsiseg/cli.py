@@ -125,7 +125,7 @@ def cmd_models_init(args: argparse.Namespace) -> int:
 
 
 def cmd_scribbles_simulate(args: argparse.Namespace) -> int:
-    from wsiseg.scribbles.simulate import preview_png
+    from wsiseg.scribbles.preview import preview_png
 
     preview_png(
         Path(args.mask), Path(args.out), seed=args.seed,
@@ -210,7 +210,7 @@ def cmd_eval_masks(args: argparse.Namespace) -> int:
 def cmd_eval_interactive(args: argparse.Namespace) -> int:
     from wsiseg import evaluate
     from wsiseg.config import load_workflow
-    from wsiseg.train.data import match_annotations
+    from wsiseg.train.inputs import match_annotations
 
     wf = load_workflow(args.workflow)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -5,6 +5,7 @@
 - :mod:`wsiseg.evaluate.refiners`     the methods as window refiners: RefineNet, random
   walker, watershed, GuideNet alone
 - :mod:`wsiseg.evaluate.windows`      windows from patch folders (with GuideNet) and slide stores
+- :mod:`wsiseg.evaluate.truth`        a slide's ground truth (GeoJSON, mask, generated TIFF)
 - :mod:`wsiseg.evaluate.masks`        per-slide IoU, Dice and the PAIP 2019 score
   (:func:`evaluate_masks`)
 

@@ -43,8 +43,9 @@ from scipy import ndimage
 from wsiseg.errors import WsisegError
 from wsiseg.evaluate._files import csv_text, write_bytes, write_text
 from wsiseg.evaluate.refiners import Refiner
+from wsiseg.scribbles.deepscribble import limit_scribble_size
 from wsiseg.scribbles.raster import merge_scribbles
-from wsiseg.scribbles.simulate import correction_scribble, limit_scribble_size
+from wsiseg.scribbles.simulate import correction_scribble
 
 __all__ = [
     "PAPER_TABLE1",
@@ -198,7 +199,7 @@ def correction_on_largest_error(
     negatives together; the scribble is :func:`wsiseg.scribbles.simulate.correction_scribble`
     drawn for that region alone (a human-like stroke through it, tumor on a false negative,
     non-tumor on a false positive), then cut to ``max_pixels``
-    (:func:`wsiseg.scribbles.simulate.limit_scribble_size`: a contiguous piece of the stroke).
+    (:func:`wsiseg.scribbles.deepscribble.limit_scribble_size`: a contiguous piece of the stroke).
 
     Parameters
     ----------
