@@ -21,11 +21,9 @@ import tifffile
 from numpy.typing import NDArray
 
 from wsiseg.errors import WsisegError
-from wsiseg.qupath import ClassMapping, Label, read_annotations
-from wsiseg.scribbles.raster import rasterize_labels
 from wsiseg.synth import read_truth_mask
-from wsiseg.train.inputs import GEOJSON_SUFFIXES, MASK_SUFFIXES, read_grey_image
-from wsiseg.train.labels import MAX_ASPECT_MISMATCH
+from wsiseg.train.annotations import read_label_geometries, read_slide_mask
+from wsiseg.train.inputs import GEOJSON_SUFFIXES, MASK_SUFFIXES
 
 if TYPE_CHECKING:
     from wsiseg.config import Workflow
@@ -108,32 +106,17 @@ class _MaskTruth(TruthSource):
 
     def __init__(self, path: Path, shape: tuple[int, int], level0_size: tuple[int, int] | None):
         super().__init__(path, shape)
-        grey = read_grey_image(path)
-        self.mask = grey > (0 if grey.max() <= 1 else 127)
-        mh, mw = self.mask.shape
+        self.mask = read_slide_mask(path, level0_size)
+        mh, mw = self.mask.tumor.shape
         rows, cols = shape
-        if level0_size is None:
-            if (mh, mw) != (rows, cols):
-                raise WsisegError(
-                    f"{path}: truth mask is {mw} × {mh} px but the predicted mask is "
-                    f"{cols} × {rows} px"
-                )
-            return
-        width, height = level0_size
-        mismatch = abs((mw / mh) / (width / height) - 1.0)
-        if mismatch > MAX_ASPECT_MISMATCH:
+        if level0_size is None and (mh, mw) != (rows, cols):
             raise WsisegError(
-                f"{path}: mask of {mw} × {mh} px does not have the slide's aspect ratio "
-                f"({width} × {height} px level 0; off by {100 * mismatch:.1f} %)"
+                f"{path}: truth mask is {mw} × {mh} px but the predicted mask is "
+                f"{cols} × {rows} px"
             )
 
     def window(self, box):
-        r0, c0, h, w = box
-        mh, mw = self.mask.shape
-        rows, cols = self.shape
-        mr = np.minimum(((np.arange(r0, r0 + h) + 0.5) * mh / rows).astype(np.int64), mh - 1)
-        mc = np.minimum(((np.arange(c0, c0 + w) + 0.5) * mw / cols).astype(np.int64), mw - 1)
-        return self.mask[np.ix_(mr, mc)], np.ones((h, w), bool)
+        return self.mask.window(box, self.shape), np.ones(box[2:], bool)
 
 
 class _ArrayTruth(TruthSource):
@@ -172,43 +155,14 @@ class _GeoJSONTruth(TruthSource):
     def __init__(self, path: Path, store: SlideStore, workflow: Workflow):
         rows, cols = store.frame.working_shape
         super().__init__(path, (rows, cols))
-        mapping = ClassMapping.from_workflow(workflow.scribbles)
-        frame = store.frame
-        self.tumor: list[shapely.Geometry] = []
-        self.ignore: list[shapely.Geometry] = []
-        regions: list[shapely.Geometry] = []
-        for a in read_annotations(path):
-            if a.class_name is None:
-                continue  # unclassified: says nothing
-            geometry = frame.transform_geometry(a.geometry, "qupath", "working")
-            base = a.class_name.split(":", 1)[0].strip().rstrip("*")
-            if base.lower() == "region":
-                regions.append(shapely.make_valid(geometry))
-            elif (label := mapping.label_of(a.class_name)) == Label.TUMOR:
-                self.tumor.append(geometry)
-            elif label == Label.IGNORE:
-                self.ignore.append(geometry)
+        self.labels = read_label_geometries(path, store.frame, workflow)
         slide_box = shapely.box(0, 0, cols, rows)
-        if self.tumor and not any(shapely.intersects(g, slide_box) for g in self.tumor):
+        tumor = self.labels.tumor
+        if tumor and not any(shapely.intersects(g, slide_box) for g in tumor):
             raise WsisegError(
                 f"{path}: the tumor annotations do not overlap the slide of {store.path} "
                 f"({cols} × {rows} working px); is this the truth of another slide?"
             )
-        self.region = shapely.union_all(regions) if regions else None
-        mpp = workflow.working_mpp
-        self.draw = {
-            "line_width_px": workflow.scribbles.line_width_um / mpp,
-            "point_radius_px": workflow.scribbles.point_radius_um / mpp,
-        }
-
-    def _raster(self, geometries: list[shapely.Geometry], box) -> NDArray[np.bool_]:
-        return rasterize_labels(((g, 1) for g in geometries), box, **self.draw) > 0
 
     def window(self, box):
-        truth = self._raster(self.tumor, box)
-        counted = np.ones(truth.shape, bool)
-        if self.region is not None:
-            counted &= self._raster([self.region], box)
-        if self.ignore:
-            counted &= ~self._raster(self.ignore, box)
-        return truth, counted
+        return self.labels.window(box)

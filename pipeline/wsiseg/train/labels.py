@@ -23,7 +23,7 @@ A folder of image/mask patch pairs (``images/*.jpg`` + ``masks/*.jpg``) gives la
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,16 +35,18 @@ from numpy.typing import NDArray
 from wsiseg.config import Workflow
 from wsiseg.errors import WsisegError
 from wsiseg.store import SlideStore
+from wsiseg.train.annotations import (
+    LabelGeometries,
+    SlideMask,
+    read_label_geometries,
+    read_slide_mask,
+)
 from wsiseg.train.inputs import (
     GEOJSON_SUFFIXES,
     annotation_suffix,
     match_annotations,
-    read_grey_image,
     slide_stem,
 )
-
-#: Largest relative difference of the mask's and the slide's aspect ratios (width / height).
-MAX_ASPECT_MISMATCH = 0.02
 
 #: Edge, in working pixels, of the blocks whose label counts steer patch sampling.
 BLOCK_PX = 16
@@ -206,55 +208,26 @@ def labelled_slides_from_annotations(
 # -- label sources ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Geometries:
-    """Working-frame label geometries of one slide, from a GeoJSON export."""
-
-    tumor: list[shapely.Geometry]
-    ignore: list[shapely.Geometry]
-    region: shapely.Geometry | None  # union of Region* annotations; None = whole slide
-
-
-@dataclass(frozen=True)
-class _Mask:
-    """A tumor mask image covering the whole slide (bool (h, w))."""
-
-    tumor: NDArray[np.bool_]
-
-
-def _label_source(annotation: Path, frame: Any, workflow: Workflow) -> _Geometries | _Mask:
-    suffix = annotation_suffix(annotation)
-    if suffix in GEOJSON_SUFFIXES:
+def _label_source(annotation: Path, frame: Any, workflow: Workflow) -> LabelGeometries | SlideMask:
+    """The labels of a training annotation, checked: some tumor, on the slide."""
+    if annotation_suffix(annotation) in GEOJSON_SUFFIXES:
         return _geometries(annotation, frame, workflow)
-    return _mask(annotation, frame)
+    mask = read_slide_mask(annotation, frame.level0_size)
+    if not mask.tumor.any():
+        raise WsisegError(f"{annotation}: the mask has no tumor pixel (> 127)")
+    return mask
 
 
-def _geometries(path: Path, frame: Any, workflow: Workflow) -> _Geometries:
-    from wsiseg.qupath import ClassMapping, Label, read_annotations
-
-    mapping = ClassMapping.from_workflow(workflow.scribbles)
+def _geometries(path: Path, frame: Any, workflow: Workflow) -> LabelGeometries:
     rows, cols = frame.working_shape
     slide_box = shapely.box(0, 0, cols, rows)
-    tumor, ignore, region = [], [], []
-    classes = set()
-    for a in read_annotations(path):
-        if a.class_name is None:
-            continue  # unclassified: says nothing
-        classes.add(a.class_name)
-        geometry = frame.transform_geometry(a.geometry, "qupath", "working")
-        base = a.class_name.split(":", 1)[0].strip().rstrip("*")
-        if base.lower() == "region":
-            region.append(geometry)
-        elif (label := mapping.label_of(a.class_name)) == Label.TUMOR:
-            tumor.append(geometry)
-        elif label == Label.IGNORE:
-            ignore.append(geometry)
-        # non-tumor and unknown classes are background, which is the default
+    found = read_label_geometries(path, frame, workflow)
+    tumor = found.tumor
     if not tumor:
-        found = ", ".join(sorted(classes)) or "none"
+        classes = ", ".join(sorted(found.classes)) or "none"
         raise WsisegError(
             f"{path}: no tumor annotations (tumor classes: "
-            f"{', '.join(workflow.scribbles.tumor)}; classes found: {found})"
+            f"{', '.join(workflow.scribbles.tumor)}; classes found: {classes})"
         )
     if not any(shapely.intersects(g, slide_box) for g in tumor):
         bounds = shapely.union_all(tumor).bounds
@@ -263,29 +236,9 @@ def _geometries(path: Path, frame: Any, workflow: Workflow) -> _Geometries:
             f"{bounds[1]:.0f}–{bounds[3]:.0f}) do not overlap the slide ({cols} × {rows} "
             f"working px); is this the annotation of another slide?"
         )
-    region_union = None
-    if region:
-        region_union = shapely.union_all([shapely.make_valid(g) for g in region])
-        if not shapely.intersects(region_union, slide_box):
-            raise WsisegError(f"{path}: the Region annotations do not overlap the slide")
-    return _Geometries(tumor=tumor, ignore=ignore, region=region_union)
-
-
-def _mask(path: Path, frame: Any) -> _Mask:
-    grey = read_grey_image(path)
-    h, w = grey.shape
-    slide_w, slide_h = frame.level0_size
-    mismatch = abs((w / h) / (slide_w / slide_h) - 1.0)
-    if mismatch > MAX_ASPECT_MISMATCH:
-        raise WsisegError(
-            f"{path}: mask of {w} × {h} px does not have the slide's aspect ratio "
-            f"({slide_w} × {slide_h} px level 0; off by {100 * mismatch:.1f} % > "
-            f"{100 * MAX_ASPECT_MISMATCH:.0f} %)"
-        )
-    tumor = grey > (0 if grey.max() <= 1 else 127)
-    if not tumor.any():
-        raise WsisegError(f"{path}: the mask has no tumor pixel (> 127)")
-    return _Mask(tumor=tumor)
+    if found.region is not None and not shapely.intersects(found.region, slide_box):
+        raise WsisegError(f"{path}: the Region annotations do not overlap the slide")
+    return found
 
 
 def _write_label_raster(path: Path, store: SlideStore, source: Any, annotation: Path) -> Any:
@@ -319,46 +272,26 @@ def _write_label_raster(path: Path, store: SlideStore, source: Any, annotation: 
         zarr_format=3,
     )
     tiled = np.asarray(store["tiled"][...], dtype=bool)
-    wf = store.workflow
     for i, j in zip(*np.nonzero(tiled), strict=True):
         r0, c0 = int(i) * chunk, int(j) * chunk
         window = (r0, c0, min(chunk, rows - r0), min(chunk, cols - c0))
         labels[r0 : r0 + window[2], c0 : c0 + window[3]] = _label_window(
-            source, window, (rows, cols), wf
+            source, window, (rows, cols)
         )
     labels.attrs["wsiseg_labels"] = identity  # last: marks the raster complete
     return labels
 
 
 def _label_window(
-    source: _Geometries | _Mask, window: tuple[int, int, int, int], shape: tuple[int, int],
-    workflow: Workflow,
+    source: LabelGeometries | SlideMask, window: tuple[int, int, int, int],
+    shape: tuple[int, int],
 ) -> NDArray[np.int8]:
-    """Labels (int8: 1, 0, −1) of one window of the working frame."""
-    from wsiseg.scribbles.raster import rasterize_labels
-
-    r0, c0, h, w = window
-    if isinstance(source, _Mask):
-        mh, mw = source.tumor.shape
-        # Nearest: working pixel centre → mask pixel.
-        mr = np.minimum(((np.arange(r0, r0 + h) + 0.5) * mh / shape[0]).astype(np.int64), mh - 1)
-        mc = np.minimum(((np.arange(c0, c0 + w) + 0.5) * mw / shape[1]).astype(np.int64), mw - 1)
-        return source.tumor[np.ix_(mr, mc)].astype(np.int8)
-    cfg = workflow.scribbles
-    mpp = workflow.working_mpp
-    draw = {
-        "line_width_px": cfg.line_width_um / mpp,
-        "point_radius_px": cfg.point_radius_um / mpp,
-    }
-
-    def raster(geometries: Iterable[shapely.Geometry]) -> NDArray[np.bool_]:
-        return rasterize_labels(((g, 1) for g in geometries), window, **draw) > 0
-
-    out = raster(source.tumor).astype(np.int8)
-    if source.region is not None:
-        out[~raster([source.region])] = -1
-    if source.ignore:
-        out[raster(source.ignore)] = -1
+    """Labels (int8: 1, 0, −1) of one window of the working frame of ``shape``."""
+    if isinstance(source, SlideMask):
+        return source.window(window, shape).astype(np.int8)
+    tumor, counted = source.window(window)
+    out = tumor.astype(np.int8)
+    out[~counted] = -1
     return out
 
 
