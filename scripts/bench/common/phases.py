@@ -2,7 +2,7 @@
 
 The benchmark scripts run them through :func:`run_phase`, which starts::
 
-    python -m common.phases --phase pipeline '<json arguments>'
+    python -m common --phase pipeline '<json arguments>'
 
 with ``scripts/bench`` on ``PYTHONPATH``; the child prints one JSON line (the phase's result)
 as the last line of stdout.
@@ -56,8 +56,8 @@ def fastest(results: list[ChildResult]) -> ChildResult:
 
 
 def run_phase(phase: str, **kwargs: Any) -> ChildResult:
-    """Run ``python -m common.phases --phase PHASE`` in a fresh interpreter; read its result."""
-    argv = [sys.executable, "-m", "common.phases", "--phase", phase, json.dumps(kwargs)]
+    """Run ``python -m common --phase PHASE`` in a fresh interpreter; read its result."""
+    argv = [sys.executable, "-m", "common", "--phase", phase, json.dumps(kwargs)]
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), path]))}
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -408,7 +408,3 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     result.setdefault("peak_rss_mib", rss.peak_mib)  # phases that sample their own keep it
     print(json.dumps(result, default=str), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())
