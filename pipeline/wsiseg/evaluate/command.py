@@ -14,12 +14,9 @@ from pathlib import Path
 
 from wsiseg.config import Workflow
 from wsiseg.errors import UsageError
-from wsiseg.evaluate.interactive import (
-    InteractiveResult,
-    evaluate_interactive,
-    write_interactive_report,
-)
+from wsiseg.evaluate.interactive import InteractiveResult, evaluate_interactive
 from wsiseg.evaluate.refiners import Refiner, baseline_refiners, refinenet_refiner
+from wsiseg.evaluate.report import write_interactive_report
 from wsiseg.evaluate.windows import (
     select_windows,
     windows_from_patch_folder,
