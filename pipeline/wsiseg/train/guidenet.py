@@ -167,7 +167,7 @@ def train_guidenet(
     ----------
     slides, annotations
         Slides and their QuPath GeoJSON exports or mask images (files or folders; matched by
-        name, see :func:`wsiseg.train.data.labelled_slides_from_annotations`).
+        name, see :func:`wsiseg.train.labels.labelled_slides_from_annotations`).
     patch_folders
         Folders of ``images/`` + ``masks/`` patch pairs (taken as being at the working mpp).
     out : Path

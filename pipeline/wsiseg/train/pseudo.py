@@ -57,7 +57,7 @@ def scribble_labels_from_truth(
     -------
     ndarray of int8, shape (H, W)
         1 tumor scribble, 0 non-tumor scribble, −1 not scribbled (the labels convention of
-        :class:`~wsiseg.train.data.LabelledSlide`).
+        :class:`~wsiseg.train.labels.LabelledSlide`).
     """
     truth = np.asarray(truth, bool)
     known = np.ones(truth.shape, bool) if labelled is None else np.asarray(labelled, bool)

@@ -138,7 +138,7 @@ def train_guidenet_scribbles_only(
     ----------
     slides : sequence of Path
         Slides, with either ``scribbles`` or ``truth`` (matched by name as in
-        :func:`wsiseg.train.data.match_annotations`).
+        :func:`wsiseg.train.inputs.match_annotations`).
     scribbles : Path or sequence of Path, optional
         QuPath GeoJSON exports of the pathologist's scribbles (files or folders).
     truth : Path or sequence of Path, optional

@@ -20,7 +20,7 @@ from wsiseg.qupath import ClassMapping, Label, is_wsiseg_feature, read_annotatio
 from wsiseg.scribbles.raster import rasterize_labels
 from wsiseg.slide.reader import open_slide
 from wsiseg.tiling import make_frame, tile_slide
-from wsiseg.train.inputs import match_annotations, slide_stem
+from wsiseg.train.inputs import match_annotations, patch_pairs_from_folder, slide_stem
 from wsiseg.train.labels import BLOCK_PX, LabelledSlide, labelled_slides_from_annotations
 from wsiseg.train.pseudo import scribble_labels_from_truth
 from wsiseg.train.sampling import clip_origin
@@ -35,8 +35,6 @@ class ScribbledItem:
 
 
 def items_from_patch_folder(folder: Path, seed: int, index: int) -> list[ScribbledItem]:
-    from wsiseg.train.data import patch_pairs_from_folder
-
     images, masks = patch_pairs_from_folder(folder)
     items = []
     for k, (rgb, mask) in enumerate(zip(images, masks, strict=True)):
