@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from wsiseg.errors import WsisegError
-from wsiseg.train.scribble2label import (
+from wsiseg.train.pseudo import (
     pseudo_labels,
     random_walk_labels,
     scribble_labels_from_truth,
@@ -191,14 +191,14 @@ def test_train_guidenet_scribbles_only_cli(tmp_path, capsys):
 
 def test_simulated_slide_scribbles_lie_on_tissue_and_in_their_class(tmp_path, synth_slides):
     from wsiseg.config import load_workflow
-    from wsiseg.train.scribble2label import _items_from_truth, _tissue_at
+    from wsiseg.train.scribbled import items_from_truth, tissue_at
 
     slide = synth_slides[0]
-    (item,) = _items_from_truth([slide.slide_path], [slide.truth_geojson_path],
-                                tmp_path / "cache", load_workflow("demo"), None, 0, False)
+    (item,) = items_from_truth([slide.slide_path], [slide.truth_geojson_path],
+                              tmp_path / "cache", load_workflow("demo"), None, 0, False)
     labels = np.asarray(item.scribbles.label[...])
     truth = np.asarray(item.truth.label[...])
-    tissue = _tissue_at(item.scribbles.store, labels.shape)
+    tissue = tissue_at(item.scribbles.store, labels.shape)
     assert (labels == 1).any() and (labels == 0).any()
     assert not ((labels >= 0) & ~tissue).any()  # no stroke on the glass
     assert np.all(truth[labels == 1] == 1) and np.all(truth[labels == 0] == 0)

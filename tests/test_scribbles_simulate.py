@@ -13,15 +13,12 @@ from skimage.morphology import disk
 from skimage.transform import resize
 
 from wsiseg.errors import WsisegError
-from wsiseg.scribbles import simulate as sim
-from wsiseg.scribbles.simulate import (
-    correction_scribble,
-    deepscribble_scribbles,
-    human_scribbles,
-    limit_scribble_size,
-    preview_png,
-    simulate_scribbles,
-)
+from wsiseg.scribbles import human, preview
+from wsiseg.scribbles._masks import inner_distance
+from wsiseg.scribbles.deepscribble import deepscribble_scribbles, limit_scribble_size
+from wsiseg.scribbles.human import human_scribbles
+from wsiseg.scribbles.preview import preview_png
+from wsiseg.scribbles.simulate import correction_scribble, simulate_scribbles
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CAMELYON_MASKS = SHARED / "data" / "real" / "patches" / "he_tumor_masks" / "camelyon" / "masks"
@@ -141,10 +138,10 @@ def test_human_deterministic_per_seed() -> None:
 
 def test_sampled_points_keep_minimum_spacing_and_lie_inside() -> None:
     label = _shapes()["rectangle"] | _shapes()["L"]
-    distance = sim._inner_distance(label)
-    density = distance * sim._ridge(label, 4)
+    distance = inner_distance(label)
+    density = distance * human._ridge(label, 4)
     for seed in range(5):
-        points = sim._sample_points(distance, density, rng=_rng(seed), spacing_px=16, tile_px=32)
+        points = human._sample_points(distance, density, rng=_rng(seed), spacing_px=16, tile_px=32)
         assert len(points) >= 3
         assert label[points[:, 0].astype(int), points[:, 1].astype(int)].all()
         gaps = np.hypot(*(points[:, None, :] - points[None, :, :]).transpose(2, 0, 1))
@@ -154,21 +151,21 @@ def test_sampled_points_keep_minimum_spacing_and_lie_inside() -> None:
 def test_edge_drop_keeps_every_point_connected_and_paths_cover_edges() -> None:
     rng = _rng(11)
     points = rng.uniform(0, 100, size=(20, 2))
-    edges = sim._spanning_edges(points, np.ones((101, 101), bool), 3.0)
+    edges = human._spanning_edges(points, np.ones((101, 101), bool), 3.0)
     assert len(edges) == 19  # a spanning tree
     dropped_counts = set()
     for _ in range(30):
-        kept = sim._drop_edges(edges, 20, rng=rng, prob=1.0)
+        kept = human._drop_edges(edges, 20, rng=rng, prob=1.0)
         dropped_counts.add(len(edges) - len(kept))
         assert (np.bincount(kept.ravel(), minlength=20) >= 1).all()
-        paths = sim._longest_paths(kept, 20)
+        paths = human._longest_paths(kept, 20)
         covered = sorted(
             tuple(sorted(p)) for path in paths for p in zip(path[:-1], path[1:], strict=True)
         )
         assert covered == sorted(tuple(sorted(e)) for e in kept.tolist())
         assert [len(p) for p in paths] == sorted((len(p) for p in paths), reverse=True)
     assert dropped_counts <= {1, 2, 3} and len(dropped_counts) >= 2
-    assert len(sim._drop_edges(edges, 20, rng=rng, prob=0.0)) == 19
+    assert len(human._drop_edges(edges, 20, rng=rng, prob=0.0)) == 19
 
 
 def test_spanning_tree_avoids_crossing_outside_the_label() -> None:
@@ -178,7 +175,7 @@ def test_spanning_tree_avoids_crossing_outside_the_label() -> None:
     label[10:90, 75:90] = True
     label[75:90, 10:90] = True
     points = np.array([[15.0, 17.0], [15.0, 82.0], [82.0, 17.0], [82.0, 82.0]])
-    edges = {tuple(sorted(e)) for e in sim._spanning_edges(points, label, 3.0).tolist()}
+    edges = {tuple(sorted(e)) for e in human._spanning_edges(points, label, 3.0).tolist()}
     assert (0, 1) not in edges
     assert edges == {(0, 2), (1, 3), (2, 3)}
 
@@ -205,8 +202,8 @@ def test_deepscribble_marks_the_core_of_each_region_and_skips_specks() -> None:
     pred = np.zeros_like(truth)
     pred[80:120, 10:50] = True  # FP region
     out = deepscribble_scribbles(truth, pred, rng=_rng(), threshold_jitter=0.0)
-    depth_fn = sim._inner_distance(truth & ~pred)
-    depth_fp = sim._inner_distance(pred & ~truth)
+    depth_fn = inner_distance(truth & ~pred)
+    depth_fp = inner_distance(pred & ~truth)
     assert (depth_fn[out > 0] > 0.5 * depth_fn.max()).all()
     assert (depth_fp[out < 0] > 0.5 * depth_fp.max()).all()
     assert (out[10:60, 10:120] > 0).any() and (out[80:120, 10:50] < 0).any()
@@ -403,8 +400,8 @@ def test_preview_png_draws_tumor_red_inside_and_non_tumor_green_outside(tmp_path
     rgb = np.asarray(Image.open(out).convert("RGB"))
     truth = np.asarray(Image.open(mask_path).convert("L")) > 127
     assert rgb.shape[:2] == truth.shape
-    red = np.all(rgb == sim._RED, axis=2)
-    green = np.all(rgb == sim._GREEN, axis=2)
+    red = np.all(rgb == preview._RED, axis=2)
+    green = np.all(rgb == preview._GREEN, axis=2)
     assert red.any() and green.any()
     assert not (red & ~truth).any() and not (green & truth).any()
     assert [p.name for p in out.parent.iterdir()] == ["preview.png"]  # no temp file left
@@ -420,11 +417,11 @@ def test_preview_png_with_prediction(tmp_path: Path) -> None:
     Image.fromarray(pred.astype(np.uint8) * 255).save(tmp_path / "pred.tif")
     preview_png(tmp_path / "mask.png", tmp_path / "p.png", prediction_path=tmp_path / "pred.tif")
     rgb = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
-    red = np.all(rgb == sim._RED, axis=2)
-    green = np.all(rgb == sim._GREEN, axis=2)
+    red = np.all(rgb == preview._RED, axis=2)
+    green = np.all(rgb == preview._GREEN, axis=2)
     assert red.any() and green.any()
     assert not (red & ~truth).any() and not (green & truth).any()
-    assert np.all(rgb == sim._BLUE, axis=2).any()
+    assert np.all(rgb == preview._BLUE, axis=2).any()
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

@@ -17,9 +17,18 @@ import tifffile
 from scipy import ndimage
 from shapely.geometry import shape
 
-from wsiseg import synth
 from wsiseg.errors import WsisegError
-from wsiseg.synth import SyntheticSlide, read_truth_mask, synthesize_cohort, synthesize_slide
+from wsiseg.synth import (
+    TRUTH_DIR,
+    SyntheticSlide,
+    layout,
+    read_truth_mask,
+    render,
+    synthesize_cohort,
+    synthesize_slide,
+    truth,
+    write,
+)
 
 openslide = pytest.importorskip("openslide")
 
@@ -75,7 +84,7 @@ def test_slide_opens_in_openslide_with_mpp_and_pyramid(synth_slides: list[Synthe
         assert osr.level_dimensions[1] == (1024, 768)
         assert osr.level_downsamples[1] == pytest.approx(4.0)
         assert max(osr.level_dimensions[-1]) <= 1024
-        assert props["openslide.level[0].tile-width"] == str(synth.TILE_PX)
+        assert props["openslide.level[0].tile-width"] == str(render.TILE_PX)
         region = np.asarray(osr.read_region((0, 0), 0, (64, 64)).convert("RGB"))
     # The corner is background: near-white, with slight noise.
     assert 230 < region.mean() < 250
@@ -89,7 +98,7 @@ def test_tiff_is_tiled_jpeg_pyramid(synth_slides: list[SyntheticSlide]):
         for page in pages:
             assert page.is_tiled
             assert page.compression == tifffile.COMPRESSION.JPEG
-            assert (page.tilelength, page.tilewidth) == (synth.TILE_PX, synth.TILE_PX)
+            assert (page.tilelength, page.tilewidth) == (render.TILE_PX, render.TILE_PX)
             assert page.samplesperpixel == 3
 
 
@@ -101,11 +110,20 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path):
     assert _md5(first.slide_path) != _md5(other.slide_path)
     assert _md5(first.truth_mask_path) != _md5(other.truth_mask_path)
     # Nothing but the outputs is left behind.
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "s.tiff",
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["s.tiff", TRUTH_DIR]
+    assert sorted(p.name for p in (tmp_path / "a" / TRUTH_DIR).iterdir()) == [
         "s.truth.geojson",
         "s.truth.tiff",
     ]
+
+
+def test_slide_glob_finds_the_slides_only(synth_slides: list[SyntheticSlide]):
+    # `wsiseg run DIR/*.tif*` must not take the truth masks (TIFFs too) for slides.
+    out_dir = synth_slides[0].slide_path.parent
+    assert sorted(out_dir.glob("*.tif*")) == [s.slide_path for s in synth_slides]
+    for s in synth_slides:
+        assert s.truth_mask_path.parent == out_dir / TRUTH_DIR
+        assert s.truth_geojson_path.parent == out_dir / TRUTH_DIR
 
 
 def test_cohort_ids_and_distinct_slides(synth_slides: list[SyntheticSlide]):
@@ -201,9 +219,8 @@ def test_geojson_keeps_holes():
     rows, cols = np.mgrid[0:80, 0:80]
     radius = np.hypot(rows - 40, cols - 40)
     maps = np.zeros((6, 80, 80), dtype=np.float32)
-    maps[synth._TUMOR] = np.clip((radius - 10) / 4, 0, 1) * np.clip((30 - radius) / 4, 0, 1)
-    layout = synth._Layout(maps=maps, mpp=8.0)
-    polygons = list(synth._truth_polygons(layout).geoms)
+    maps[layout.TUMOR] = np.clip((radius - 10) / 4, 0, 1) * np.clip((30 - radius) / 4, 0, 1)
+    polygons = list(truth.truth_polygons(layout.Layout(maps=maps, mpp=8.0)).geoms)
     assert len(polygons) == 1 and len(polygons[0].interiors) == 1
     assert polygons[0].is_valid
 
@@ -280,10 +297,10 @@ def test_failure_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(synth, "_render_tile", broken)
+    monkeypatch.setattr(write, "render_tile", broken)
     with pytest.raises(RuntimeError, match="boom"):
         synthesize_slide(tmp_path, "s", (512, 512), 0.5, seed=0)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.rglob("*"))
     assert "s.tiff" not in names
     assert not [n for n in names if n.endswith(".part")]
 
@@ -311,7 +328,7 @@ print(json.dumps({"growth_mb": (after - before) / 1024}))
     ids=["16384x4096", "16384x16384"],
 )
 def test_memory_stays_bounded_for_large_slides(tmp_path: Path, size: tuple[int, int]):
-    env = dict(os.environ, PYTHONPATH=str(Path(synth.__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(render.__file__).resolve().parents[2]))
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), str(size[0]), str(size[1])],
         capture_output=True,

@@ -104,7 +104,7 @@ def test_refinenet_training_writes_a_six_channel_card(guidenet_run, cohort, demo
 def test_patch_pairs_from_the_real_camelyon_folder(tmp_path, demo_wf):
     from wsiseg.nets import load_weights
     from wsiseg.train import train_guidenet
-    from wsiseg.train.data import patch_pairs_from_folder
+    from wsiseg.train.inputs import patch_pairs_from_folder
 
     images, masks = patch_pairs_from_folder(real(CAMELYON))
     assert len(images) == len(masks) > 1

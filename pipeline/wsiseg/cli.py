@@ -126,7 +126,7 @@ def cmd_models_init(args: argparse.Namespace) -> int:
 
 
 def cmd_scribbles_simulate(args: argparse.Namespace) -> int:
-    from wsiseg.scribbles.simulate import preview_png
+    from wsiseg.scribbles.preview import preview_png
 
     preview_png(
         Path(args.mask), Path(args.out), seed=args.seed,
@@ -159,41 +159,24 @@ def cmd_undo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wsiseg import train
+    from wsiseg.train.command import result_line, train_network
 
-    out = Path(args.out)
-    common = dict(
-        slides=[Path(s) for s in args.slides], annotations=[Path(a) for a in args.annotations],
-        patch_folders=[Path(p) for p in args.patch_folder], out=out, workflow=args.workflow,
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr, seed=args.seed,
-        device=args.device, max_minutes=args.max_minutes, resume=not args.restart,
-        cache_dir=Path(args.cache) if args.cache else out.parent / f"{out.stem}.cache",
-        val_fraction=args.val_fraction, mpp=args.mpp,
-    )
-    if not args.annotations:
-        common["annotations"] = None
-    if args.batch_size:
-        common["batch_size"] = args.batch_size
-    if args.train_command == "guidenet" and args.scribbles_only:
-        from wsiseg.train.scribble2label import train_guidenet_scribbles_only
-
-        scribbles = common.pop("annotations")
-        result = train_guidenet_scribbles_only(
-            scribbles=scribbles, tau=args.tau, alpha=args.alpha, gamma=args.gamma,
-            lam=args.lam, warmup_epochs=args.warmup_epochs,
-            random_walk_seeds=args.random_walk_seeds, **common)
-    elif args.train_command == "guidenet":
-        result = train.train_guidenet(**common)
+    if args.train_command == "guidenet":
+        own = {k: getattr(args, k) for k in ("tau", "alpha", "gamma", "lam", "warmup_epochs",
+                                             "random_walk_seeds")} if args.scribbles_only else {}
     else:
-        result = train.train_refinenet(
-            guidenet=Path(args.guidenet), scribble_mix=args.scribble_mix,
-            second_pass_prob=args.second_pass, scribble_kind=args.scribble_kind, **common,
-        )
-    print(
-        f"{result.weights}: best validation IoU {result.best_val_iou:.3f} after "
-        f"{result.epochs_run} epochs ({result.steps} steps, {result.seconds:.0f} s, "
-        f"stopped: {result.stopped})"
+        own = {"guidenet": Path(args.guidenet), "scribble_mix": args.scribble_mix,
+               "second_pass_prob": args.second_pass, "scribble_kind": args.scribble_kind}
+    result = train_network(
+        args.train_command, out=Path(args.out), slides=args.slides,
+        annotations=args.annotations, patch_folders=args.patch_folder, cache_dir=args.cache,
+        batch_size=args.batch_size, restart=args.restart,
+        scribbles_only=getattr(args, "scribbles_only", False), workflow=args.workflow,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr, seed=args.seed,
+        device=args.device, max_minutes=args.max_minutes, val_fraction=args.val_fraction,
+        mpp=args.mpp, **own,
     )
+    print(result_line(result))
     return 0
 
 
@@ -210,56 +193,21 @@ def cmd_eval_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_interactive(args: argparse.Namespace) -> int:
-    from wsiseg import evaluate
     from wsiseg.config import load_workflow
-    from wsiseg.train.data import match_annotations
+    from wsiseg.evaluate.command import run_interactive_evaluation
 
-    wf = load_workflow(args.workflow)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - {"refinenet", "randomwalk", "watershed", "guidenet"})
-    if unknown:
-        raise UsageError(f"--methods: unknown {', '.join(unknown)} "
-                         f"(choose from refinenet, randomwalk, watershed, guidenet)")
-    if bool(args.patch_folder) == bool(args.stores):
-        raise UsageError("give either --patch-folder DIR or STORE... with --truth")
-    refiners: dict[str, evaluate.Refiner] = {}
-    window_px, threshold = wf.refinenet.window_px, wf.contours.threshold
-    if "refinenet" in methods:
-        if not args.refinenet:
-            raise UsageError("--refinenet WEIGHTS is needed for the refinenet method "
-                             "(or leave it out of --methods)")
-        refiners["RefineNet"], card = evaluate.refinenet_refiner(
-            Path(args.refinenet), device=args.device, runtime=args.runtime or wf.inference.runtime,
-            precision=args.precision or wf.inference.precision)
-        window_px, threshold = card.patch_px, card.threshold
-    refiners |= evaluate.baseline_refiners(beta=wf.refinenet.randomwalk_beta,
-                                           margins=[wf.refinenet.confident_margin],
-                                           kinds=methods)
-    if args.patch_folder:
-        if not args.guidenet:
-            raise UsageError("--guidenet WEIGHTS is needed to predict the patches' start")
-        windows = evaluate.windows_from_patch_folder(
-            Path(args.patch_folder), Path(args.guidenet), window_px=window_px,
-            device=args.device, runtime=args.runtime or wf.inference.runtime,
-            precision=args.precision or wf.inference.precision)
-    else:
-        if not args.truth:
-            raise UsageError("--truth FILE... (or FOLDER) is needed with slide stores")
-        windows = []
-        for store, truth in match_annotations([Path(s) for s in args.stores],
-                                              [Path(t) for t in args.truth]):
-            windows += evaluate.windows_from_store(store, truth, window_px=window_px)
-    lo, hi = args.iou_range
-    chosen = evaluate.select_windows(
-        windows, iou_range=(lo, hi), min_tumor_fraction=args.min_tumor,
-        max_windows=args.max_windows, threshold=threshold, seed=args.seed)
-    print(f"{len(chosen)} of {len(windows)} windows of {window_px}² px with GuideNet IoU "
-          f"{lo:.2f}–{hi:.2f}", file=sys.stderr)
-    result = evaluate.evaluate_interactive(
-        chosen, refiners, max_interactions=args.interactions, threshold=threshold,
-        seed=args.seed, progress=(lambda m: print(m, file=sys.stderr)) if args.verbose else None)
-    title = f"{len(chosen)} windows of {window_px}², GuideNet IoU {lo:.2f}–{hi:.2f}"
-    paths = evaluate.write_interactive_report(result, Path(args.out), title=title)
+    _, paths = run_interactive_evaluation(
+        load_workflow(args.workflow), methods=[m.strip() for m in args.methods.split(",")
+                                               if m.strip()],
+        out_dir=Path(args.out), stores=[Path(s) for s in args.stores],
+        truth=[Path(t) for t in args.truth or []],
+        patch_folder=Path(args.patch_folder) if args.patch_folder else None,
+        guidenet=args.guidenet, refinenet=args.refinenet, device=args.device,
+        runtime=args.runtime, precision=args.precision,
+        iou_range=args.iou_range, min_tumor_fraction=args.min_tumor,
+        max_windows=args.max_windows, max_interactions=args.interactions, seed=args.seed,
+        log=lambda m: print(m, file=sys.stderr), verbose=args.verbose,
+    )
     print(paths["table_md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

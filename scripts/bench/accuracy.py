@@ -218,7 +218,7 @@ def main() -> int:
             results.append(evaluate("synth (held-out slides)", windows, refiners, args.seed,
                                     rng_))
     if "camelyon" in args.data and CAMELYON.is_dir():
-        from wsiseg.train.data import patch_pairs_from_folder
+        from wsiseg.train.inputs import patch_pairs_from_folder
 
         out = args.out / "camelyon"
         images, masks = patch_pairs_from_folder(CAMELYON)

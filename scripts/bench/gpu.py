@@ -4,7 +4,7 @@ Made for the GPU machine (``scripts/gpu/install_and_bench.sh`` installs the whee
 it); it also runs on a CPU with a tiny ``--size``. One generated slide of realistic size
 (default 100000×80000 px at 0.25 µm/px, i.e. 25 × 20 mm, processed at the workflow's 2.0
 µm/px: 12500×10000 = 125 working Mpx) and random GuideNet weights with a model card
-(``wsiseg models init``). Phases, each in a fresh process (``common.py --phase``):
+(``wsiseg models init``). Phases, each in a fresh process (``python -m common``):
 
 (b) ``wsiseg run`` of ``--slides`` names of that slide in one invocation (one store each), with
     the GPU utilisation sampled in a thread and timers around the package's stages: read

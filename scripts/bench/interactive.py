@@ -60,7 +60,7 @@ def command_line() -> str:
 # -- data ------------------------------------------------------------------------------------
 def camelyon_split(seed: int = 0) -> tuple[list, list, list, list, list[str]]:
     """Images and masks of the training and held-out CAMELYON patches (accuracy.py's split)."""
-    from wsiseg.train.data import patch_pairs_from_folder
+    from wsiseg.train.inputs import patch_pairs_from_folder
 
     images, masks = patch_pairs_from_folder(CAMELYON)
     names = sorted(p.stem for p in (CAMELYON / "images").iterdir())
@@ -196,10 +196,8 @@ def scribbles(args: argparse.Namespace) -> int:
     from wsiseg.evaluate.windows import guidenet_probability
     from wsiseg.nets import load_weights
     from wsiseg.train import train_guidenet
-    from wsiseg.train.scribble2label import (
-        scribble_labels_from_truth,
-        train_guidenet_scribbles_only,
-    )
+    from wsiseg.train.pseudo import scribble_labels_from_truth
+    from wsiseg.train.scribble2label import train_guidenet_scribbles_only
 
     torch.set_num_threads(args.threads)
     wf = load_workflow(args.workflow)

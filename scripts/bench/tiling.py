@@ -2,7 +2,7 @@
 
 Tiles generated slides (:mod:`wsiseg.synth`) into fresh slide stores with
 :func:`wsiseg.tiling.tile_slide` (what ``wsiseg tile`` runs), each in a fresh process whose
-peak resident memory is sampled (``common.py --phase tile``):
+peak resident memory is sampled (``python -m common --phase tile``):
 
 1. the ``--size`` slide with 1, 2, ... workers (``--workers``): working Mpx/s, where a working
    pixel is one written into the store's ``image`` at the working resolution (tissue chunks);

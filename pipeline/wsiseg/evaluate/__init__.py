@@ -1,10 +1,12 @@
 """Evaluation: interactive NoI / SPI with a simulated pathologist, and IoU / Dice / PAIP scores.
 
-- :mod:`wsiseg.evaluate.interactive`  DeepScribble's protocol (:func:`evaluate_interactive`),
-  its report (:func:`write_interactive_report`)
+- :mod:`wsiseg.evaluate.interactive`  DeepScribble's protocol (:func:`evaluate_interactive`)
+- :mod:`wsiseg.evaluate.report`       its report (:func:`write_interactive_report`)
+- :mod:`wsiseg.evaluate.command`      ``wsiseg eval interactive`` from methods to report
 - :mod:`wsiseg.evaluate.refiners`     the methods as window refiners: RefineNet, random
   walker, watershed, GuideNet alone
 - :mod:`wsiseg.evaluate.windows`      windows from patch folders (with GuideNet) and slide stores
+- :mod:`wsiseg.evaluate.truth`        a slide's ground truth (GeoJSON, mask, generated TIFF)
 - :mod:`wsiseg.evaluate.masks`        per-slide IoU, Dice and the PAIP 2019 score
   (:func:`evaluate_masks`)
 
@@ -18,7 +20,6 @@ from wsiseg.evaluate.interactive import (
     InteractiveResult,
     evaluate_interactive,
     number_of_interactions,
-    write_interactive_report,
 )
 from wsiseg.evaluate.masks import (
     MaskReport,
@@ -35,6 +36,7 @@ from wsiseg.evaluate.refiners import (
     refinenet_refiner,
     watershed_refiner,
 )
+from wsiseg.evaluate.report import write_interactive_report
 from wsiseg.evaluate.windows import (
     select_windows,
     windows_from_patch_folder,

@@ -21,19 +21,17 @@ response time and the seconds per interaction (SPI). Each method gets its own sc
 user corrects what that method got wrong), from a generator seeded by ``(seed, window)``: the
 first scribble of a window is the same for every method, since they all start from GuideNet.
 
-Methods are plain callables (:data:`wsiseg.evaluate.refiners.Refiner`); the report is a CSV and
-a Markdown table in the layout of the paper's Table 1, the IoU-per-interaction curve as CSV and
-PNG (matplotlib).
+Methods are plain callables (:data:`wsiseg.evaluate.refiners.Refiner`); the report
+(:mod:`wsiseg.evaluate.report`) is a CSV and a Markdown table in the layout of the paper's
+Table 1, the IoU-per-interaction curve as CSV and PNG (matplotlib).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,34 +39,22 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from wsiseg.errors import WsisegError
-from wsiseg.evaluate._files import csv_text, write_bytes, write_text
 from wsiseg.evaluate.refiners import Refiner
+from wsiseg.scribbles._masks import EIGHT
+from wsiseg.scribbles.deepscribble import limit_scribble_size
 from wsiseg.scribbles.raster import merge_scribbles
-from wsiseg.scribbles.simulate import correction_scribble, limit_scribble_size
+from wsiseg.scribbles.simulate import correction_scribble
 
 __all__ = [
-    "PAPER_TABLE1",
     "EvalWindow",
     "InteractiveResult",
     "MethodTrace",
     "correction_on_largest_error",
     "evaluate_interactive",
     "number_of_interactions",
-    "write_interactive_report",
+    "percent_label",
 ]
 
-#: DeepScribble Table 1 (20 PAIP 2019 patches with GuideNet IoU 0.50–0.75, RTX 2080Ti):
-#: method → (share reaching 85 % within 20, NoI@85, NoI@90, total s, SPI s).
-PAPER_TABLE1: dict[str, tuple[float, float, float, float, float]] = {
-    "WS": (0.5, 8.1, 11.1, 33.0, 0.7),
-    "RW": (0.7, 7.1, 6.5, 47.0, 1.4),
-    "BRS": (0.5, 4.5, 4.7, 104.0, 1.7),
-    "f-BRS": (0.4, 5.5, 6.6, 39.0, 0.5),
-    "DeepScribble (RefineNet)": (0.8, 6.4, 5.9, 36.0, 0.6),
-}
-
-# 8-connectivity, as the simulator's regions.
-_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,10 +132,11 @@ class InteractiveResult:
         for name, trace in self.methods.items():
             row: dict[str, Any] = {"method": name, "windows": len(self.windows)}
             reached = (trace.iou >= first).any(axis=1)
-            row[f"reach@{_pct(first)}"] = float(reached.mean()) if len(reached) else math.nan
+            share = float(reached.mean()) if len(reached) else math.nan
+            row[f"reach@{percent_label(first)}"] = share
             for t in self.targets:
                 noi = [number_of_interactions(curve, t) for curve in trace.iou]
-                row[f"NoI@{_pct(t)}"] = float(np.mean(noi)) if noi else math.nan
+                row[f"NoI@{percent_label(t)}"] = float(np.mean(noi)) if noi else math.nan
             total = float(trace.seconds.sum())
             row["total_s"] = total
             row["spi_s"] = total / trace.seconds.size if trace.seconds.size else math.nan
@@ -198,7 +185,7 @@ def correction_on_largest_error(
     negatives together; the scribble is :func:`wsiseg.scribbles.simulate.correction_scribble`
     drawn for that region alone (a human-like stroke through it, tumor on a false negative,
     non-tumor on a false positive), then cut to ``max_pixels``
-    (:func:`wsiseg.scribbles.simulate.limit_scribble_size`: a contiguous piece of the stroke).
+    (:func:`wsiseg.scribbles.deepscribble.limit_scribble_size`: a contiguous piece of the stroke).
 
     Parameters
     ----------
@@ -220,7 +207,7 @@ def correction_on_largest_error(
     best: NDArray[np.bool_] | None = None
     best_size = 0
     for errors in (truth & ~prediction, prediction & ~truth):
-        labels, n = ndimage.label(errors, structure=_EIGHT)
+        labels, n = ndimage.label(errors, structure=EIGHT)
         if n == 0:
             continue
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -332,7 +319,8 @@ def evaluate_interactive(
             if progress is not None:
                 progress(
                     f"{window.name} {name}: IoU {trace.iou[w, 0]:.3f} → {trace.iou[w, -1]:.3f}, "
-                    f"NoI@{_pct(targets[0])} {number_of_interactions(trace.iou[w], targets[0])}"
+                    f"NoI@{percent_label(targets[0])} "
+                    f"{number_of_interactions(trace.iou[w], targets[0])}"
                 )
     settings = {
         "max_scribble_fraction": max_scribble_fraction,
@@ -346,127 +334,6 @@ def evaluate_interactive(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Report
-
-
-def write_interactive_report(
-    result: InteractiveResult,
-    out_dir: Path,
-    *,
-    title: str = "Interactive evaluation",
-    stem: str = "interactive",
-    paper: bool = True,
-) -> dict[str, Path]:
-    """Write the summary CSV, the Markdown table, the curves (CSV, PNG) and per-window CSV.
-
-    Files (written atomically) in ``out_dir``: ``<stem>.csv`` (one row per method, see
-    :meth:`InteractiveResult.summary`), ``<stem>.md`` (the paper's Table 1 layout, with the
-    paper's own rows under it when ``paper``), ``<stem>_curve.csv`` (mean IoU per method and
-    interaction), ``<stem>_windows.csv`` (IoU per method, window and interaction) and
-    ``<stem>_curve.png`` (mean IoU against interactions, one line per method).
-
-    Returns
-    -------
-    dict of str to Path
-        ``summary_csv``, ``table_md``, ``curve_csv``, ``windows_csv``, ``curve_png``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = result.summary()
-    paths = {
-        "summary_csv": out_dir / f"{stem}.csv",
-        "table_md": out_dir / f"{stem}.md",
-        "curve_csv": out_dir / f"{stem}_curve.csv",
-        "windows_csv": out_dir / f"{stem}_windows.csv",
-        "curve_png": out_dir / f"{stem}_curve.png",
-    }
-    write_text(paths["summary_csv"], csv_text(rows))
-    write_text(paths["table_md"], markdown_table(result, title=title, paper=paper))
-    k_range = range(result.max_interactions + 1)
-    curve_rows = [
-        {"method": name, "interaction": k, "mean_iou": round(float(v), 5)}
-        for name in result.methods
-        for k, v in zip(k_range, result.mean_curve(name), strict=True)
-    ]
-    write_text(paths["curve_csv"], csv_text(curve_rows))
-    window_rows = [
-        {"method": name, "window": wname, "interaction": k, "iou": round(float(v), 5),
-         "seconds": round(float(trace.seconds[w, k - 1]), 4) if k else 0.0,
-         "scribble_px": int(trace.scribble_px[w, k - 1]) if k else 0}
-        for name, trace in result.methods.items()
-        for w, wname in enumerate(result.windows)
-        for k, v in zip(k_range, trace.iou[w], strict=True)
-    ]
-    write_text(paths["windows_csv"], csv_text(window_rows))
-    _plot_curves(result, paths["curve_png"], title)
-    return paths
-
-
-def markdown_table(
-    result: InteractiveResult, *, title: str = "Interactive evaluation", paper: bool = True
-) -> str:
-    """The summary as a Markdown table in the layout of DeepScribble's Table 1."""
-    first = _pct(result.targets[0])
-    nois = [f"NoI@{_pct(t)}" for t in result.targets]
-    head = ["Method", f"≤{result.max_interactions} @{first}", *nois, "Time, s", "SPI, s",
-            "IoU start → end"]
-    lines = [
-        f"### {title}",
-        "",
-        f"{len(result.windows)} windows, ≤ {result.max_interactions} interactions, scribbles ≤ "
-        f"{100 * result.settings.get('max_scribble_fraction', 0):.2f} % of a window's pixels.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for row in result.summary():
-        cells = [row["method"], f"{row[f'reach@{first}']:.2f}"]
-        cells += [f"{row[c]:.1f}" for c in nois]
-        cells += [f"{row['total_s']:.1f}", f"{row['spi_s']:.3f}",
-                  f"{row['iou_start']:.3f} → {row['iou_end']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if paper:
-        lines += [
-            "",
-            "DeepScribble Table 1 (20 PAIP 2019 patches, GuideNet IoU 0.50–0.75, RTX 2080Ti):",
-            "",
-            "| Method | ≤20 @85 | NoI@85 | NoI@90 | Time, s | SPI, s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, (reach, n85, n90, total, spi) in PAPER_TABLE1.items():
-            lines.append(f"| {name} | {reach:.1f} | {n85:.1f} | {n90:.1f} | {total:.0f} | "
-                         f"{spi:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot_curves(result: InteractiveResult, path: Path, title: str) -> None:
-    """Mean IoU per interaction, one line per method (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    ax = fig.add_subplot()
-    k = np.arange(result.max_interactions + 1)
-    for name in result.methods:
-        curve = result.mean_curve(name)
-        ax.plot(k, curve, marker="o", markersize=3, label=f"{name} ({curve[1:].mean():.3f})")
-    for t in result.targets:
-        ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("interactions")
-    ax.set_ylabel("mean IoU")
-    ax.set_xlim(0, result.max_interactions)
-    ax.set_xticks(k[:: max(1, len(k) // 10)])
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", title="method (mean IoU)", title_fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_bytes(path, buffer.getvalue())
-
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -477,5 +344,6 @@ def _iou(prediction: NDArray[np.bool_], truth: NDArray[np.bool_]) -> float:
     return 1.0 if union == 0 else np.count_nonzero(prediction & truth) / union
 
 
-def _pct(target: float) -> str:
+def percent_label(target: float) -> str:
+    """``0.85`` → ``"85"`` (the NoI@85 column names)."""
     return f"{100 * target:g}"

@@ -1,12 +1,9 @@
 """Segmentation scores per slide against ground truth: IoU, Dice and the PAIP 2019 score.
 
 A *prediction* is a slide store (its ``refined`` or ``guide`` array at the working resolution,
-thresholded at the workflow's contour threshold) or a mask image. The *truth* is a QuPath
-GeoJSON export (tumor classes of the workflow's ``scribbles`` table are tumor, everything else
-inside the slide is not; ``Region*`` annotations, when present, limit the pixels that count and
-``Ignore*`` ones are left out — the rules of :mod:`wsiseg.train.data`), a mask image covering
-the slide (> 127 is tumor; resampled to the working grid, nearest), or a generated slide's
-``*.truth.tiff`` (:func:`wsiseg.synth.read_truth_mask`). Two mask images must have one size.
+thresholded at the workflow's contour threshold) or a mask image; the *truth* is read by
+:class:`wsiseg.evaluate.truth.TruthSource` (QuPath GeoJSON, a mask image, or a generated
+slide's ``*.truth.tiff``).
 
 A store is scored chunk by chunk, so memory stays at a chunk whatever the slide's size.
 
@@ -16,7 +13,6 @@ slides of the per-slide Jaccard index, where a slide whose Jaccard is below 0.65
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import shapely
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
 from wsiseg.errors import WsisegError
 from wsiseg.evaluate._files import csv_text, write_text
+from wsiseg.evaluate.truth import TruthSource
+from wsiseg.train.inputs import MASK_SUFFIXES, match_annotations, read_grey_image
 
 if TYPE_CHECKING:
     from wsiseg.config import Workflow
@@ -38,7 +35,6 @@ __all__ = [
     "PAIP_CUTOFF",
     "MaskReport",
     "MaskScore",
-    "TruthSource",
     "evaluate_masks",
     "format_mask_table",
     "iou_dice",
@@ -48,11 +44,6 @@ __all__ = [
 
 #: PAIP 2019: a slide whose Jaccard index is below this counts as 0.
 PAIP_CUTOFF = 0.65
-
-#: Largest relative difference of a mask's and the slide's aspect ratios.
-MAX_ASPECT_MISMATCH = 0.02
-
-_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,200 +104,6 @@ def _ratios(intersection: int, total: int) -> tuple[float, float]:
         return 1.0, 1.0
     union = total - intersection
     return intersection / union, 2.0 * intersection / total
-
-
-# --------------------------------------------------------------------------------------------
-# Ground truth
-
-
-class TruthSource:
-    """Ground truth of one slide, read window by window on the prediction's pixel grid.
-
-    Build with :meth:`open`; :meth:`window` gives ``(truth, counted)`` of a box.
-    """
-
-    def __init__(self, path: Path, shape: tuple[int, int]):
-        self.path = Path(path)
-        self.shape = shape
-
-    @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        store: SlideStore | None = None,
-        shape: tuple[int, int] | None = None,
-        workflow: Workflow | None = None,
-    ) -> TruthSource:
-        """The truth in ``path`` on the grid of a store's working frame, or of a mask image.
-
-        Parameters
-        ----------
-        path : Path
-            QuPath GeoJSON, mask image or a generated slide's ``*.truth.tiff``.
-        store : SlideStore, optional
-            The prediction's store: the truth is mapped onto its working frame.
-        shape : (int, int), optional
-            Without a store: the ``(rows, cols)`` of the predicted mask image; a mask image
-            must have exactly this size.
-        workflow : Workflow, optional
-            Class table and line widths for GeoJSON (default: the store's workflow).
-
-        Raises
-        ------
-        WsisegError
-            Missing or unreadable file; GeoJSON without a store; a mask of another size (two
-            images) or aspect ratio (store); tumor annotations off the slide.
-        """
-        path = Path(path)
-        if not path.exists():
-            raise WsisegError(f"{path}: truth file not found")
-        if path.is_dir():
-            raise WsisegError(f"{path}: is a folder, not a truth file")
-        name = path.name.lower()
-        if name.endswith((".geojson", ".json", ".geojson.gz", ".json.gz", ".zip")):
-            if store is None:
-                raise WsisegError(
-                    f"{path}: GeoJSON truth needs a slide store as the prediction (its frame "
-                    f"maps QuPath pixels to the working grid), not a mask image"
-                )
-            return _GeoJSONTruth(path, store, workflow or store.workflow)
-        if not name.endswith(_MASK_SUFFIXES):
-            raise WsisegError(f"{path}: not a truth file (GeoJSON or mask image "
-                              f"{', '.join(_MASK_SUFFIXES)})")
-        if store is not None:
-            synth = _synth_truth(path, store)
-            if synth is not None:
-                return synth
-            return _MaskTruth(path, store.frame.working_shape, store.frame.level0_size)
-        if shape is None:
-            raise ValueError("TruthSource.open needs a store or a shape")
-        return _MaskTruth(path, shape, None)
-
-    def window(self, box: tuple[int, int, int, int]) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-        """``(truth, counted)``, bool (rows, cols) each, of ``box = (row0, col0, rows, cols)``."""
-        raise NotImplementedError
-
-
-class _MaskTruth(TruthSource):
-    """A mask image; mapped by nearest pixel centre onto the grid when sizes differ."""
-
-    def __init__(self, path: Path, shape: tuple[int, int], level0_size: tuple[int, int] | None):
-        from wsiseg.train.data import read_grey_image
-
-        super().__init__(path, shape)
-        grey = read_grey_image(path)
-        self.mask = grey > (0 if grey.max() <= 1 else 127)
-        mh, mw = self.mask.shape
-        rows, cols = shape
-        if level0_size is None:
-            if (mh, mw) != (rows, cols):
-                raise WsisegError(
-                    f"{path}: truth mask is {mw} × {mh} px but the predicted mask is "
-                    f"{cols} × {rows} px"
-                )
-            return
-        width, height = level0_size
-        mismatch = abs((mw / mh) / (width / height) - 1.0)
-        if mismatch > MAX_ASPECT_MISMATCH:
-            raise WsisegError(
-                f"{path}: mask of {mw} × {mh} px does not have the slide's aspect ratio "
-                f"({width} × {height} px level 0; off by {100 * mismatch:.1f} %)"
-            )
-
-    def window(self, box):
-        r0, c0, h, w = box
-        mh, mw = self.mask.shape
-        rows, cols = self.shape
-        mr = np.minimum(((np.arange(r0, r0 + h) + 0.5) * mh / rows).astype(np.int64), mh - 1)
-        mc = np.minimum(((np.arange(c0, c0 + w) + 0.5) * mw / cols).astype(np.int64), mw - 1)
-        return self.mask[np.ix_(mr, mc)], np.ones((h, w), bool)
-
-
-class _ArrayTruth(TruthSource):
-    """A truth already resampled to the whole working grid (generated slides)."""
-
-    def __init__(self, path: Path, truth: NDArray[np.bool_]):
-        super().__init__(path, truth.shape)
-        self.truth = truth
-
-    def window(self, box):
-        r0, c0, h, w = box
-        return self.truth[r0 : r0 + h, c0 : c0 + w], np.ones((h, w), bool)
-
-
-def _synth_truth(path: Path, store: SlideStore) -> _ArrayTruth | None:
-    """A generated slide's truth TIFF (its description gives its extent), else None."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return None
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            description = tif.pages.first.description
-    except (OSError, ValueError, tifffile.TiffFileError):
-        return None  # read as a plain mask image, which reports the problem
-    try:
-        meta = json.loads(description) if description else None
-    except json.JSONDecodeError:
-        return None
-    if not (isinstance(meta, dict) and meta.get("generator") == "wsiseg.synth"):
-        return None
-    from wsiseg.synth import read_truth_mask
-
-    return _ArrayTruth(path, read_truth_mask(path, store.frame.working_shape))
-
-
-class _GeoJSONTruth(TruthSource):
-    """QuPath annotations: tumor classes, Region* (where labels count) and Ignore* (cut out)."""
-
-    def __init__(self, path: Path, store: SlideStore, workflow: Workflow):
-        from wsiseg.qupath import ClassMapping, Label, read_annotations
-
-        rows, cols = store.frame.working_shape
-        super().__init__(path, (rows, cols))
-        mapping = ClassMapping.from_workflow(workflow.scribbles)
-        frame = store.frame
-        self.tumor: list[shapely.Geometry] = []
-        self.ignore: list[shapely.Geometry] = []
-        regions: list[shapely.Geometry] = []
-        for a in read_annotations(path):
-            if a.class_name is None:
-                continue  # unclassified: says nothing
-            geometry = frame.transform_geometry(a.geometry, "qupath", "working")
-            base = a.class_name.split(":", 1)[0].strip().rstrip("*")
-            if base.lower() == "region":
-                regions.append(shapely.make_valid(geometry))
-            elif (label := mapping.label_of(a.class_name)) == Label.TUMOR:
-                self.tumor.append(geometry)
-            elif label == Label.IGNORE:
-                self.ignore.append(geometry)
-        slide_box = shapely.box(0, 0, cols, rows)
-        if self.tumor and not any(shapely.intersects(g, slide_box) for g in self.tumor):
-            raise WsisegError(
-                f"{path}: the tumor annotations do not overlap the slide of {store.path} "
-                f"({cols} × {rows} working px); is this the truth of another slide?"
-            )
-        self.region = shapely.union_all(regions) if regions else None
-        mpp = workflow.working_mpp
-        self.draw = {
-            "line_width_px": workflow.scribbles.line_width_um / mpp,
-            "point_radius_px": workflow.scribbles.point_radius_um / mpp,
-        }
-
-    def _raster(self, geometries: list[shapely.Geometry], box) -> NDArray[np.bool_]:
-        from wsiseg.scribbles.raster import rasterize_labels
-
-        return rasterize_labels(((g, 1) for g in geometries), box, **self.draw) > 0
-
-    def window(self, box):
-        truth = self._raster(self.tumor, box)
-        counted = np.ones(truth.shape, bool)
-        if self.region is not None:
-            counted &= self._raster([self.region], box)
-        if self.ignore:
-            counted &= ~self._raster(self.ignore, box)
-        return truth, counted
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,8 +171,6 @@ def score_prediction(
             raise WsisegError(f"{prediction}: a folder but not a slide store (no zarr.json)")
         if not prediction.is_file():
             raise WsisegError(f"{prediction}: prediction not found")
-        from wsiseg.train.data import read_grey_image
-
         grey = read_grey_image(prediction)
         pred = grey > (0 if grey.max() <= 1 else 127)
         source = TruthSource.open(truth, shape=pred.shape, workflow=workflow)
@@ -458,7 +253,7 @@ def evaluate_masks(
     truths : Path or sequence of Path
         Truth files or folders, matched to the predictions by name as training matches
         annotations to slides (``S1.zarr`` ↔ ``S1.geojson``, ``S1.truth.tiff``,
-        ``S1_mask.png``; see :func:`wsiseg.train.data.match_annotations`).
+        ``S1_mask.png``; see :func:`wsiseg.train.inputs.match_annotations`).
     array : {"refined", "guide"}
         The store array to score.
     threshold : float, optional
@@ -478,8 +273,6 @@ def evaluate_masks(
         No predictions, a prediction without a matching truth file (or with several), and any
         error of :func:`score_prediction`; before anything is written.
     """
-    from wsiseg.train.data import match_annotations
-
     expanded = _expand_predictions(predictions)
     pairs = match_annotations(expanded, truths)
     scores = [
@@ -517,7 +310,7 @@ def _expand_predictions(predictions: Sequence[Path]) -> list[Path]:
             found = [
                 p for p in sorted(item.iterdir())
                 if (p / "zarr.json").is_file()
-                or (p.is_file() and p.name.lower().endswith(_MASK_SUFFIXES))
+                or (p.is_file() and p.name.lower().endswith(MASK_SUFFIXES))
             ]
             if not found:
                 raise WsisegError(f"{item}: no slide stores (*.zarr) or mask images in it")

@@ -3,11 +3,11 @@
 Two sources:
 
 - :func:`windows_from_patch_folder` — a folder of image/mask patch pairs (``images/`` +
-  ``masks/``, as :func:`wsiseg.train.data.patch_pairs_from_folder` reads), taken as being at the
+  ``masks/``, as :func:`wsiseg.train.inputs.patch_pairs_from_folder` reads), taken as being at the
   working resolution; GuideNet weights make the starting probability of each whole patch;
 - :func:`windows_from_store` — a slide store after ``wsiseg run`` (its ``image`` and ``guide``
   arrays) and the slide's ground truth (GeoJSON, mask image or a generated slide's
-  ``*.truth.tiff``, read by :class:`wsiseg.evaluate.masks.TruthSource`).
+  ``*.truth.tiff``, read by :class:`wsiseg.evaluate.truth.TruthSource`).
 
 Both cut the image into a grid of ``window_px`` windows that covers it with the least overlap
 (:func:`grid_origins`). :func:`select_windows` then keeps the paper's kind of window — GuideNet
@@ -153,7 +153,7 @@ def windows_from_patch_folder(
         differs from its image's, bad weights.
     """
     from wsiseg.runtime import load_network
-    from wsiseg.train.data import IMAGE_SUFFIXES, patch_pairs_from_folder
+    from wsiseg.train.inputs import IMAGE_SUFFIXES, patch_pairs_from_folder
 
     folder = Path(folder)
     images, masks = patch_pairs_from_folder(folder)
@@ -195,7 +195,7 @@ def windows_from_store(
     WsisegError
         Not a slide store, a store never run, an unreadable or mismatched truth file.
     """
-    from wsiseg.evaluate.masks import TruthSource
+    from wsiseg.evaluate.truth import TruthSource
     from wsiseg.store import SlideStore
 
     store = SlideStore.open(Path(store_path), mode="r")

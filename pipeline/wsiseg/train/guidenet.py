@@ -23,32 +23,27 @@ import numpy as np
 import torch
 
 from wsiseg import __version__
-from wsiseg.config import Workflow, load_workflow
+from wsiseg.config import Workflow
 from wsiseg.errors import WsisegError
-from wsiseg.train.data import (
+from wsiseg.nets import save_weights
+from wsiseg.train.augment import augment
+from wsiseg.train.inputs import patch_pairs_from_folder
+from wsiseg.train.labels import (
     LabelledSlide,
-    augment,
     labelled_slides_from_annotations,
     labelled_slides_from_patches,
-    max_cached,
-    patch_pairs_from_folder,
-    sample_patches,
-    split_slides,
 )
 from wsiseg.train.loop import (
     Budget,
     TrainResult,
     TrainState,
-    autocast_dtype,
-    batchnorm_for_short_runs,
     check_out_path,
-    checkpoint_path,
-    load_checkpoint,
     resolve_training_device,
     run_loop,
-    save_checkpoint,
 )
 from wsiseg.train.losses import bce_dice_loss, iou_counts
+from wsiseg.train.sampling import max_cached, sample_patches, split_slides
+from wsiseg.train.setup import base_card, card_summary, resolve_workflow, start_run
 
 __all__ = ["TrainResult", "TrainingData", "load_training_data", "train_guidenet"]
 
@@ -71,10 +66,6 @@ class TrainingData:
     @property
     def val_or_train(self) -> list[LabelledSlide]:
         return self.val or self.train
-
-
-def resolve_workflow(workflow: Workflow | str | Path | None) -> Workflow:
-    return workflow if isinstance(workflow, Workflow) else load_workflow(workflow)
 
 
 def load_training_data(
@@ -145,28 +136,6 @@ def _names(items: Sequence[LabelledSlide], limit: int = 50) -> list[str]:
     return names if len(names) <= limit else [*names[:limit], f"... ({len(names)} in all)"]
 
 
-def base_card(workflow: Workflow, role: str):
-    """The workflow's card template for ``role`` with its patch size and working mpp."""
-    from wsiseg.nets import load_card
-
-    template = getattr(workflow, role).model
-    card = load_card(template)
-    if card.role != role:
-        raise WsisegError(f"{template}: model card is for {card.role}, not {role}")
-    patch_px = workflow.guidenet.patch_px if role == "guidenet" else workflow.refinenet.window_px
-    if patch_px % 32:
-        key = "guidenet.patch_px" if role == "guidenet" else "refinenet.window_px"
-        raise WsisegError(
-            f"{workflow.source}: {key} {patch_px} must be a multiple of 32 for the U-Net"
-        )
-    return dataclasses.replace(card, patch_px=patch_px, working_mpp=workflow.working_mpp)
-
-
-def card_summary(card) -> dict[str, Any]:
-    return {k: getattr(card, k) for k in ("architecture", "encoder", "in_channels", "patch_px",
-                                          "working_mpp")}
-
-
 def train_guidenet(
     *,
     slides: Sequence[Path] = (),
@@ -198,7 +167,7 @@ def train_guidenet(
     ----------
     slides, annotations
         Slides and their QuPath GeoJSON exports or mask images (files or folders; matched by
-        name, see :func:`wsiseg.train.data.labelled_slides_from_annotations`).
+        name, see :func:`wsiseg.train.labels.labelled_slides_from_annotations`).
     patch_folders
         Folders of ``images/`` + ``masks/`` patch pairs (taken as being at the working mpp).
     out : Path
@@ -263,22 +232,10 @@ def train_guidenet(
         "weight_decay": weight_decay, "seed": seed, "train": data.provenance["train"],
     }
 
-    torch.manual_seed(seed)
-    from wsiseg.nets import build_model, normalise_rgb, save_weights
-
-    model = build_model(card0).to(dev)
-    batchnorm_for_short_runs(model)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    amp = autocast_dtype(dev)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6E7]))
-    ckpt = checkpoint_path(out)
-    state = TrainState()
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, model, optimizer, config=config, rng=rng, scaler=scaler)
-    resumed_from = state.step
+    run = start_run(card0, dev, out=out, seed=seed, lr=lr, weight_decay=weight_decay,
+                    config=config, rng=rng, resume=resume, started=started)
+    state = run.state
 
     n_cache = max_cached(patch_px, 3 + 4 + 1, max(cache_patches, batch_size))
     images, masks, valid = sample_patches(data.train, patch_px, n_cache, rng=rng)
@@ -292,80 +249,39 @@ def train_guidenet(
         images[slots], masks[slots], valid[slots] = new
 
     def to_input(rgb: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(dev, non_blocking=True)
-        return normalise_rgb(x.permute(0, 3, 1, 2), card0).contiguous(
-            memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-        )
+        return run.rgb_input(rgb, card0)
 
     def step() -> float:
-        model.train()
+        run.model.train()
         idx = rng.integers(len(images), size=batch_size)
         rgb = np.empty((batch_size, patch_px, patch_px, 3), np.uint8)
         target = np.empty((batch_size, patch_px, patch_px, 2), np.float32)
         for b, i in enumerate(idx):
             both = np.stack([masks[i], valid[i]], axis=-1).astype(np.float32)
             rgb[b], target[b] = augment(images[i], both, rng)
-        x = to_input(rgb)
         y = torch.from_numpy(target).to(dev)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            logits = model(x)
-        loss = bce_dice_loss(logits.float(), y[..., 0], y[..., 1] > 0.5)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return float(loss.detach())
+        logits = run.forward(to_input(rgb))
+        return run.optimise(bce_dice_loss(logits, y[..., 0], y[..., 1] > 0.5))
 
     def validate() -> dict[str, float]:
-        probs = predict(model, val_set[0], to_input, amp, dev, batch_size=max(batch_size, 8))
+        probs = run.predict(val_set[0], to_input, batch_size=max(batch_size, 8))
         inter, union = iou_counts(probs >= card0.threshold, val_set[1] > 0.5, val_set[2])
         return {"val_iou": 1.0 if union == 0 else inter / union}
 
     def write_best(metrics: dict[str, float]) -> None:
         card = guidenet_card(card0, wf, data, state, metrics, config, dev, seed)
-        save_weights(model, card, out)
-
-    def save(s: TrainState) -> None:
-        save_checkpoint(ckpt, model, optimizer, s, config=config, rng=rng, scaler=scaler)
+        save_weights(run.model, card, out)
 
     stopped = run_loop(
-        model=model, optimizer=optimizer, state=state, budget=budget, step=step,
-        validate=validate, on_best=write_best, on_epoch_start=refresh, save=save,
+        model=run.model, optimizer=run.optimizer, state=state, budget=budget, step=step,
+        validate=validate, on_best=write_best, on_epoch_start=refresh, save=run.save,
         progress=progress, desc="train guidenet", started=started,
     )
     if not out.exists():  # no validation in this run (e.g. resumed after the last epoch)
         metrics = validate()
         state.best_val_iou = max(state.best_val_iou, metrics["val_iou"])
         write_best(metrics)
-    from wsiseg.nets import load_card
-
-    return TrainResult(
-        weights=out, card=load_card(out), best_val_iou=state.best_val_iou,
-        epochs_run=state.epoch, seconds=time.monotonic() - started, history=state.history,
-        steps=state.step, resumed_from_step=resumed_from, stopped=stopped,
-    )
-
-
-def predict(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    to_input,
-    amp: torch.dtype | None,
-    device: torch.device,
-    *,
-    batch_size: int,
-) -> np.ndarray:
-    """Probabilities (float32 (N, P, P)) of uint8 (N, P, P, 3) patches, in eval mode."""
-    model.eval()
-    out = np.empty(images.shape[:3], np.float32)
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = to_input(images[i : i + batch_size])
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x)
-            out[i : i + batch_size] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-    model.train()
-    return out
+    return run.result(out, stopped)
 
 
 def guidenet_card(card0, wf: Workflow, data: TrainingData, state: TrainState,

@@ -29,31 +29,24 @@ import torch
 
 from wsiseg.config import Workflow
 from wsiseg.errors import WsisegError
+from wsiseg.nets import load_weights, normalise_rgb, save_weights, weights_hash
 from wsiseg.scribbles.encode import SCRIBBLE_KINDS, encode_refine_batch
 from wsiseg.scribbles.raster import merge_scribbles
-from wsiseg.train.data import LabelledSlide, hed_jitter, max_cached, random_dihedral, sample_patches
-from wsiseg.train.guidenet import (
-    REFRESH_FRACTION,
-    base_card,
-    card_summary,
-    guidenet_card,
-    load_training_data,
-    resolve_workflow,
-)
+from wsiseg.scribbles.simulate import correction_scribble, simulate_scribbles
+from wsiseg.train.augment import hed_jitter, random_dihedral
+from wsiseg.train.guidenet import REFRESH_FRACTION, guidenet_card, load_training_data
+from wsiseg.train.labels import LabelledSlide
 from wsiseg.train.loop import (
     Budget,
     TrainResult,
-    TrainState,
     autocast_dtype,
-    batchnorm_for_short_runs,
     check_out_path,
-    checkpoint_path,
-    load_checkpoint,
     resolve_training_device,
     run_loop,
-    save_checkpoint,
 )
 from wsiseg.train.losses import bce_loss, iou_counts
+from wsiseg.train.sampling import max_cached, sample_patches
+from wsiseg.train.setup import base_card, card_summary, resolve_workflow, start_run
 
 __all__ = ["TUMOR_FRACTION_RANGE", "TrainResult", "refine_windows", "train_refinenet"]
 
@@ -171,15 +164,6 @@ def train_refinenet(
         raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
     dev = resolve_training_device(device, threads)
 
-    from wsiseg.nets import (
-        build_model,
-        load_card,
-        load_weights,
-        normalise_rgb,
-        save_weights,
-        weights_hash,
-    )
-
     guidenet = Path(guidenet)
     g_model, g_card = load_weights(guidenet, role="guidenet", device=dev)
     if abs(g_card.working_mpp - wf.working_mpp) > 1e-6 * wf.working_mpp:
@@ -225,21 +209,11 @@ def train_refinenet(
                 probs[i : i + step_n] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
         return probs
 
-    torch.manual_seed(seed)
-    model = build_model(card0).to(dev)
-    batchnorm_for_short_runs(model)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4EF1]))
-    ckpt = checkpoint_path(out)
-    state = TrainState()
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, model, optimizer, config=config, rng=rng, scaler=scaler)
-    resumed_from = state.step
-
-    from wsiseg.scribbles.simulate import correction_scribble, simulate_scribbles
+    run = start_run(card0, dev, out=out, seed=seed, lr=lr, weight_decay=weight_decay,
+                    config=config, rng=rng, resume=resume, started=started)
+    state = run.state
+    model = run.model
 
     n_cache = max_cached(window_px, 3 + 1 + 1 + 1, max(cache_patches, batch_size))
     pool = refine_windows(data.train, window_px, n_cache, rng=rng, guide_fn=guide_fn)
@@ -257,11 +231,9 @@ def train_refinenet(
         if not use_guide:
             x[:, 3] = 0.0
         x = torch.from_numpy(x).to(dev, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+        return x.contiguous(memory_format=run.memory_format)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            return model(x).float()
+    forward = run.forward
 
     x_val = encode(val.rgb, val.guide, val_scribbles)
 
@@ -300,11 +272,7 @@ def train_refinenet(
                 scribbles[b] = merge_scribbles(scribbles[b], extra)
             logits2 = forward(encode(rgb, guide, scribbles))
             loss = 0.5 * (loss + bce_loss(logits2, y, v))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return float(loss.detach())
+        return run.optimise(loss)
 
     def validate() -> dict[str, float]:
         model.eval()
@@ -336,23 +304,16 @@ def train_refinenet(
         }
         save_weights(model, dataclasses.replace(card, provenance=provenance), out)
 
-    def save(s: TrainState) -> None:
-        save_checkpoint(ckpt, model, optimizer, s, config=config, rng=rng, scaler=scaler)
-
     stopped = run_loop(
-        model=model, optimizer=optimizer, state=state, budget=budget, step=step,
-        validate=validate, on_best=write_best, on_epoch_start=refresh, save=save,
+        model=model, optimizer=run.optimizer, state=state, budget=budget, step=step,
+        validate=validate, on_best=write_best, on_epoch_start=refresh, save=run.save,
         progress=progress, desc="train refinenet", started=started,
     )
     if not out.exists():
         metrics = validate()
         state.best_val_iou = max(state.best_val_iou, metrics["val_iou"])
         write_best(metrics)
-    return TrainResult(
-        weights=out, card=load_card(out), best_val_iou=state.best_val_iou,
-        epochs_run=state.epoch, seconds=time.monotonic() - started, history=state.history,
-        steps=state.step, resumed_from_step=resumed_from, stopped=stopped,
-    )
+    return run.result(out, stopped)
 
 
 def _scribbles_for(

@@ -1,27 +1,16 @@
-"""GuideNet and RefineNet: builders, model cards, and ``.safetensors`` weights.
-
-Both networks are segmentation-models-pytorch U-Nets with an EfficientNet-B0 encoder and one
-logit map out. GuideNet sees RGB patches (3 channels, 256² at 2.0 µm/px by default); RefineNet
-sees RGB, the GuideNet probability and the FG/BG scribble distance maps (6 channels, 384²).
+"""Weights as ``.safetensors`` with the model card inside: save, load (checked), init, hash.
 
 Weights are ``.safetensors`` files only — a pickle is never loaded (no ``torch.load``). Each
-file carries its *model card* (:class:`ModelCard`) as one JSON string under the metadata key
-``wsiseg_card``, so a weights file alone says how to use it: role, architecture, encoder, input
-channels, patch size, working resolution, normalisation, scribble encoding, threshold,
-provenance and metrics. The card templates live in ``models/<role>.yaml``.
-
-The networks know nothing of slides or zarr: they map ``(N, C, H, W)`` float tensors to
-``(N, 1, H, W)`` logits.
+file carries its *model card* (:class:`~wsiseg.nets.card.ModelCard`) as one JSON string under
+the metadata key ``wsiseg_card``, so a weights file alone says how to use it.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,203 +21,17 @@ from wsiseg import __version__
 from wsiseg.atomic import atomic_write_bytes
 from wsiseg.config import repo_root
 from wsiseg.errors import WsisegError
-from wsiseg.scribbles.encode import SCRIBBLE_KINDS
+from wsiseg.nets.builders import build_model
+from wsiseg.nets.card import ROLE_CHANNELS, ROLES, ModelCard
 
 if TYPE_CHECKING:
     from wsiseg.config import Workflow
-
-ROLES: tuple[str, ...] = ("guidenet", "refinenet")
-
-#: Input channels each role takes, and what they are.
-ROLE_CHANNELS: dict[str, tuple[int, str]] = {
-    "guidenet": (3, "RGB"),
-    "refinenet": (6, "RGB, GuideNet probability, FG and BG scribble distance maps"),
-}
 
 #: The safetensors metadata key holding the model card (JSON).
 CARD_KEY = "wsiseg_card"
 
 # A safetensors header is a JSON object; anything claiming more than this is not one.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-# ------------------------------------------------------------------------------- model card
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """How to build, feed and trust one network; embedded in every weights file.
-
-    Attributes
-    ----------
-    role : str
-        ``"guidenet"`` or ``"refinenet"``.
-    architecture : str
-        segmentation-models-pytorch class name, ``"Unet"``.
-    encoder : str
-        smp encoder name, ``"efficientnet-b0"``.
-    in_channels : int
-        3 (GuideNet: RGB) or 6 (RefineNet: RGB, guide, FG and BG distance).
-    classes : int
-        Output logit maps; always 1 (tumor).
-    patch_px : int
-        Edge of the square input the network was trained on, working pixels (GuideNet patch,
-        RefineNet window).
-    working_mpp : float
-        Resolution the network was trained at, µm per pixel.
-    normalisation : dict
-        ``{"mean": [r, g, b], "std": [r, g, b]}`` applied to RGB / 255.
-    scribble_encoding : dict
-        RefineNet: ``{"kind": "distance", "max_distance_px": 64.0, "channels": ["rgb",
-        "guide", "fg_dist", "bg_dist"]}``; GuideNet: ``{}``.
-    threshold : float
-        Probability at or above which a pixel is tumor.
-    provenance : dict
-        Training data, seed, command, creation time, wsiseg version; ``{"init": "random",
-        "seed": s}`` for random weights from :func:`init_weights`.
-    metrics : dict
-        Validation metrics, e.g. ``{"val_iou": 0.87}``.
-    """
-
-    role: str
-    architecture: str
-    encoder: str
-    in_channels: int
-    classes: int
-    patch_px: int
-    working_mpp: float
-    normalisation: dict[str, Any]
-    scribble_encoding: dict[str, Any]
-    threshold: float
-    provenance: dict[str, Any]
-    metrics: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (a deep copy), in field order."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
-        """Validated card from a plain dict (YAML template or weights metadata).
-
-        Raises
-        ------
-        ValueError
-            Unknown or missing key, or a value of the wrong type or range; the message names
-            the key, e.g. ``in_channels: expected a positive integer, got 0``.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"a model card must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in names:
-                raise ValueError(f"{key}: unknown key (expected one of {', '.join(names)})")
-        for key in names:
-            if key not in d:
-                raise ValueError(f"{key}: missing key")
-        role = _string(d["role"], "role")
-        if role not in ROLES:
-            raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
-        classes = _positive_int(d["classes"], "classes")
-        if classes != 1:
-            raise ValueError(f"classes: expected 1 (one tumor logit map), got {classes}")
-        threshold = _number(d["threshold"], "threshold")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold: expected a number in [0, 1], got {threshold}")
-        card = cls(
-            role=role,
-            architecture=_string(d["architecture"], "architecture"),
-            encoder=_string(d["encoder"], "encoder"),
-            in_channels=_positive_int(d["in_channels"], "in_channels"),
-            classes=classes,
-            patch_px=_positive_int(d["patch_px"], "patch_px"),
-            working_mpp=_positive_number(d["working_mpp"], "working_mpp"),
-            normalisation=_normalisation(d["normalisation"]),
-            scribble_encoding=_scribble_encoding(d["scribble_encoding"], role),
-            threshold=threshold,
-            provenance=_json_mapping(d["provenance"], "provenance"),
-            metrics=_json_mapping(d["metrics"], "metrics"),
-        )
-        return card
-
-
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{key}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive_number(value: Any, key: str) -> float:
-    number = _number(value, key)
-    if number <= 0:
-        raise ValueError(f"{key}: expected a positive number, got {value!r}")
-    return number
-
-
-def _json_mapping(value: Any, key: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{key}: expected a mapping, got {value!r}")
-    try:
-        # The card travels as JSON; a value JSON cannot hold must fail here, not at save.
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{key}: not JSON-serialisable ({exc})") from None
-
-
-def _normalisation(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
-        raise ValueError(f"normalisation: expected a mapping with keys mean and std, got {value!r}")
-    out: dict[str, Any] = {}
-    for key in ("mean", "std"):
-        triple = value[key]
-        if not isinstance(triple, list | tuple) or len(triple) != 3:
-            raise ValueError(f"normalisation.{key}: expected 3 numbers (R, G, B), got {triple!r}")
-        out[key] = [_number(v, f"normalisation.{key}") for v in triple]
-    if min(out["std"]) <= 0:
-        raise ValueError(f"normalisation.std: expected positive numbers, got {out['std']}")
-    return out
-
-
-def _scribble_encoding(value: Any, role: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"scribble_encoding: expected a mapping, got {value!r}")
-    if role == "guidenet":
-        if value:
-            raise ValueError(f"scribble_encoding: GuideNet sees no scribbles; expected {{}}, "
-                             f"got {value!r}")
-        return {}
-    expected = {"kind", "max_distance_px", "channels"}
-    if set(value) != expected:
-        raise ValueError(f"scribble_encoding: expected keys {', '.join(sorted(expected))}, "
-                         f"got {', '.join(sorted(value)) or 'none'}")
-    kind = _string(value["kind"], "scribble_encoding.kind")
-    if kind not in SCRIBBLE_KINDS:
-        raise ValueError(f"scribble_encoding.kind: expected one of {', '.join(SCRIBBLE_KINDS)}, "
-                         f"got {kind!r}")
-    channels = value["channels"]
-    if not isinstance(channels, list | tuple) or not all(
-        isinstance(c, str) and c for c in channels
-    ):
-        raise ValueError(f"scribble_encoding.channels: expected a list of names, got {channels!r}")
-    return {
-        "kind": kind,
-        "max_distance_px": _positive_number(
-            value["max_distance_px"], "scribble_encoding.max_distance_px"
-        ),
-        "channels": list(channels),
-    }
 
 
 def load_card(name_or_path: str | Path) -> ModelCard:
@@ -267,80 +70,6 @@ def load_card(name_or_path: str | Path) -> ModelCard:
         return ModelCard.from_dict(data)
     except ValueError as exc:
         raise WsisegError(f"{path}: model card: {exc}") from None
-
-
-# ------------------------------------------------------------------------------- networks
-
-
-def build_model(card: ModelCard) -> torch.nn.Module:
-    """The untrained network a card describes (never downloads encoder weights).
-
-    Returns
-    -------
-    torch.nn.Module
-        Maps ``(N, card.in_channels, H, W)`` float32 to ``(N, 1, H, W)`` logits; H and W
-        must be multiples of 32.
-    """
-    import segmentation_models_pytorch as smp  # heavy import: only when a network is built
-
-    try:
-        return smp.create_model(
-            card.architecture,
-            encoder_name=card.encoder,
-            encoder_weights=None,
-            in_channels=card.in_channels,
-            classes=card.classes,
-        )
-    except (KeyError, ValueError) as exc:
-        raise WsisegError(
-            f"model card: cannot build {card.architecture} with encoder {card.encoder} "
-            f"({str(exc).strip().splitlines()[0]})"
-        ) from None
-
-
-def normalise_rgb(rgb: torch.Tensor, card: ModelCard) -> torch.Tensor:
-    """RGB pixels → the network's normalised float input, on the tensor's own device.
-
-    Parameters
-    ----------
-    rgb : torch.Tensor of uint8, shape (N, H, W, 3) or (N, 3, H, W)
-        A (N, 3, H, W) view of channels-last memory keeps that layout (no copy on permute).
-    card : ModelCard
-        Its ``normalisation`` mean and std apply to ``rgb / 255``.
-
-    Returns
-    -------
-    torch.Tensor of float32, shape (N, 3, H, W)
-        ``(rgb / 255 − mean) / std`` per channel.
-    """
-    if rgb.dtype != torch.uint8:
-        raise TypeError(f"normalise_rgb expects uint8 RGB in 0..255, got {rgb.dtype}")
-    if rgb.ndim != 4 or 3 not in (rgb.shape[1], rgb.shape[3]):
-        raise ValueError(f"normalise_rgb expects (N, H, W, 3) or (N, 3, H, W), got "
-                         f"{tuple(rgb.shape)}")
-    nchw = rgb if rgb.shape[1] == 3 else rgb.permute(0, 3, 1, 2)
-    scale, shift = _affine(
-        tuple(card.normalisation["mean"]), tuple(card.normalisation["std"]), rgb.device
-    )
-    return nchw.to(torch.float32).mul_(scale).add_(shift)
-
-
-@functools.lru_cache(maxsize=16)
-def _affine(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 3, 1, 1) scale and shift with ``x * scale + shift == (x / 255 - mean) / std``."""
-    # Cached per device so a CUDA batch loop does not copy two tiny tensors every batch;
-    # made outside inference mode so training may use them too.
-    with torch.inference_mode(False):
-        mean_t = torch.tensor(mean, dtype=torch.float64)
-        std_t = torch.tensor(std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, 3, 1, 1).to(device)
-        shift = (-mean_t / std_t).to(torch.float32).view(1, 3, 1, 1).to(device)
-    return scale, shift
-
-
-# -------------------------------------------------------------------------------- weights
 
 
 def save_weights(model: torch.nn.Module, card: ModelCard, path: Path) -> str:

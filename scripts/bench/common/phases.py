@@ -1,13 +1,11 @@
-"""Shared helpers of the benchmark scripts: generated slides, peak memory, stage timers, tables.
+"""Measurement phases run as child processes, each with a fresh interpreter and its own memory.
 
-Not a test module and not part of the package. The scripts beside this file import it (they
-put their own folder on ``sys.path``); it also runs the measurement *phases* of ``run.py`` and
-``gpu.py`` as child processes, so that each phase starts from a fresh interpreter and its
-peak memory is its own::
+The benchmark scripts run them through :func:`run_phase`, which starts::
 
-    python scripts/bench/common.py --phase pipeline '<json arguments>'
+    python -m common --phase pipeline '<json arguments>'
 
-prints one JSON line (the phase's result) as the last line of stdout.
+with ``scripts/bench`` on ``PYTHONPATH``; the child prints one JSON line (the phase's result)
+as the last line of stdout.
 
 Phases
 ------
@@ -25,428 +23,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-MIB = 2**20
+from common.sampling import MIB, GpuUtilisation, PeakRSS
+from common.timers import StageTimer
 
-
-# ------------------------------------------------------------------------------- arguments
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"WxH"`` → ``(W, H)`` level-0 pixels."""
-    try:
-        w, h = text.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-
-
-def default_cache() -> Path:
-    """Where generated slides are kept between runs (``$WSISEG_BENCH_CACHE`` overrides)."""
-    env = os.environ.get("WSISEG_BENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "wsiseg-bench"
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", type=Path, default=default_cache(),
-                        help="folder of generated slides, reused between runs "
-                             "(default: $WSISEG_BENCH_CACHE or ~/.cache/wsiseg-bench)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="scratch folder for stores and outputs (default: a temp dir, "
-                             "removed at the end)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated slides")
-
-
-@contextlib.contextmanager
-def scratch(work: Path | None, prefix: str) -> Iterator[Path]:
-    """``work`` as given (kept), or a temporary folder removed afterwards."""
-    if work is not None:
-        work.mkdir(parents=True, exist_ok=True)
-        yield work
-        return
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        yield Path(tmp)
-
-
-# -------------------------------------------------------------------------- generated slides
-
-
-def generated_slide(cache: Path, size: tuple[int, int], mpp: float, seed: int = 0):
-    """A generated slide (:func:`wsiseg.synth.synthesize_slide`) of ``size`` at ``mpp``, cached.
-
-    The same arguments return the same files without drawing them again (the generator is
-    deterministic and writes atomically, so a file that exists is complete).
-
-    Returns
-    -------
-    wsiseg.synth.SyntheticSlide
-    """
-    from wsiseg.synth import SyntheticSlide, synthesize_slide
-
-    width, height = size
-    slide_id = f"synth-{width}x{height}-mpp{mpp:g}-seed{seed}"
-    paths = [cache / f"{slide_id}{s}" for s in (".tiff", ".truth.tiff", ".truth.geojson")]
-    if all(p.exists() for p in paths):
-        return SyntheticSlide(*paths, level0_size=(width, height), mpp=float(mpp),
-                              truth_mpp=2.0)
-    t0 = time.perf_counter()
-    slide = synthesize_slide(cache, slide_id, (width, height), mpp, seed)
-    log(f"generated {slide.slide_path.name} ({width * height / 1e6:.0f} Mpx) in "
-        f"{time.perf_counter() - t0:.1f} s")
-    return slide
-
-
-def slide_copies(slide: Path, folder: Path, n: int) -> list[Path]:
-    """``n`` names for one slide file (hard links where possible, else copies).
-
-    ``wsiseg run`` treats each name as its own slide (own store, own outputs), so a cohort of
-    ``n`` slides costs one generation.
-    """
-    import shutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        dst = folder / f"slide-{i:03d}{slide.suffix}"
-        if not dst.exists():
-            try:
-                os.link(slide, dst)
-            except OSError:
-                shutil.copyfile(slide, dst)
-        out.append(dst)
-    return out
-
-
-def guidenet_weights(path: Path, seed: int = 0) -> Path:
-    """Random GuideNet weights with a model card (``wsiseg models init``), written once."""
-    from wsiseg.config import load_workflow
-    from wsiseg.nets import init_weights
-
-    if not path.exists():
-        init_weights("guidenet", path, seed=seed, workflow=load_workflow())
-    return path
-
-
-# ------------------------------------------------------------------------------------ memory
-
-
-class PeakRSS:
-    """Peak memory of a process (and its children), sampled in a thread with psutil.
-
-    A sample is the process's resident set (RSS) plus, for each child process (e.g. a
-    DataLoader worker), its unique set (USS: the pages only it holds), so pages a forked
-    worker shares with its parent are counted once.
-
-    Parameters
-    ----------
-    pid : int, optional
-        The process to watch (default: this one). Watch a child only after it has exec'ed:
-        a freshly forked child still shows its parent's pages.
-    interval_s : float
-        Sampling period; peaks shorter than this can be missed.
-    children : bool
-        Add the children's unique memory.
-
-    Attributes
-    ----------
-    start_mib, peak_mib : float
-        Memory when sampling began, and the largest sample, MiB.
-    """
-
-    def __init__(self, pid: int | None = None, interval_s: float = 0.02,
-                 children: bool = True) -> None:
-        import psutil
-
-        self._proc = psutil.Process(pid or os.getpid())
-        self.interval_s = interval_s
-        self.children = children
-        self.start_mib = 0.0
-        self.peak_mib = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
-
-    def sample_mib(self) -> float:
-        import psutil
-
-        try:
-            total = self._proc.memory_info().rss
-        except psutil.Error:  # the process has ended
-            return 0.0
-        if self.children:
-            with contextlib.suppress(psutil.Error):
-                for child in self._proc.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        total += child.memory_full_info().uss
-        return total / MIB
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self.sample_mib())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakRSS:
-        self.start_mib = self.peak_mib = self.sample_mib()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak_mib = max(self.peak_mib, self.sample_mib())
-        self._stop.set()
-        self._thread.join()
-
-
-# ------------------------------------------------------------------------------------ timing
-
-
-@dataclass
-class StageTimer:
-    """Accumulated wall time of functions, by wrapping them where the package looks them up.
-
-    ``timer.wrap(module_or_class, "name")`` replaces the attribute by a timing wrapper (a
-    function the package imports *inside* its callers is looked up at call time, so wrapping
-    the defining module is enough; a name imported at module level must be wrapped in the
-    importing module). Calls made from several threads add up: for stages run by a thread
-    pool the total is thread-seconds, not wall time. Nested stages are each counted whole.
-    """
-
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    spans: dict[str, list[tuple[float, float]]] = field(
-        default_factory=lambda: defaultdict(list))
-    results: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
-    _undo: list[tuple[Any, str, Any]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def wrap(self, owner: Any, name: str, label: str | None = None, *,
-             keep_result: bool = False) -> None:
-        original = getattr(owner, name)
-        label = label or name
-
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                result = original(*args, **kwargs)
-            finally:
-                t1 = time.perf_counter()
-                with self._lock:
-                    self.seconds[label] += t1 - t0
-                    self.calls[label] += 1
-                    self.spans[label].append((t0, t1))
-            if keep_result:
-                with self._lock:
-                    self.results[label].append(result)
-            return result
-
-        self._undo.append((owner, name, original))
-        setattr(owner, name, timed)
-
-    def restore(self) -> None:
-        while self._undo:
-            owner, name, original = self._undo.pop()
-            setattr(owner, name, original)
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        return {k: {"seconds": round(v, 4), "calls": self.calls[k]}
-                for k, v in self.seconds.items()}
-
-
-# ------------------------------------------------------------------------------ GPU sampling
-
-
-class GpuUtilisation:
-    """GPU utilisation (%) sampled in a thread: ``torch.cuda.utilization`` (NVML), else
-    ``nvidia-smi``. ``samples`` holds ``(perf_counter time, percent)``."""
-
-    def __init__(self, interval_s: float = 0.1, device: int = 0) -> None:
-        self.interval_s = interval_s
-        self.device = device
-        self.samples: list[tuple[float, float]] = []
-        self.source = "none"
-        self.error = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-util", daemon=True)
-
-    def _read(self) -> Callable[[], float] | None:
-        import torch
-
-        try:
-            torch.cuda.utilization(self.device)
-            self.source = "torch.cuda.utilization (NVML)"
-            return lambda: float(torch.cuda.utilization(self.device))
-        except Exception as exc:  # no pynvml / nvidia-ml-py
-            self.error = f"torch.cuda.utilization: {exc}"
-
-        def smi() -> float:
-            out = subprocess.run(
-                ["nvidia-smi", f"--id={self.device}", "--query-gpu=utilization.gpu",
-                 "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5,
-            )
-            return float(out.stdout.strip().splitlines()[0])
-
-        try:
-            smi()
-            self.source = "nvidia-smi"
-            return smi
-        except Exception as exc:
-            self.error += f"; nvidia-smi: {exc}"
-            return None
-
-    def _run(self) -> None:
-        read = self._read()
-        while read is not None and not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self.samples.append((time.perf_counter(), read()))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> GpuUtilisation:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def mean(self, spans: Sequence[tuple[float, float]] | None = None) -> float | None:
-        """Mean utilisation, over all samples or those inside ``spans``."""
-        values = [u for t, u in self.samples
-                  if spans is None or any(a <= t <= b for a, b in spans)]
-        return sum(values) / len(values) if values else None
-
-
-# ------------------------------------------------------------------------------- reporting
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def command_line() -> str:
-    """The command that reproduces this run, relative to the repository root when inside."""
-    def rel(p: str) -> str:
-        with contextlib.suppress(ValueError):
-            return str(Path(p).absolute().relative_to(REPO))
-        return p
-
-    python = rel(sys.executable)
-    return shlex.join([python, rel(sys.argv[0]), *sys.argv[1:]])
-
-
-def machine_info() -> dict[str, str]:
-    """CPU model and cores, memory, Python, torch, device, wsiseg version and git commit."""
-    import psutil
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {
-        "cpu": f"{cpu}, {usable} usable cores ({os.cpu_count()} logical)",
-        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "python": platform.python_version(),
-        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
-    }
-    with contextlib.suppress(OSError):
-        info["load average"] = " ".join(Path("/proc/loadavg").read_text().split()[:3]) + \
-            " (1, 5, 15 min, at the end of the run: other work on the machine)"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-    try:
-        import wsiseg
-
-        info["wsiseg"] = wsiseg.__version__
-    except ImportError:
-        pass
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit:
-            info["commit"] = commit + (" (+ uncommitted changes)" if dirty else "")
-    return info
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; numbers right-aligned (floats as given: format them first)."""
-    def numeric(col: int) -> bool:
-        cells = [r[col] for r in rows if r[col] not in ("", None, "–")]
-        return bool(cells) and all(
-            isinstance(c, int | float) or _looks_numeric(str(c)) for c in cells)
-
-    align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _looks_numeric(text: str) -> bool:
-    text = text.replace("×", "").replace("%", "").replace(",", "").strip()
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def print_report(title: str, tables: Sequence[tuple[str, str]], notes: Sequence[str] = ()) -> None:
-    """The command line, the machine, then each (caption, table), then notes, on stdout."""
-    print(f"\n## {title}\n")
-    print(f"`{command_line()}`\n")
-    for key, value in machine_info().items():
-        print(f"- {key}: {value}")
-    for caption, table in tables:
-        print(f"\n{caption}\n\n{table}" if caption else f"\n{table}")
-    for note in notes:
-        print(f"\n{note}")
-    sys.stdout.flush()
-
-
-def stage_rows(stages: dict, infer_stats: list[dict], total_s: float) -> list[list]:
-    """Where the pipeline's time goes: wall stages, thread-seconds, and the infer breakdown."""
-    rows = []
-    for label, v in stages.items():
-        share = f"{100 * v['seconds'] / total_s:.0f} %" if "(wall)" in label else ""
-        rows.append([label, v["calls"], fmt(v["seconds"], 2), share])
-    for key in ("forward_s", "read_s", "write_s", "wait_s"):
-        total = sum(s[key] for s in infer_stats)
-        rows.append([f"infer: {key[:-2]}" + (" (thread-s)" if key in ("read_s", "write_s")
-                                              else ""), "", fmt(total, 2), ""])
-    return rows
-
-
-def fastest(results: list[ChildResult]) -> ChildResult:
-    """The run with the fewest seconds (the least disturbed by other load), else the first."""
-    timed = [r for r in results if "seconds" in r.data]
-    return min(timed, key=lambda r: r.data["seconds"]) if timed else results[0]
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-# ---------------------------------------------------------------------------- child phases
+BENCH_DIR = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -458,12 +49,21 @@ class ChildResult:
     stderr_tail: str
 
 
+def fastest(results: list[ChildResult]) -> ChildResult:
+    """The run with the fewest seconds (the least disturbed by other load), else the first."""
+    timed = [r for r in results if "seconds" in r.data]
+    return min(timed, key=lambda r: r.data["seconds"]) if timed else results[0]
+
+
 def run_phase(phase: str, **kwargs: Any) -> ChildResult:
-    """Run ``common.py --phase PHASE`` in a fresh interpreter and read its JSON result."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, json.dumps(kwargs)]
+    """Run ``python -m common --phase PHASE`` in a fresh interpreter; read its result."""
+    argv = [sys.executable, "-m", "common", "--phase", phase, json.dumps(kwargs)]
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), path]))}
     with tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
+                              env=env)
         wall = time.perf_counter() - t0
         err.seek(0)
         tail = err.read()[-3000:]
@@ -809,7 +409,3 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     result.setdefault("peak_rss_mib", rss.peak_mib)  # phases that sample their own keep it
     print(json.dumps(result, default=str), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())
