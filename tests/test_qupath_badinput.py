@@ -60,7 +60,8 @@ def test_a_features_member_with_an_odd_type_is_read_as_qupath_does(tmp_path) -> 
     assert [a.geometry.area for a in annotations] == [100]
 
 
-@pytest.mark.parametrize("color", ["[Infinity, 0, 0]", "[NaN, 0, 0]", "[-Infinity, 1, 2]"])
+@pytest.mark.parametrize("color", ["[Infinity, 0, 0]", "[NaN, 0, 0]", "[-Infinity, 1, 2]",
+                                   "[255, 1" + "0" * 400 + ", 0]"])
 def test_non_finite_colour_is_ignored_not_fatal(tmp_path, color) -> None:
     text = ('{"type": "Feature", "geometry": ' + json.dumps(SQUARE) + ', "properties": '
             '{"classification": {"name": "Tumor", "color": ' + color + '}}}')

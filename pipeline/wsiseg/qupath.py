@@ -549,8 +549,10 @@ def _color(value: Any) -> tuple[int, int, int] | None:
         return (packed >> 16) & 0xFF, (packed >> 8) & 0xFF, packed & 0xFF
     if not (isinstance(value, list) and len(value) in (3, 4)):
         return None
+    # An int is finite however large (math.isfinite would overflow on 10**400); 0–255 below.
     if all(
-        isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c)
+        (isinstance(c, int) and not isinstance(c, bool))
+        or (isinstance(c, float) and math.isfinite(c))
         for c in value[:3]
     ):
         rgb = tuple(int(c) for c in value[:3])

@@ -74,7 +74,7 @@ def placed_on_tissue(data: bytes, store: SlideStore) -> bytes | None:
     if not len(xy):
         return None
     x0, y0, x1, y1 = store.frame.transform_geometry(
-        _tissue_box(store), "working", "qupath").bounds
+        tissue_box(store), "working", "qupath").bounds
     lo, span = xy.min(axis=0), np.maximum(np.ptp(xy, axis=0), 1e-9)
     target_lo, target_span = np.asarray([x0, y0]), np.asarray([x1 - x0, y1 - y0])
 
@@ -97,7 +97,7 @@ def placed_on_tissue(data: bytes, store: SlideStore) -> bytes | None:
     return _dumps(doc)
 
 
-def _tissue_box(store: SlideStore) -> shapely.Geometry:
+def tissue_box(store: SlideStore) -> shapely.Geometry:
     """The window of a third of the slide's size with the most tissue (working px)."""
     mask = store.tissue_mask.astype(np.int64)
     h, w = max(1, mask.shape[0] // 3), max(1, mask.shape[1] // 3)
