@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wsiseg import __version__
+from wsiseg.config import mpp_problem
 from wsiseg.errors import UsageError, WsisegError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -25,6 +27,13 @@ def _size(text: str) -> tuple[int, int]:
         return int(w), int(h)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -295,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tile", cmd_tile, "build the slide stores (image, tissue) without a network")
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+    p.add_argument("--mpp", type=_number, help="µm per level-0 pixel (overrides file)")
     p.add_argument("--force", action="store_true", help="rebuild existing stores")
     workflow_option(p)
 
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR|URL",
                    help="output directory, or an fsspec URL (file://, s3://, gs://, ...)")
     p.add_argument("--guidenet", metavar="WEIGHTS", help="GuideNet .safetensors")
-    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+    p.add_argument("--mpp", type=_number, help="µm per level-0 pixel (overrides file)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="join this Dask cluster (tcp://host:port or a scheduler file)")
@@ -355,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir")
     p.add_argument("--slides", type=int, default=2)
     p.add_argument("--size", type=_size, default=(8192, 6144), metavar="WxH")
-    p.add_argument("--mpp", type=_positive_float, default=0.5)
+    p.add_argument("--mpp", type=_number, default=0.5, help="µm per level-0 pixel")
     p.add_argument("--seed", type=int, default=0)
 
     trainers = sub.add_parser("train", help="train GuideNet or RefineNet").add_subparsers(
@@ -382,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-minutes", type=_positive_float, help="stop after this long")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+        p.add_argument("--mpp", type=_number, help="µm per level-0 pixel (overrides file)")
         p.add_argument("--cache", metavar="DIR", help="slide stores (default: beside --out)")
         p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
         workflow_option(p)
@@ -464,13 +473,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _quiet_filter(verbose: bool) -> Callable[[logging.LogRecord], bool]:
+    """Which records reach the terminal: ours at WARNING (INFO with -v); Dask's at WARNING
+    (its INFO lines are start-up chatter); every other library's at ERROR (WARNING with -v),
+    e.g. TIAToolbox's root-logger lines about OME-TIFF metadata."""
+    ours = logging.INFO if verbose else logging.WARNING
+    libraries = logging.WARNING if verbose else logging.ERROR
+
+    def keep(record: logging.LogRecord) -> bool:
+        top = record.name.split(".", 1)[0]
+        if top == "wsiseg":
+            return record.levelno >= ours
+        if top in ("distributed", "dask"):
+            return record.levelno >= logging.WARNING
+        return record.levelno >= libraries
+
+    return keep
+
+
+def configure_logging(verbose: bool) -> None:
+    """One handler on the root logger, to stderr, filtered by :func:`_quiet_filter`."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)  # main() called again (tests): the new -v applies
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_quiet_filter(verbose))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    mpp = getattr(args, "mpp", None)
+    if mpp is not None and (problem := mpp_problem(mpp)) is not None:
+        print(f"error: --mpp: {problem}", file=sys.stderr)  # one line, as a usage error
+        return 2
+    configure_logging(args.verbose)
     if not args.verbose:
         warnings.filterwarnings("ignore")
     try:
@@ -484,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `wsiseg info ... | head` closed the pipe: nothing is wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
 
 
 if __name__ == "__main__":

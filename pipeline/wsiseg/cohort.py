@@ -240,6 +240,8 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     failed = [r for r in rows if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.reason}", file=sys.stderr)
+        if r.extra.get("traceback"):  # a bug, not the slide's own problem: -v shows where
+            log.info("%s failed here:\n%s", r.slide_id, r.extra["traceback"].rstrip())
     done = len(rows) - len(failed)
     where = dest.url.rstrip("/") if dest.remote else str(out_dir)
     print(f"{done} of {len(rows)} slides done; summary: {where}/summary.csv, "
@@ -838,9 +840,9 @@ def run_one(
     except WsisegError as exc:
         row = SlideRow(str(slide), slide_id, "failed", reason=str(exc))
     except Exception as exc:  # a bug or an unforeseen file problem: still one row
-        log.debug("%s", traceback.format_exc())
         row = SlideRow(str(slide), slide_id, "failed",
-                       reason=f"{slide}: {type(exc).__name__}: {exc}".splitlines()[0])
+                       reason=f"{slide}: {type(exc).__name__}: {exc}".splitlines()[0],
+                       extra={"traceback": traceback.format_exc()})  # shown with -v
     row.seconds = round(time.perf_counter() - t0, 2)
     return row
 
