@@ -66,10 +66,10 @@ def tissue_fraction(mask: NDArray[np.bool_]) -> float:
     return float(mask.mean()) if mask.size else 0.0
 
 
-def area_in_mask(
+def share_of_mask_covered(
     polygons: Sequence[shapely.Geometry], mask: NDArray[np.bool_], shape: tuple[int, int]
 ) -> float:
-    """Area of ``polygons`` that lies inside a coarse ``mask`` of the same slide.
+    """The share of a coarse ``mask``'s area that ``polygons`` cover (0–1).
 
     Parameters
     ----------
@@ -84,7 +84,8 @@ def area_in_mask(
     Returns
     -------
     float
-        Working px², exact for the mask's pixel boxes.
+        Area of (polygons ∩ mask) / area of mask, exact for the mask's pixel boxes; 0 for an
+        empty mask.
     """
     if not len(polygons) or not mask.any():
         return 0.0
@@ -98,5 +99,5 @@ def area_in_mask(
     boxes = shapely.box(starts * sx, runs_row * sy, ends * sx, (runs_row + 1) * sy)
     inside = shapely.union_all(boxes)
     shapely.prepare(inside)
-    return float(shapely.area(shapely.intersection(np.asarray(polygons, dtype=object),
-                                                   inside)).sum())
+    covered = shapely.area(shapely.intersection(np.asarray(polygons, dtype=object), inside))
+    return min(1.0, float(covered.sum()) / (float(mask.sum()) * sy * sx))
