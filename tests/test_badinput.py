@@ -18,7 +18,7 @@ import tifffile
 import torch
 from safetensors.torch import load_file, save_file
 
-from wsiseg import cohort
+from wsiseg import cohort, tiling
 from wsiseg.cli import configure_logging, main
 from wsiseg.cohort import RunOptions, run_cohort
 from wsiseg.config import load_workflow
@@ -190,3 +190,29 @@ def test_tumor_fraction_never_exceeds_one(tmp_path, small_workflow):
     assert m.tumor_fraction == 1.0
     inside = measurements(store, [shapely.box(0, 0, cols / 2, rows)], 0)
     assert 0 < inside.tumor_fraction < 1
+
+
+def test_a_slide_replaced_during_tiling_is_refused_then_rebuilt(tmp_path, small_workflow,
+                                                                 monkeypatch):
+    slide = tmp_path / "slide.svs"
+    shutil.copy(real(CMU_SVS), slide)
+    replaced = []
+    original = tiling.read_box
+
+    def read_then_rescan(reader, downsample, box):
+        if not replaced:  # the scanner writes a new file under the same name mid-tiling
+            replaced.append(True)
+            copy = tmp_path / "rescan.svs"
+            shutil.copy(real(CMU_SVS), copy)
+            with copy.open("ab") as f:
+                f.write(b"\0" * 4096)
+            os.replace(copy, slide)
+        return original(reader, downsample, box)
+
+    monkeypatch.setattr(tiling, "read_box", read_then_rescan)
+    with pytest.raises(SlideError, match=r"slide\.svs: changed while it was being tiled"):
+        tile_slide(slide, tmp_path / "out" / "slide.zarr", small_workflow)
+    monkeypatch.setattr(tiling, "read_box", original)
+    result = tile_slide(slide, tmp_path / "out" / "slide.zarr", small_workflow)
+    assert result.chunks_written == result.chunks_total
+    assert result.store.source.size == slide.stat().st_size

@@ -213,9 +213,22 @@ def tile_slide(
                 dask.compute(*tasks, scheduler="threads", num_workers=n)
         else:
             dask.compute(*tasks, scheduler="threads", num_workers=n)
+        _check_unchanged(store, slide_path)
     if store.stage("tiling") != "done":
         store.set_stage("tiling", "done")
     return TilingResult(store=store, chunks_total=total, chunks_written=len(tasks))
+
+
+def _check_unchanged(store: SlideStore, slide_path: Path) -> None:
+    """Refuse a tiling during which the slide file was replaced: its chunks would mix two
+    scans (readers reopen a changed file). The store is left unfinished, so the next run
+    sees the change and rebuilds it."""
+    try:
+        why = source_changed(store, slide_path)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    if why is not None:
+        raise SlideError(f"{slide_path}: changed while it was being tiled ({why}); run again")
 
 
 class BackgroundTiling:
@@ -270,6 +283,8 @@ class BackgroundTiling:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        if self._todo:
+            _check_unchanged(self.store, Path(self.slide_path))
         if self.store.stage("tiling") != "done":
             self.store.set_stage("tiling", "done")
         return TilingResult(self.store, int(self._expected.sum()), len(self._todo))
