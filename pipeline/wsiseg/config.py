@@ -170,7 +170,7 @@ def load_workflow(name_or_path: str | Path | None = None) -> Workflow:
                 f"{name_or_path}: no such workflow preset (known: {', '.join(known)}){hint}"
             )
     if not path.is_file():
-        raise ConfigError(f"{path}: workflow file not found")
+        raise ConfigError(f"{name_or_path}: workflow file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
