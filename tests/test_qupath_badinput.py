@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import shapely
 
+from wsiseg import qupath
 from wsiseg.errors import WsisegError
 from wsiseg.qupath import read_annotations_report
 
@@ -179,3 +180,15 @@ def test_huge_integer_literal_and_long_reprs_stay_one_short_line(tmp_path) -> No
 
 def test_file_name_with_a_line_break_stays_one_line(tmp_path) -> None:
     _refused(_write(tmp_path, "{not json", "odd\nname.geojson"), "not valid JSON")
+
+
+def test_a_compression_bomb_is_refused_without_inflating_it_all(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(qupath, "MAX_JSON_BYTES", 1 << 20)
+    padding = " " * (4 << 20)  # 4 MiB of JSON whitespace gzips to a few kB
+    text = json.dumps(_feature(SQUARE)) + padding
+    _refused(_write(tmp_path, gzip.compress(text.encode())), "uncompresses to more than 1 MiB")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("export.geojson", text)
+    _refused(_write(tmp_path, buffer.getvalue(), "b.zip"), "uncompresses to more than 1 MiB")
+    _refused(_write(tmp_path, text, "c.geojson"), "larger than 1 MiB")

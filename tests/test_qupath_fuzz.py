@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "scripts" / "fuzz"))
 
 import fuzzkit  # noqa: E402
 
+
 def _fuzz(examples: int) -> settings:
     # Derandomized and without a database: the same files every run, nothing written.
     return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
