@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wsiseg import cohort, tiling
-from wsiseg.cli import configure_logging, main
+from wsiseg.cli import main
 from wsiseg.cohort import RunOptions, run_cohort
 from wsiseg.config import load_workflow
 from wsiseg.errors import WsisegError
 from wsiseg.infer import infer_to_store
+from wsiseg.logs import configure_logging
 from wsiseg.nets import CARD_KEY, init_weights, load_weights
 from wsiseg.outputs import measurements
 from wsiseg.slide.reader import SlideError, SlideInfo, cached_reader, open_slide

@@ -7,7 +7,6 @@ Exit status: 0 when everything succeeded, 1 when some slide (or the command's in
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 from wsiseg import __version__
 from wsiseg.config import mpp_problem
 from wsiseg.errors import UsageError, WsisegError
+from wsiseg.logs import configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -471,51 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", help="a predicted mask: draw correction scribbles")
     p.add_argument("--seed", type=int, default=0)
     return parser
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _quiet_filter(verbose: bool) -> Callable[[logging.LogRecord], bool]:
-    """Which records reach the terminal: ours at WARNING (INFO with -v); Dask's at WARNING
-    (its INFO lines are start-up chatter); every other library's at ERROR (WARNING with -v),
-    e.g. TIAToolbox's root-logger lines about OME-TIFF metadata."""
-    ours = logging.INFO if verbose else logging.WARNING
-    libraries = logging.WARNING if verbose else logging.ERROR
-
-    def keep(record: logging.LogRecord) -> bool:
-        top = record.name.split(".", 1)[0]
-        if top == "wsiseg":
-            return record.levelno >= ours
-        if top in ("distributed", "dask"):
-            return record.levelno >= logging.WARNING
-        return record.levelno >= libraries
-
-    return keep
-
-
-def configure_logging(verbose: bool) -> None:
-    """One handler on the root logger, to stderr, filtered by :func:`_quiet_filter`."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
-        root.removeHandler(handler)  # main() called again (tests): the new -v applies
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_quiet_filter(verbose))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

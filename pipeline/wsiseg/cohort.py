@@ -41,6 +41,7 @@ from wsiseg.config import Workflow, load_workflow
 from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.ledger import LEDGER_NAME, Ledger, format_status, now_iso
+from wsiseg.logs import configure_worker_logging
 from wsiseg.report import REPORT_NAME, write_report
 from wsiseg.store import STORE_FORMAT, SlideStore, SourceInfo, file_fingerprint, source_differs
 
@@ -737,6 +738,7 @@ def slide_task(
     """
     import torch
 
+    configure_worker_logging()  # the driver's quiet (or -v) set-up, before any library logs
     worker = _worker_address()
     _send_start(slide_id, worker)
     # WSISEG_TORCH_THREADS in a worker's environment overrides the plan (or sets the count on
