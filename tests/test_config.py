@@ -58,3 +58,34 @@ def test_partial_preset_keeps_defaults(tmp_path):
     assert wf.working_mpp == 1.0
     assert wf.guidenet.batch_size == 4
     assert wf.guidenet.patch_px == 256
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e-9, 1e6, 0.01, 250.0])
+def test_working_mpp_outside_the_slide_range_is_refused_with_the_reason(value):
+    with pytest.raises(ConfigError, match=r"working_mpp: .*0\.05–100 µm/px"):
+        workflow_from_dict({"working_mpp": value}, source="x.yaml")
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+@pytest.mark.parametrize("name", ["default", "demo"])
+def test_a_preset_name_wins_over_a_file_or_folder_of_that_name(
+    tmp_path, monkeypatch, kind, name
+):
+    monkeypatch.chdir(tmp_path)
+    if kind == "file":
+        (tmp_path / name).write_text("not: a workflow\n")
+    else:
+        (tmp_path / name).mkdir()
+    assert load_workflow(name) == load_workflow(str(load_workflow(name).source))
+
+
+def test_a_path_like_argument_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("name: mine\nworking_mpp: 1.0\n")
+    (tmp_path / "mine.yml").write_text("name: mine\nworking_mpp: 1.0\n")
+    assert load_workflow("./mine").working_mpp == 1.0
+    assert load_workflow("mine.yml").working_mpp == 1.0
+    with pytest.raises(ConfigError, match=r"no such workflow preset .*write \./mine"):
+        load_workflow("mine")
+    with pytest.raises(ConfigError, match="workflow file not found"):
+        load_workflow("./default")

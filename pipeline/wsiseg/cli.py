@@ -7,14 +7,16 @@ Exit status: 0 when everything succeeded, 1 when some slide (or the command's in
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wsiseg import __version__
+from wsiseg.config import mpp_problem
 from wsiseg.errors import UsageError, WsisegError
+from wsiseg.logs import configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -25,6 +27,13 @@ def _size(text: str) -> tuple[int, int]:
         return int(w), int(h)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -255,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tile", cmd_tile, "build the slide stores (image, tissue) without a network")
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+    p.add_argument("--mpp", type=_number, help="µm per level-0 pixel (overrides file)")
     p.add_argument("--force", action="store_true", help="rebuild existing stores")
     workflow_option(p)
 
@@ -264,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR|URL",
                    help="output directory, or an fsspec URL (file://, s3://, gs://, ...)")
     p.add_argument("--guidenet", metavar="WEIGHTS", help="GuideNet .safetensors")
-    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+    p.add_argument("--mpp", type=_number, help="µm per level-0 pixel (overrides file)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="join this Dask cluster (tcp://host:port or a scheduler file)")
@@ -317,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir")
     p.add_argument("--slides", type=int, default=2)
     p.add_argument("--size", type=_size, default=(8192, 6144), metavar="WxH")
-    p.add_argument("--mpp", type=_positive_float, default=0.5)
+    p.add_argument("--mpp", type=_number, default=0.5, help="µm per level-0 pixel")
     p.add_argument("--seed", type=int, default=0)
 
     trainers = sub.add_parser("train", help="train GuideNet or RefineNet").add_subparsers(
@@ -344,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-minutes", type=_positive_float, help="stop after this long")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides file)")
+        p.add_argument("--mpp", type=_number, help="µm per level-0 pixel (overrides file)")
         p.add_argument("--cache", metavar="DIR", help="slide stores (default: beside --out)")
         p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
         workflow_option(p)
@@ -430,10 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    mpp = getattr(args, "mpp", None)
+    if mpp is not None and (problem := mpp_problem(mpp)) is not None:
+        print(f"error: --mpp: {problem}", file=sys.stderr)  # one line, as a usage error
+        return 2
+    configure_logging(args.verbose)
     if not args.verbose:
         warnings.filterwarnings("ignore")
     try:
@@ -447,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `wsiseg info ... | head` closed the pipe: nothing is wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.ledger import LEDGER_NAME, Ledger, format_status, now_iso
 from wsiseg.lock import is_locked, read_holder
+from wsiseg.logs import configure_worker_logging
 from wsiseg.report import REPORT_NAME, write_report
 from wsiseg.store import STORE_FORMAT, SlideStore, SourceInfo, file_fingerprint, source_differs
 
@@ -247,6 +248,8 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     failed = [r for r in rows if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.reason}", file=sys.stderr)
+        if r.extra.get("traceback"):  # a bug, not the slide's own problem: -v shows where
+            log.info("%s failed here:\n%s", r.slide_id, r.extra["traceback"].rstrip())
     done = len(rows) - len(failed)
     where = dest.url.rstrip("/") if dest.remote else str(out_dir)
     print(f"{done} of {len(rows)} slides done; summary: {where}/summary.csv, "
@@ -766,6 +769,7 @@ def slide_task(
     """
     import torch
 
+    configure_worker_logging()  # the driver's quiet (or -v) set-up, before any library logs
     worker = _worker_address()
     _send_start(slide_id, worker)
     # WSISEG_TORCH_THREADS in a worker's environment overrides the plan (or sets the count on
@@ -884,9 +888,9 @@ def run_one(
     except WsisegError as exc:
         row = SlideRow(str(slide), slide_id, "failed", reason=str(exc))
     except Exception as exc:  # a bug or an unforeseen file problem: still one row
-        log.debug("%s", traceback.format_exc())
         row = SlideRow(str(slide), slide_id, "failed",
-                       reason=f"{slide}: {type(exc).__name__}: {exc}".splitlines()[0])
+                       reason=f"{slide}: {type(exc).__name__}: {exc}".splitlines()[0],
+                       extra={"traceback": traceback.format_exc()})  # shown with -v
     row.seconds = round(time.perf_counter() - t0, 2)
     return row
 

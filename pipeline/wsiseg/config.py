@@ -1,6 +1,7 @@
 """Workflow presets (YAML) loaded into a typed, validated configuration.
 
-A workflow is named (``default`` → ``workflows/default.yaml``) or given as a path. Every key
+A workflow is named (``default`` → ``workflows/default.yaml``) or given as a path (anything
+with a path separator, a leading ``.`` or a ``.yaml``/``.yml`` ending). Every key
 is checked: an unknown key, a missing key or a value of the wrong type or range raises
 :class:`ConfigError` with the dotted key and the file, e.g.
 ``workflows/x.yaml: guidenet.patch_px: expected a positive integer, got -3``.
@@ -9,6 +10,8 @@ is checked: an unknown key, a missing key or a value of the wrong type or range 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +126,24 @@ _CHOICES = {
     "inference.precision": ("auto", "f32", "bf16"),
 }
 
+_MPP_KEYS = {"working_mpp", "mask_mpp"}
+
+MPP_RANGE = (0.05, 100.0)
+"""Microns per pixel a slide or a workflow may have, level 0 or working (µm/px)."""
+
+MPP_WHY = ("light microscopy resolves about 0.2 µm and slide scanners write 0.1–1 µm/px; "
+           "coarser than 100 µm/px is a thumbnail, finer than 0.05 a wrong unit")
+
+
+def mpp_problem(value: float) -> str | None:
+    """Why ``value`` (µm/px) is no slide resolution, or None when it is in :data:`MPP_RANGE`."""
+    lo, hi = MPP_RANGE
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected a number of µm per pixel in {lo:g}–{hi:g}, got {value!r}"
+    if not (math.isfinite(value) and lo <= value <= hi):
+        return f"{value:g} µm/px is outside {lo:g}–{hi:g} µm/px ({MPP_WHY})"
+    return None
+
 
 def repo_root() -> Path:
     """The checkout's root (editable install) where ``workflows/`` and ``models/`` live."""
@@ -153,15 +174,18 @@ def load_workflow(name_or_path: str | Path | None = None) -> Workflow:
     if name_or_path is None:
         name_or_path = "default"
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if isinstance(name_or_path, str) and not _looks_like_path(name_or_path):
+        # A preset name wins over a file or folder of that name in the working directory.
         path = workflows_dir() / f"{name_or_path}.yaml"
-        if not path.exists():
+        if not path.is_file():
             known = sorted(p.stem for p in workflows_dir().glob("*.yaml"))
+            hint = (f"; for the file in this folder write ./{name_or_path}"
+                    if Path(name_or_path).is_file() else "")
             raise ConfigError(
-                f"{name_or_path}: no such workflow preset (known: {', '.join(known)})"
+                f"{name_or_path}: no such workflow preset (known: {', '.join(known)}){hint}"
             )
     if not path.is_file():
-        raise ConfigError(f"{path}: workflow file not found")
+        raise ConfigError(f"{name_or_path}: workflow file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -169,6 +193,13 @@ def load_workflow(name_or_path: str | Path | None = None) -> Workflow:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a workflow must be a mapping of keys to values")
     return workflow_from_dict(data, source=str(path))
+
+
+def _looks_like_path(text: str) -> bool:
+    """A ``--workflow`` argument that names a file: a separator, a leading ``.``, a YAML end."""
+    separators = [s for s in (os.sep, os.altsep, "/") if s]
+    return (any(s in text for s in separators) or text.startswith(".")
+            or text.lower().endswith((".yaml", ".yml")))
 
 
 def workflow_from_dict(data: dict[str, Any], source: str = "<dict>") -> Workflow:
@@ -236,6 +267,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key}: expected a positive number, got {value}")
         if leaf in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{source}: {key}: expected a number in [0, 1], got {value}")
+        if leaf in _MPP_KEYS and (problem := mpp_problem(value)) is not None:
+            raise ConfigError(f"{source}: {key}: {problem}")
         return value
     if hint is str:
         if not isinstance(value, str) or not value:

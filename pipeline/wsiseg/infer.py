@@ -476,6 +476,7 @@ class _BandBlender:
             wsum = self.wsum[: row1 - row0, : self.width]
             if self.on_cuda:
                 prob = torch.where(wsum > 0, acc / wsum.clamp_min(1e-30), 0.0)
+                _check_finite(bool(torch.isfinite(prob).all()), row0, row1)
                 band = torch.round(prob * 255).clamp_(0, 255).to(torch.uint8)
                 host = torch.empty(band.shape, dtype=torch.uint8, pin_memory=True)
                 host.copy_(band, non_blocking=True)
@@ -484,6 +485,7 @@ class _BandBlender:
                 self.write(row0, row1, host.numpy(), landed)
             else:
                 prob = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
+                _check_finite(bool(np.isfinite(prob).all()), row0, row1)
                 band = np.rint(prob * 255).clip(0, 255).astype(np.uint8)
                 self.write(row0, row1, band, None)
         if self.dirty and self.touched_until > row0 + band_px:
@@ -497,6 +499,13 @@ class _BandBlender:
             self.wsum[:] = 0
             self.dirty = False
         self.band += 1
+
+
+def _check_finite(finite: bool, row0: int, row1: int) -> None:
+    # NaN would be written as 0 (no tumor) without a word: stop the slide with the reason.
+    if not finite:
+        raise WsisegError(f"GuideNet's probabilities are not finite (NaN or infinity) in "
+                          f"working rows {row0}–{row1}: broken weights or input; slide stopped")
 
 
 # ------------------------------------------------------------------------------ the writer

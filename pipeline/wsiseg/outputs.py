@@ -26,6 +26,7 @@ from wsiseg.contours import (
     tumor_polygons_and_means,
 )
 from wsiseg.qupath import WSISEG_SOURCE, Annotation
+from wsiseg.slide.tissue import share_of_mask_covered
 from wsiseg.store import SlideStore
 
 #: The measurement holding a contour's mean tumor probability.
@@ -168,11 +169,14 @@ def measurements(
     tissue_mm2 = float(tissue.sum()) * wf.tissue.mask_mpp**2 / 1e6
     areas_mm2 = [float(p.area) * wf.working_mpp**2 / 1e6 for p in polygons]
     tumor_mm2 = float(sum(areas_mm2))
+    # The share of the tissue that is tumor (tumor ∩ tissue / tissue): tumor traced beyond
+    # the coarse tissue mask does not count, so the fraction never exceeds 1.
+    fraction = share_of_mask_covered(polygons, tissue, store.frame.working_shape)
     return SlideMeasurements(
         round=round_k,
         tissue_mm2=round(tissue_mm2, 4),
         tumor_mm2=round(tumor_mm2, 4),
-        tumor_fraction=round(tumor_mm2 / tissue_mm2, 4) if tissue_mm2 > 0 else 0.0,
+        tumor_fraction=round(fraction, 4),
         foci=len(polygons),
         largest_focus_mm2=round(max(areas_mm2, default=0.0), 4),
     )

@@ -18,6 +18,7 @@ import numbers
 import re
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -257,18 +258,56 @@ def read_annotations_report(path: Path | str) -> tuple[list[Annotation], list[st
     WsisegError
         Unreadable or malformed JSON, an empty file, JSON that is not GeoJSON, an unknown
         geometry type, malformed, non-finite or huge (> 1e7 px) coordinates, a geometry on a
-        z/t plane other than 0, or a file whose only features have ``geometry: null``.
+        z/t plane other than 0, a file whose only features have ``geometry: null``, a damaged
+        gzip or zip container, JSON nested hundreds of levels deep or larger than
+        :data:`MAX_JSON_BYTES`. The message is one line, ``"<path>: <what is wrong>"``; no
+        other exception escapes for any file content (``scripts/fuzz/scribbles.py``).
     """
     path = Path(path)
     try:
         documents = _load_json(path)
         return _parse_documents(documents, path)
     except _BadInput as exc:
-        raise WsisegError(f"{path}: {exc}") from None
+        raise WsisegError(_one_line(f"{path}: {exc}")) from None
+    except RecursionError:  # a value nested past what the walks below can follow
+        raise WsisegError(_one_line(f"{path}: {_TOO_DEEP}")) from None
+
+
+MAX_JSON_BYTES = 1 << 30
+"""Largest JSON text read (after gunzip / unzip): a guard against compression bombs."""
+
+_TOO_DEEP = "JSON nested too deeply to read (hundreds of levels; a QuPath export has a few)"
+
+
+def _one_line(message: str) -> str:
+    # A file name or value may hold line breaks; the message must stay one line.
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value from the file, cut to ``limit`` characters (messages stay short)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _type_name(node: Any) -> str | None:
+    """A JSON object's ``type`` when it is a string (a file may put anything there)."""
+    kind = node.get("type") if isinstance(node, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _text(value: str) -> str:
+    # json.loads keeps lone surrogates ("\ud800"); they cannot be written as UTF-8 later.
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def _load_json(path: Path) -> list[Any]:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise _BadInput(f"file is larger than {MAX_JSON_BYTES >> 20} MiB")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise _BadInput("file not found") from None
@@ -277,27 +316,54 @@ def _load_json(path: Path) -> list[Any]:
     if not raw.strip():
         raise _BadInput("file is empty")
     if raw[:4] == b"PK\x03\x04":  # recognise by content: QuPath users rename files
-        try:
-            with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-                names = [
-                    n for n in archive.namelist()
-                    if n.lower().endswith((".geojson", ".json"))
-                    and not n.startswith("__MACOSX/")  # macOS resource forks, not JSON
-                    and not n.rsplit("/", 1)[-1].startswith("._")
-                ]
-                if not names:
-                    raise _BadInput("zip archive holds no .geojson or .json file")
-                return [_parse_json(archive.read(n), f"{n}: ") for n in names]
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise _BadInput(f"not a readable zip archive ({exc})") from None
+        return [_parse_json(data, f"{name}: ") for name, data in _unzip(raw)]
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise _BadInput(f"not a readable gzip file ({exc})") from None
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(MAX_JSON_BYTES + 1)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _BadInput(f"not a readable gzip file ({_exc_text(exc)})") from None
+        if len(raw) > MAX_JSON_BYTES:
+            raise _BadInput(f"uncompresses to more than {MAX_JSON_BYTES >> 20} MiB")
         if not raw.strip():
             raise _BadInput("file is empty (after gunzip)")
     return [_parse_json(raw, "")]
+
+
+def _unzip(raw: bytes) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of every .geojson / .json entry of a zip archive."""
+    entries: list[tuple[str, bytes]] = []
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            names = [
+                n for n in archive.namelist()
+                if n.lower().endswith((".geojson", ".json"))
+                and not n.startswith("__MACOSX/")  # macOS resource forks, not JSON
+                and not n.rsplit("/", 1)[-1].startswith("._")
+            ]
+            total = 0
+            for name in names:
+                with archive.open(name) as f:
+                    data = f.read(MAX_JSON_BYTES + 1 - total)
+                total += len(data)
+                if total > MAX_JSON_BYTES:
+                    raise _BadInput(f"zip archive uncompresses to more than "
+                                    f"{MAX_JSON_BYTES >> 20} MiB")
+                entries.append((_text(name), data))
+    except _BadInput:
+        raise
+    # A damaged archive raises many types (BadZipFile, zlib.error, NotImplementedError for an
+    # unknown method, RuntimeError for an encrypted entry, ValueError, EOFError, ...).
+    except Exception as exc:
+        raise _BadInput(f"not a readable zip archive ({_exc_text(exc)})") from None
+    if not entries:
+        raise _BadInput("zip archive holds no .geojson or .json file")
+    return entries
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:120] if text else type(exc).__name__
 
 
 def _parse_json(raw: bytes, prefix: str) -> Any:
@@ -314,47 +380,56 @@ def _parse_json(raw: bytes, prefix: str) -> Any:
         raise _BadInput(
             f"{prefix}not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         ) from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise _BadInput(f"{prefix}not valid JSON ({_exc_text(exc)})") from None
+    except RecursionError:  # json's C parser recurses once per nested array or object
+        raise _BadInput(f"{prefix}{_TOO_DEEP}") from None
 
 
 def _iter_features(node: Any, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Flatten QuPath's containers (§2.2) into Feature-like dicts, children included."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _iter_features(item, stats)
-        return
-    if not isinstance(node, dict):
-        stats["unrecognised"] += 1
-        return
-    kind = node.get("type")
-    if kind == "FeatureCollection":
-        stats["containers"] += 1
-        features = node.get("features")
-        if not isinstance(features, list):
-            raise _BadInput("FeatureCollection without a 'features' array")
-        for item in features:
+    """Flatten QuPath's containers (§2.2) into Feature-like dicts, children included.
+
+    Iterative (an explicit stack), so nesting depth costs memory, never a RecursionError.
+    """
+    stack: list[tuple[Any, bool]] = [(node, False)]  # (value, a member of `features`)
+    while stack:
+        item, in_features = stack.pop()
+        if isinstance(item, list):
+            stack.extend((x, False) for x in reversed(item))
+            continue
+        kind = _type_name(item)
+        if not isinstance(item, dict):
+            stats["unrecognised"] += 1
+        elif in_features and kind not in _CONTAINER_OR_GEOMETRY:
             # QuPath parses every element of `features` as an object without checking its type.
-            if isinstance(item, dict) and item.get("type") not in _CONTAINER_OR_GEOMETRY:
-                yield from _feature_and_children(item)
-            else:
-                yield from _iter_features(item, stats)
-    elif kind == "Feature":
-        yield from _feature_and_children(node)
-    elif kind in _GEOMETRY_TYPES:
-        yield {"type": "Feature", "geometry": node, "properties": {}}
-    else:
-        stats["unrecognised"] += 1
+            yield from _feature_and_children(item)
+        elif kind == "FeatureCollection":
+            stats["containers"] += 1
+            features = item.get("features")
+            if not isinstance(features, list):
+                raise _BadInput("FeatureCollection without a 'features' array")
+            stack.extend((x, True) for x in reversed(features))
+        elif kind == "Feature":
+            yield from _feature_and_children(item)
+        elif kind in _GEOMETRY_TYPES:
+            yield {"type": "Feature", "geometry": item, "properties": {}}
+        else:
+            stats["unrecognised"] += 1
 
 
 def _feature_and_children(feature: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield feature
-    props = feature.get("properties")
-    if isinstance(props, dict):
-        for key in ("childObjects", "children"):  # hierarchy serialisation (§1.2, §2.3)
+    """A feature, then its hierarchy's descendants depth first (§1.2, §2.3), iteratively."""
+    stack = [feature]
+    while stack:
+        item = stack.pop()
+        yield item
+        props = item.get("properties")
+        if not isinstance(props, dict):
+            continue
+        for key in ("children", "childObjects"):  # reversed: childObjects first, as before
             children = props.get(key)
             if isinstance(children, list):
-                for child in children:
-                    if isinstance(child, dict):
-                        yield from _feature_and_children(child)
+                stack.extend(c for c in reversed(children) if isinstance(c, dict))
 
 
 def _parse_documents(documents: list[Any], path: Path) -> tuple[list[Annotation], list[str]]:
@@ -405,12 +480,12 @@ def _parse_documents(documents: list[Any], path: Path) -> tuple[list[Annotation]
         annotations.append(Annotation(
             geometry=geometry,
             class_name=class_name,
-            name=name if isinstance(name, str) else None,
+            name=_text(name) if isinstance(name, str) else None,
             locked=props.get("isLocked") in (True, "true"),
             measurements=measurements,
             metadata=_metadata(props.get("metadata")),
-            id=feature_id if isinstance(feature_id, str) and feature_id not in _LEGACY_IDS
-            else None,
+            id=_text(feature_id)
+            if isinstance(feature_id, str) and feature_id not in _LEGACY_IDS else None,
             color=color,
         ))
     if n_empty:
@@ -419,7 +494,13 @@ def _parse_documents(documents: list[Any], path: Path) -> tuple[list[Annotation]
 
 
 def _only_empty_lists(node: Any) -> bool:
-    return isinstance(node, list) and all(_only_empty_lists(x) for x in node)
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, list):
+            return False
+        stack.extend(item)
+    return True
 
 
 def _object_type(feature: dict[str, Any], props: dict[str, Any]) -> str:
@@ -439,7 +520,7 @@ def _classification(value: Any) -> tuple[str | None, tuple[int, int, int] | None
     if value is None:
         return None, None
     if isinstance(value, str):
-        return (value.strip() or None), None
+        return (_text(value).strip() or None), None
     if not isinstance(value, dict):
         return None, None
     color = _color(value.get("color"))
@@ -447,14 +528,19 @@ def _classification(value: Any) -> tuple[str | None, tuple[int, int, int] | None
         color = _color(value.get("colorRGB"))
     names = value.get("names")
     if isinstance(names, list) and names:
-        parts = [str(n).strip() for n in names if n is not None and str(n).strip()]
-        return (": ".join(parts) or None), color
+        parts = [_name_part(n) for n in names if n is not None]
+        return (": ".join(p for p in parts if p) or None), color
     parts = []
     node: Any = value
     while isinstance(node, dict) and node.get("name") is not None:  # legacy parentClass chain
-        parts.insert(0, str(node["name"]).strip())
+        parts.insert(0, _name_part(node["name"]))
         node = node.get("parentClass")
     return (": ".join(p for p in parts if p) or None), color
+
+
+def _name_part(value: Any) -> str:
+    # QuPath's class names are strings; a number is taken as its text, anything else cut short.
+    return _text(value if isinstance(value, str) else _short(value)).strip()
 
 
 def _color(value: Any) -> tuple[int, int, int] | None:
@@ -465,7 +551,12 @@ def _color(value: Any) -> tuple[int, int, int] | None:
         return (packed >> 16) & 0xFF, (packed >> 8) & 0xFF, packed & 0xFF
     if not (isinstance(value, list) and len(value) in (3, 4)):
         return None
-    if all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in value[:3]):
+    # An int is finite however large (math.isfinite would overflow on 10**400); 0–255 below.
+    if all(
+        (isinstance(c, int) and not isinstance(c, bool))
+        or (isinstance(c, float) and math.isfinite(c))
+        for c in value[:3]
+    ):
         rgb = tuple(int(c) for c in value[:3])
         if all(0 <= c <= 255 for c in rgb):
             return rgb[0], rgb[1], rgb[2]
@@ -487,14 +578,18 @@ def _measurements(value: Any) -> tuple[dict[str, float], list[str]]:
             continue
         number: float | None = None
         if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
-            number = float(raw)
+            try:
+                number = float(raw)
+            except OverflowError:  # an integer beyond float: Java's parser reads ±Infinity
+                number = math.inf if raw > 0 else -math.inf
         elif isinstance(raw, str):
             with suppress(ValueError):
                 number = float(raw)  # QuPath writes "NaN", "Infinity", "-Infinity"
+        key_text = _text(key) if isinstance(key, str) else _short(key)
         if number is None:
-            dropped.append(str(key))
+            dropped.append(key_text)
         else:
-            out[str(key)] = number
+            out[key_text] = number
     return out, dropped
 
 
@@ -502,7 +597,7 @@ def _metadata(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
     return {
-        str(k): v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+        _text(k): _text(v) if isinstance(v, str) else _text(json.dumps(v, ensure_ascii=False))
         for k, v in value.items()
         if v is not None
     }
@@ -519,8 +614,8 @@ def _read_geometry(
         z, t = plane.get("z", 0) or 0, plane.get("t", 0) or 0
         if z != 0 or t != 0:
             raise _BadInput(
-                f"{where}: geometry lies on plane z={z}, t={t}; only 2-D images (z=0, t=0) "
-                "are supported"
+                f"{where}: geometry lies on plane z={_short(z, 20)}, t={_short(t, 20)}; only "
+                "2-D images (z=0, t=0) are supported"
             )
     geometry = _build_geometry(geojson, where)
     if geometry is None or geometry.is_empty:
@@ -542,15 +637,40 @@ def _read_geometry(
 
 
 def _build_geometry(geojson: dict[str, Any], where: str) -> shapely.Geometry | None:
-    kind = geojson.get("type")
+    # Not shapely.from_geojson: QuPath closes unclosed rings, drops degenerate ones and ignores
+    # a 3rd coordinate, where GEOS refuses the first two and keeps z.
+    kind = _type_name(geojson)
     if kind not in _GEOMETRY_TYPES:
-        raise _BadInput(f"{where}: unknown geometry type {kind!r}")
+        raise _BadInput(f"{where}: unknown geometry type {_short(geojson.get('type'))}")
     if kind == "GeometryCollection":
-        members = geojson.get("geometries")
-        if not isinstance(members, list):
-            raise _BadInput(f"{where}: GeometryCollection without a 'geometries' array")
-        parts = [_build_geometry(m, where) if isinstance(m, dict) else None for m in members]
+        # Nested collections are flattened: each member keeps its geometry (issue 20.2).
+        parts = [_build_simple(m, where) for m in _collection_members(geojson, where)]
         return shapely.GeometryCollection([p for p in parts if p is not None and not p.is_empty])
+    return _build_simple(geojson, where)
+
+
+def _collection_members(collection: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The members of a GeometryCollection that are not collections, nested ones flattened,
+    in file order (iteratively: nesting depth cannot raise a RecursionError)."""
+    members: list[dict[str, Any]] = []
+    stack = [collection]
+    while stack:
+        node = stack.pop()
+        if _type_name(node) != "GeometryCollection":
+            members.append(node)
+            continue
+        geometries = node.get("geometries")
+        if not isinstance(geometries, list):
+            raise _BadInput(f"{where}: GeometryCollection without a 'geometries' array")
+        stack.extend(m for m in reversed(geometries) if isinstance(m, dict))
+    return members
+
+
+def _build_simple(geojson: dict[str, Any], where: str) -> shapely.Geometry | None:
+    """A Point, LineString, Polygon or their Multi forms; None when empty."""
+    kind = _type_name(geojson)
+    if kind not in _GEOMETRY_TYPES or kind == "GeometryCollection":
+        raise _BadInput(f"{where}: unknown geometry type {_short(geojson.get('type'))}")
     coords = geojson.get("coordinates")
     if not isinstance(coords, list):
         raise _BadInput(f"{where}: {kind} without a 'coordinates' array")

@@ -8,7 +8,6 @@ chunks, so a run killed at any point (even ``kill -9``) finishes identically whe
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
@@ -20,10 +19,16 @@ from typing import Any
 import dask
 import numpy as np
 
-from wsiseg.config import Workflow
+from wsiseg.config import Workflow, mpp_problem
 from wsiseg.errors import WsisegError
 from wsiseg.slide.frame import Frame
-from wsiseg.slide.reader import SlideError, SlideInfo, SlideReader, open_slide
+from wsiseg.slide.reader import (
+    SlideError,
+    SlideInfo,
+    SlideReader,
+    cached_reader,
+)
+from wsiseg.slide.reader import clear_reader_cache as clear_reader_cache  # tests use it here
 from wsiseg.slide.resample import read_box, read_thumbnail
 from wsiseg.slide.tissue import tissue_mask
 from wsiseg.store import (
@@ -49,6 +54,9 @@ class TilingResult:
     chunks_written: int  # written by this call (the rest were already complete)
 
 
+_UPSCALE_WARNED: set[tuple[str, float, float]] = set()  # said once per slide and process
+
+
 def make_frame(info: SlideInfo, workflow: Workflow, mpp: float | None = None) -> Frame:
     """The slide's Frame; ``mpp`` overrides the file's (missing or wrong) metadata."""
     level0_mpp = mpp if mpp is not None else info.mpp
@@ -56,8 +64,15 @@ def make_frame(info: SlideInfo, workflow: Workflow, mpp: float | None = None) ->
         raise SlideError(
             f"{info.path}: the slide does not say its microns per pixel; give it with --mpp"
         )
-    if not level0_mpp > 0:
-        raise SlideError(f"{info.path}: --mpp must be a positive number, got {level0_mpp}")
+    if (problem := mpp_problem(level0_mpp)) is not None:
+        where = "--mpp" if mpp is not None else "the file's mpp (give the right one with --mpp)"
+        raise SlideError(f"{info.path}: {where}: {problem}")
+    upscale = level0_mpp / workflow.working_mpp
+    if upscale > 1.01 and (info.path, level0_mpp, workflow.working_mpp) not in _UPSCALE_WARNED:
+        _UPSCALE_WARNED.add((info.path, level0_mpp, workflow.working_mpp))
+        log.warning("%s: level 0 is %.3g µm/px, coarser than the workflow's %.3g µm/px: "
+                    "upscaled %.1f×, so the networks see no more detail than the file has",
+                    info.path, level0_mpp, workflow.working_mpp, upscale)
     return Frame(
         level0_size=info.level0_size,
         level0_mpp=float(level0_mpp),
@@ -198,9 +213,22 @@ def tile_slide(
                 dask.compute(*tasks, scheduler="threads", num_workers=n)
         else:
             dask.compute(*tasks, scheduler="threads", num_workers=n)
+        _check_unchanged(store, slide_path)
     if store.stage("tiling") != "done":
         store.set_stage("tiling", "done")
     return TilingResult(store=store, chunks_total=total, chunks_written=len(tasks))
+
+
+def _check_unchanged(store: SlideStore, slide_path: Path) -> None:
+    """Refuse a tiling during which the slide file was replaced: its chunks would mix two
+    scans (readers reopen a changed file). The store is left unfinished, so the next run
+    sees the change and rebuilds it."""
+    try:
+        why = source_changed(store, slide_path)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    if why is not None:
+        raise SlideError(f"{slide_path}: changed while it was being tiled ({why}); run again")
 
 
 class BackgroundTiling:
@@ -255,6 +283,8 @@ class BackgroundTiling:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        if self._todo:
+            _check_unchanged(self.store, Path(self.slide_path))
         if self.store.stage("tiling") != "done":
             self.store.set_stage("tiling", "done")
         return TilingResult(self.store, int(self._expected.sum()), len(self._todo))
@@ -319,11 +349,6 @@ class _TiledImage:
         return self._array[key]
 
 
-@functools.lru_cache(maxsize=16)
-def _reader(path: str) -> SlideReader:
-    """One open reader per slide and process (OpenSlide handles are thread-safe)."""
-    return open_slide(path)
-
-
-def clear_reader_cache() -> None:
-    _reader.cache_clear()
+def _reader(path: str | Path) -> SlideReader:
+    """One open reader per slide and process, reopened when the file changed."""
+    return cached_reader(path)

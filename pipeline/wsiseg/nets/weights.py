@@ -165,6 +165,7 @@ def load_weights(
         _check_state_dict(tensors, card, what="tensors")
     except ValueError as exc:
         raise WsisegError(f"{path}: {exc}") from None
+    _check_finite(tensors, path)
     model = build_model(card)
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), card
@@ -378,6 +379,17 @@ def _check_workflow(card: ModelCard, workflow: Workflow, path: Path) -> None:
             f"scribbles.max_distance_px {wf_distance:g}; use a workflow with "
             f"scribbles.max_distance_px {encoding['max_distance_px']:g} or retrain"
         )
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights with NaN or infinite values: they run to an all-zero map silently."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WsisegError(
+                f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); "
+                "these weights are broken (a diverged training?): retrain or use another file"
+            )
 
 
 def _check_state_dict(tensors: dict[str, torch.Tensor], card: ModelCard, what: str) -> None:

@@ -10,6 +10,9 @@ Every problem with the file itself is a :class:`SlideError` whose message names 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -100,6 +103,51 @@ def open_slide(path: str | Path) -> SlideReader:
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{path}: OpenSlide cannot read this {fmt} file ({exc})") from None
     return _open_with_tiatoolbox(path)
+
+
+_CACHE_SIZE = 16
+_cache: OrderedDict[str, tuple[tuple[int, int, int], SlideReader]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def cached_reader(path: str | Path) -> SlideReader:
+    """One open reader per slide file and process, reopened when the file changed.
+
+    A long-lived worker keeps readers open across tasks; a slide rescanned or replaced under
+    the same path (another modification time, size or inode) is opened anew, never read
+    through the old handle. The old reader is not closed here: another thread may still be
+    reading from it, and it closes when the last reference goes. OpenSlide handles are
+    thread-safe, so threads share a reader.
+
+    Raises
+    ------
+    SlideError
+        As :func:`open_slide`.
+    """
+    key = str(Path(path).resolve())
+    try:
+        st = os.stat(key)
+    except OSError:
+        return open_slide(path)  # raises the one-line reason (missing, unreadable, ...)
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            _cache.move_to_end(key)
+            return hit[1]
+    reader = open_slide(path)
+    with _cache_lock:
+        _cache[key] = (stamp, reader)
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return reader
+
+
+def clear_reader_cache() -> None:
+    """Forget every cached reader (they close when no one uses them any more)."""
+    with _cache_lock:
+        _cache.clear()
 
 
 def _open_with_tiatoolbox(path: Path) -> SlideReader:

@@ -7,7 +7,10 @@ background) are excluded by a brightness floor, and morphology removes dust and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import shapely
 from numpy.typing import NDArray
 from scipy import ndimage
 from skimage import color, filters, morphology
@@ -61,3 +64,40 @@ def tissue_mask(
 def tissue_fraction(mask: NDArray[np.bool_]) -> float:
     """Share of the slide covered by tissue, in [0, 1]."""
     return float(mask.mean()) if mask.size else 0.0
+
+
+def share_of_mask_covered(
+    polygons: Sequence[shapely.Geometry], mask: NDArray[np.bool_], shape: tuple[int, int]
+) -> float:
+    """The share of a coarse ``mask``'s area that ``polygons`` cover (0–1).
+
+    Parameters
+    ----------
+    polygons : sequence of shapely.Polygon
+        Disjoint polygons in working pixels (x = column, y = row).
+    mask : ndarray of bool, shape (h, w)
+        E.g. the tissue mask; it covers the whole working grid, so its pixel (i, j) is the
+        box ``[j·cols/w, (j+1)·cols/w) × [i·rows/h, (i+1)·rows/h)``.
+    shape : (rows, cols)
+        The working grid's shape.
+
+    Returns
+    -------
+    float
+        Area of (polygons ∩ mask) / area of mask, exact for the mask's pixel boxes; 0 for an
+        empty mask.
+    """
+    if not len(polygons) or not mask.any():
+        return 0.0
+    h, w = mask.shape
+    sy, sx = shape[0] / h, shape[1] / w
+    # One box per run of mask pixels in a row, then their union: far fewer shapes than pixels.
+    padded = np.pad(mask, ((0, 0), (1, 1))).astype(np.int8)
+    rows, edges = np.nonzero(np.diff(padded, axis=1))
+    starts, ends = edges[0::2], edges[1::2]  # each row's edges alternate start, end
+    runs_row = rows[0::2]
+    boxes = shapely.box(starts * sx, runs_row * sy, ends * sx, (runs_row + 1) * sy)
+    inside = shapely.union_all(boxes)
+    shapely.prepare(inside)
+    covered = shapely.area(shapely.intersection(np.asarray(polygons, dtype=object), inside))
+    return min(1.0, float(covered.sum()) / (float(mask.sum()) * sy * sx))
