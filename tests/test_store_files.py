@@ -121,7 +121,7 @@ def test_a_patch_straddling_the_tissue_edge_sees_white_glass(tmp_path, fine_work
 
 
 def test_a_training_patch_at_the_tissue_edge_sees_white_glass(tmp_path, fine_workflow):
-    from wsiseg.train.data import LabelledSlide
+    from wsiseg.train.labels import LabelledSlide
 
     store = tile_slide(real(CMU_SVS), tmp_path / "cmu.zarr", fine_workflow).store
     chunk = store.chunk_px
