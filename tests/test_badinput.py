@@ -18,9 +18,9 @@ import tifffile
 import torch
 from safetensors.torch import load_file, save_file
 
-from wsiseg import cohort, tiling
+from wsiseg import tiling
 from wsiseg.cli import main
-from wsiseg.cohort import RunOptions, run_cohort
+from wsiseg.cohort import RunOptions, one_slide, run_cohort
 from wsiseg.config import load_workflow
 from wsiseg.errors import WsisegError
 from wsiseg.infer import infer_to_store
@@ -158,7 +158,7 @@ def test_with_v_a_failed_slides_traceback_is_shown(tmp_path, monkeypatch, caplog
     def broken(*args, **kwargs):
         raise RuntimeError("an unforeseen bug")
 
-    monkeypatch.setattr(cohort, "_run_one", broken)
+    monkeypatch.setattr(one_slide, "_run_one", broken)
     options = RunOptions(out_dir=tmp_path / "out", guidenet=str(weights), workers=0,
                          progress=False)
     with caplog.at_level(logging.INFO, logger="wsiseg"):

@@ -65,7 +65,7 @@ def cluster():
     import dask
     from distributed import Client, LocalCluster
 
-    from wsiseg.cohort import _start_method
+    from wsiseg.cohort.cluster import _start_method
 
     config = {"distributed.scheduler.allowed-failures": 1,
               "distributed.worker.multiprocessing-method": _start_method()}
@@ -241,18 +241,18 @@ def test_an_s3_url_that_cannot_be_written(slides, guidenet, s3_server, capsys):
 def test_an_interrupted_run_resumes_without_recomputing(
     slides, guidenet, tmp_path, monkeypatch, capsys
 ):
-    import wsiseg.cohort
+    import wsiseg.cohort.driver
 
     out = tmp_path / "out"
     options = RunOptions(out_dir=out, guidenet=str(guidenet), device="cpu", workers=2,
                          progress=False)
-    finished = wsiseg.cohort._Cohort.finished
+    finished = wsiseg.cohort.driver.Cohort.finished
 
     def ctrl_c_after_the_first(self, row, worker=""):
         finished(self, row, worker)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(wsiseg.cohort._Cohort, "finished", ctrl_c_after_the_first)
+    monkeypatch.setattr(wsiseg.cohort.driver.Cohort, "finished", ctrl_c_after_the_first)
     with pytest.raises(KeyboardInterrupt):
         run_cohort([str(s) for s in slides[:2]], options)
     monkeypatch.undo()
@@ -299,7 +299,7 @@ def test_one_pinned_worker_per_gpu(cluster, monkeypatch):
     from distributed import Client
 
     import wsiseg.infer
-    from wsiseg.cohort import _local_cluster, plan_local_cluster
+    from wsiseg.cohort.cluster import _local_cluster, plan_local_cluster
 
     monkeypatch.setattr(wsiseg.infer, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wsiseg.cohort import _done_row
+from wsiseg.cohort.one_slide import done_row
 from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.store import STORE_FORMAT, SourceInfo
@@ -68,7 +68,7 @@ def test_a_finished_slide_goes_up_with_its_root_metadata_last(tmp_path, url, mon
     assert order[-1] == "a.zarr/zarr.json"
     assert sorted(order) == ["a.geojson", "a.png", "a.r0.geojson", "a.zarr/guide/c/0/0",
                              "a.zarr/guide/c/0/1", "a.zarr/zarr.json"]  # no .lock
-    assert _done_row(dest, slide, "a", export_mask=False).tumor_mm2 == 1.5
+    assert done_row(dest, slide, "a", export_mask=False).tumor_mm2 == 1.5
 
     # Redone (--force): the older store is moved aside whole, nothing of it mixes in.
     dest.upload_slide(staged_slide(tmp_path / "s2", slide, "a", {"0": b"new"}), "a")
@@ -94,12 +94,12 @@ def test_an_upload_cut_short_is_not_done(tmp_path, url, monkeypatch):
     with pytest.raises(ConnectionError):
         dest.upload_slide(staged_slide(tmp_path / "s", slide, "b", {"0": b"x"}), "b")
     assert fs.exists(dest.join("b.geojson"))  # most of it is there ...
-    assert _done_row(dest, slide, "b", export_mask=False) is None  # ... but it is not done
+    assert done_row(dest, slide, "b", export_mask=False) is None  # ... but it is not done
     monkeypatch.undo()
     dest.upload_slide(staged_slide(tmp_path / "s2", slide, "b", {"0": b"y"}), "b")
-    assert _done_row(dest, slide, "b", export_mask=False) is not None
+    assert done_row(dest, slide, "b", export_mask=False) is not None
     slide.write_bytes(b"another slide now")  # the slide changed: it has to run again
-    assert _done_row(dest, slide, "b", export_mask=False) is None
+    assert done_row(dest, slide, "b", export_mask=False) is None
 
 
 def test_a_store_there_of_another_slide_is_not_taken_over(tmp_path, url):

@@ -114,13 +114,8 @@ def measure_cluster(slides: list[Path], weights: Path, out: str, device: str, n:
     import dask
     from distributed import Client
 
-    from wsiseg.cohort import (
-        RunOptions,
-        _local_cluster,
-        _start_method,
-        plan_local_cluster,
-        run_cohort,
-    )
+    from wsiseg.cohort import RunOptions, run_cohort
+    from wsiseg.cohort.cluster import _local_cluster, _start_method, plan_local_cluster
 
     plan = plan_local_cluster(device, len(slides), n)
     common.log(f"LocalCluster of {plan.workers} workers: {len(slides)} slides")

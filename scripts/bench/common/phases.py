@@ -163,7 +163,7 @@ def phase_network(store: str, weights: str, device: str, batch_size: int,
 
 def _instrument_pipeline(timer: StageTimer) -> None:
     """Timers around the stages of ``wsiseg run`` (see each label)."""
-    import wsiseg.cohort
+    import wsiseg.cohort.one_slide
     import wsiseg.contours
     import wsiseg.infer
     import wsiseg.outputs
@@ -179,7 +179,7 @@ def _instrument_pipeline(timer: StageTimer) -> None:
     timer.wrap(wsiseg.slide.reader.OpenSlideReader, "read_region", "read_region (thread-s)")
     timer.wrap(wsiseg.slide.resample, "resample", "resample (thread-s)")
     timer.wrap(wsiseg.infer, "infer_to_store", "infer (wall)", keep_result=True)
-    timer.wrap(wsiseg.cohort, "publish_run", "publish (wall)")
+    timer.wrap(wsiseg.cohort.one_slide, "publish_run", "publish (wall)")
     timer.wrap(wsiseg.outputs, "tumor_polygons_and_means", "contours (+ mean probabilities)")
     timer.wrap(wsiseg.contours.RowStreamTracer, "_trace_row",
                "contours beside inference (thread-s)")
