@@ -75,7 +75,13 @@ class Transaction:
 
     # -- before writing ------------------------------------------------------------------
     def protect(self, paths: Iterable[str | Path]) -> None:
-        """Record ``paths`` (files or folders, existing or not) before they are written."""
+        """Record ``paths`` (files or folders, existing or not) before they are written.
+
+        The backups are copied and made durable first, then their manifest lines written
+        and made durable, one fsync each for the lot: until its line is in the manifest, a
+        path is not written.
+        """
+        entries, backups = [], []
         for path in paths:
             path = Path(path).absolute()
             top = _highest_missing(path)
@@ -84,34 +90,39 @@ class Transaction:
                 continue  # already covered (a folder is restored or removed whole)
             entry: dict = {"path": self._name(key), "existed": top is None}
             if top is None:
-                backup = f"b{len(self._protected)}"
+                backup = self.dir / f"b{len(self._protected)}"
                 if key.is_dir():
-                    shutil.copytree(key, self.dir / backup)
+                    shutil.copytree(key, backup)
                     entry["dir"] = True
                 else:
-                    shutil.copyfile(key, self.dir / backup)
+                    shutil.copyfile(key, backup)
                     entry["mode"] = key.stat().st_mode & 0o7777
-                    _fsync_file(self.dir / backup)
-                entry["backup"] = backup
-                fsync_dir(self.dir)
-            assert self._manifest is not None
-            self._manifest.write(json.dumps(entry).encode() + b"\n")
-            self._manifest.flush()
-            os.fsync(self._manifest.fileno())
+                entry["backup"] = backup.name
+                backups.append(backup)
+            entries.append(entry)
             self._protected[key] = top is None
+        if not entries:
+            return
+        for backup in backups:
+            _fsync_tree(backup)
+        if backups:
+            fsync_dir(self.dir)
+        assert self._manifest is not None
+        self._manifest.write(b"".join(json.dumps(e).encode() + b"\n" for e in entries))
+        self._manifest.flush()
+        os.fsync(self._manifest.fileno())
 
     def protect_chunks(self, array: zarr.Array, array_dir: Path,
-                       box: tuple[int, int, int, int]) -> None:
-        """Protect the chunk files of ``array`` (stored in ``array_dir``) that a write of
-        ``box`` = (row0, col0, rows, cols), in array px, touches."""
-        r0, c0, rows, cols = box
-        if rows <= 0 or cols <= 0:
-            return
+                       boxes: Iterable[tuple[int, int, int, int]]) -> None:
+        """Protect the chunk files of ``array`` (stored in ``array_dir``) that writes of
+        ``boxes`` = (row0, col0, rows, cols), in array px, touch."""
         ch, cw = array.chunks[:2]
-        keys = [array.metadata.encode_chunk_key((i, j, *([0] * (array.ndim - 2))))
+        rest = [0] * (array.ndim - 2)
+        keys = {array.metadata.encode_chunk_key((i, j, *rest))
+                for r0, c0, rows, cols in boxes if rows > 0 and cols > 0
                 for i in range(r0 // ch, (r0 + rows - 1) // ch + 1)
-                for j in range(c0 // cw, (c0 + cols - 1) // cw + 1)]
-        self.protect(array_dir / key for key in keys)
+                for j in range(c0 // cw, (c0 + cols - 1) // cw + 1)}
+        self.protect(array_dir / key for key in sorted(keys))
 
     # -- the end ---------------------------------------------------------------------------
     def commit(self) -> None:

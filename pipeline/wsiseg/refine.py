@@ -463,8 +463,11 @@ def refine_round(
                 })
                 store.update_attrs(rounds=[*history, entry], measurements=_asdict(m))
                 txn.commit()
-        except BaseException:
+        except BaseException as exc:
             store.reload()  # the attributes as rolled back on disk
+            log.warning("%s: refine round %d stopped (%s); rolled back, the store and its "
+                        "published files are as before it", store.path, round_k,
+                        type(exc).__name__)
             raise
         return RoundResult(round_k, new_count, windows, latest_geojson, before_mm2, m.tumor_mm2,
                            seconds, refine_s, **_ai_counts(scribbles))

@@ -285,8 +285,7 @@ def protect_boxes(txn: Transaction, store: SlideStore, names: Sequence[str],
                   boxes: Sequence[tuple[int, int, int, int]]) -> None:
     """Protect the chunks of the arrays ``names`` that writes of ``boxes`` touch."""
     for name in names:
-        for box in boxes:
-            txn.protect_chunks(store[name], store.path / name, box)
+        txn.protect_chunks(store[name], store.path / name, boxes)
 
 
 def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
