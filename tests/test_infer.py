@@ -254,6 +254,29 @@ def test_image_smaller_than_patch() -> None:
     assert np.array_equal(out, image[..., 0])
 
 
+class PatchRecorder(torch.nn.Module):
+    """Keeps every normalised patch it sees; answers 0.5 everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return torch.zeros_like(x[:, :1])
+
+
+def test_a_patch_past_a_small_slides_edge_sees_white_glass() -> None:
+    # A slide smaller than one patch: the part of the patch beyond the slide is glass (white),
+    # never black (issue 15 point 6: the network never saw black edges in training).
+    image = np.full((20, 30, 3), 90, dtype=np.uint8)
+    model = PatchRecorder()
+    _run(image, np.ones((2, 3), bool), model, patch_px=32, stride_px=24, band_px=8)
+    (patch,) = [p for batch in model.seen for p in batch]
+    assert torch.all(patch[:, :20, :30] == 90 / 255)
+    assert torch.all(patch[:, 20:, :] == 1.0) and torch.all(patch[:, :, 30:] == 1.0)
+
+
 def _reference_blend(
     image: np.ndarray, model: torch.nn.Module, patch: int, stride: int
 ) -> np.ndarray:

@@ -394,9 +394,10 @@ class _PatchReader:
             if key not in self._blocks:
                 rows = slice(key * block, min((key + 1) * block, self.height))
                 self._blocks[key] = np.asarray(self.image[rows, self.col0 : self.col1])
-        padded = self.height < size or self.width < size
-        make = torch.zeros if padded else torch.empty
-        pixels = make((len(origins), size, size, 3), dtype=torch.uint8, pin_memory=self.pin)
+        pixels = torch.empty((len(origins), size, size, 3), dtype=torch.uint8,
+                             pin_memory=self.pin)
+        if self.height < size or self.width < size:
+            pixels.fill_(255)  # a slide smaller than a patch: beyond its edge is white glass
         out = pixels.numpy()
         for i, (row, col) in enumerate(origins.tolist()):
             c0 = col - self.col0
