@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsiseg import runtime
+from wsiseg import runtime, runtime_cache
 from wsiseg.nets import init_weights, load_weights, normalise_rgb
 from wsiseg.runtime import load_network, torch_network
 
@@ -72,13 +72,13 @@ def load_weights_card():
 
 def counted_conversions(monkeypatch) -> list[Path]:
     calls: list[Path] = []
-    original = runtime._convert
+    original = runtime_cache._convert
 
     def convert(path, card):
         calls.append(Path(path))
         return original(path, card)
 
-    monkeypatch.setattr(runtime, "_convert", convert)
+    monkeypatch.setattr(runtime_cache, "_convert", convert)
     return calls
 
 
@@ -174,7 +174,7 @@ def test_stale_entry_of_the_wrong_shape_is_refused_and_rebuilt(weights, he_patch
     record["bin_sha256"] = runtime.weights_hash(g_bin)
     g_json.write_text(json.dumps(record))
     calls = counted_conversions(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="wsiseg.runtime"):
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
         net = load_network(weights["guidenet"], device="cpu", runtime="openvino",
                            precision="f32")
     assert len(calls) == 1
@@ -212,7 +212,7 @@ def test_corrupt_entry_is_rebuilt_never_trusted(tmp_path, weights, own_cache, mo
         calls.append(path)
         return good
 
-    monkeypatch.setattr(runtime, "_convert", convert)
+    monkeypatch.setattr(runtime_cache, "_convert", convert)
     load_network(weights["guidenet"], device="cpu", runtime="openvino")
     assert len(calls) == 1
     load_network(weights["guidenet"], device="cpu", runtime="openvino")

@@ -30,26 +30,20 @@ Precision (``auto`` | ``f32`` | ``bf16``): ``auto`` is bf16 where the CPU has it
 
 Cache
 -----
-``$XDG_CACHE_HOME/wsiseg/openvino/`` (default ``~/.cache/wsiseg/openvino``), one entry per key
-— the weights' sha256, the card, the input channels and size, the OpenVINO version and this
-module's format — as ``<key>.xml``, ``<key>.bin`` and ``<key>.json`` (the key and both files'
-sha256, written last). Files are written to temporary names and renamed, under a file lock,
-so concurrent workers convert once. An entry whose record does not match the key, whose
-files do not match their sha256, or whose model has the wrong input or output shape is
-rebuilt, never trusted. Nothing is downloaded.
+Conversions are kept in ``$XDG_CACHE_HOME/wsiseg/openvino/`` (default
+``~/.cache/wsiseg/openvino``), keyed by the weights' sha256, the card, the input size and the
+OpenVINO version; a corrupt or stale entry is rebuilt, never trusted
+(:mod:`wsiseg.runtime_cache`). Nothing is downloaded.
 
 Threads: OpenVINO runs one stream with ``threads`` inference threads (default: the cores
-this process may use, or ``WSISEG_INFER_THREADS``); torch uses its own thread setting.
+this process may use, or ``WSISEG_INFER_THREADS``), not pinned to cores; torch uses its own
+thread setting (a cohort worker sets both from its share of the cores).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +54,7 @@ import torch
 
 from wsiseg.errors import WsisegError
 from wsiseg.nets import ModelCard, load_weights, weights_card, weights_hash
+from wsiseg.runtime_cache import cached_openvino_model
 
 if TYPE_CHECKING:
     from wsiseg.config import Workflow
@@ -68,12 +63,6 @@ log = logging.getLogger(__name__)
 
 RUNTIMES: tuple[str, ...] = ("auto", "openvino", "torch")
 PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
-
-#: Bumped whenever what a cache entry holds changes: older entries are then rebuilt.
-CACHE_FORMAT = 1
-
-_BUILD_LOCK = threading.Lock()  # one conversion at a time in this process (threads share it)
-
 
 # ----------------------------------------------------------------------------------- device
 
@@ -206,6 +195,9 @@ def _openvino_network(model: Any, card: ModelCard, precision: str, threads: int,
         "NUM_STREAMS": "1",
         "INFERENCE_NUM_THREADS": str(threads),
         "PERFORMANCE_HINT": "LATENCY",
+        # Not pinned: the cores are shared with this process's tiling, reading and writing
+        # threads (and other workers); a pinned thread could not leave a busy core.
+        "ENABLE_CPU_PINNING": False,
     }
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
@@ -324,127 +316,3 @@ def _openvino_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if has_bf16 else "f32"
     return precision
-
-
-# ------------------------------------------------------------------------------------ cache
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/wsiseg/openvino`` (default ``~/.cache/wsiseg/openvino``)."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    root = Path(base) if base else Path.home() / ".cache"
-    return root / "wsiseg" / "openvino"
-
-
-def cache_key(card: ModelCard, digest: str) -> dict[str, Any]:
-    """What a cached conversion depends on (the entry is named by its sha256)."""
-    import openvino as ov
-
-    return {
-        "format": CACHE_FORMAT, "weights_sha256": digest, "card": card.to_dict(),
-        "input": [card.in_channels, card.patch_px, card.patch_px],
-        "openvino": ov.get_version(), "torch": torch.__version__,
-    }
-
-
-def cached_openvino_model(path: Path, card: ModelCard, digest: str) -> Any:
-    """The OpenVINO model of a weights file, from the cache or converted (and cached).
-
-    Returns
-    -------
-    openvino.Model
-        Input ``[?, C, ?, ?]``, output ``[?, 1, ?, ?]`` (sigmoid included).
-    """
-    key = cache_key(card, digest)
-    name = f"{card.role}-{_sha256_bytes(json.dumps(key, sort_keys=True).encode())[:24]}"
-    folder = cache_dir()
-    model = _read_entry(folder, name, key, card)
-    if model is not None:
-        return model
-    import filelock
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with _BUILD_LOCK, filelock.FileLock(str(folder / f"{name}.lock"), timeout=1800):
-        model = _read_entry(folder, name, key, card)  # another process may have built it
-        if model is None:
-            log.info("converting %s to OpenVINO (once; cached in %s)", path.name, folder)
-            model = _convert(path, card)
-            _write_entry(folder, name, key, model)
-    return model
-
-
-class _Probability(torch.nn.Module):
-    """The card's network followed by a sigmoid: what the converted model computes."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x))
-
-
-def _convert(path: Path, card: ModelCard) -> Any:
-    import openvino as ov
-
-    module, _ = load_weights(path, role=card.role)
-    example = torch.zeros(1, card.in_channels, card.patch_px, card.patch_px)
-    with torch.no_grad():
-        return ov.convert_model(_Probability(module).eval(), example_input=example,
-                                input=[ov.PartialShape([-1, card.in_channels, -1, -1])])
-
-
-def _write_entry(folder: Path, name: str, key: dict[str, Any], model: Any) -> None:
-    """Save ``model`` as ``<name>.xml/.bin`` and its record ``<name>.json`` (last), each
-    renamed into place from a temporary name, so a reader never sees a half-written file."""
-    import openvino as ov
-
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}.") as tmp:
-        ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
-        record = {"key": key, "xml_sha256": weights_hash(Path(tmp) / "model.xml"),
-                  "bin_sha256": weights_hash(Path(tmp) / "model.bin")}
-        (Path(tmp) / "record.json").write_text(json.dumps(record, sort_keys=True))
-        with contextlib.suppress(FileNotFoundError):
-            (folder / f"{name}.json").unlink()  # no record while the files change
-        os.replace(Path(tmp) / "model.xml", folder / f"{name}.xml")
-        os.replace(Path(tmp) / "model.bin", folder / f"{name}.bin")
-        os.replace(Path(tmp) / "record.json", folder / f"{name}.json")
-
-
-def _read_entry(folder: Path, name: str, key: dict[str, Any], card: ModelCard) -> Any | None:
-    """The cached model if its record, files and shapes all check out; else None."""
-    import openvino as ov
-
-    xml, binary, record_path = (folder / f"{name}{s}" for s in (".xml", ".bin", ".json"))
-    try:
-        record = json.loads(record_path.read_text())
-        if record.get("key") != json.loads(json.dumps(key)):
-            raise ValueError("its record is for another key")
-        if (weights_hash(xml) != record.get("xml_sha256")
-                or weights_hash(binary) != record.get("bin_sha256")):
-            raise ValueError("its files do not match their recorded sha256")
-        model = ov.Core().read_model(str(xml), str(binary))
-        _check_shapes(model, card)
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # noqa: BLE001 - corrupt JSON, XML, weights: rebuild
-        log.warning("OpenVINO cache entry %s refused (%s); converting again",
-                    folder / name, str(exc).splitlines()[0][:200] if str(exc) else exc)
-        return None
-    return model
-
-
-def _check_shapes(model: Any, card: ModelCard) -> None:
-    """Raise ValueError unless ``model`` maps ``[?, C, ?, ?]`` to ``[?, 1, ?, ?]``."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(f"{len(model.inputs)} inputs and {len(model.outputs)} outputs, "
-                         f"not 1 and 1")
-    for what, shape, channels in (("input", model.inputs[0].partial_shape, card.in_channels),
-                                  ("output", model.outputs[0].partial_shape, 1)):
-        if (shape.rank.is_dynamic or shape.rank.get_length() != 4 or shape[1].is_dynamic
-                or shape[1].get_length() != channels):
-            raise ValueError(f"{what} {shape}, expected [?,{channels},?,?]")
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

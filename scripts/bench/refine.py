@@ -287,6 +287,10 @@ def memory_table(args, work: Path) -> tuple[str, str]:
     weights = work / "refinenet-demo-random.safetensors"
     if not weights.exists():
         init_weights("refinenet", weights, workflow=wf)
+    from wsiseg.runtime import load_network
+
+    # Converted here, once, so both measured processes load the same cached model.
+    load_network(weights, device="cpu", runtime=args.runtime, precision=args.precision)
     edge = math.sqrt(args.memory_factor)
     w, h = args.memory_size
     rows, peaks = [], []
