@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import shapely
 
+from qupath_rules import validate_feature_collection
 from wsiseg.config import ScribblesConfig
 from wsiseg.errors import WsisegError
 from wsiseg.qupath import (
@@ -25,7 +26,6 @@ from wsiseg.qupath import (
     is_wsiseg_feature,
     read_annotations,
     read_annotations_report,
-    validate_feature_collection,
     write_annotations,
 )
 

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import shapely
 
-from wsiseg import qupath
 from wsiseg.errors import WsisegError
-from wsiseg.qupath import read_annotations_report
+from wsiseg.qupath import containers, read_annotations_report
 
 SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
 TUMOR = {"name": "Tumor", "color": [200, 0, 0]}
@@ -183,7 +182,7 @@ def test_file_name_with_a_line_break_stays_one_line(tmp_path) -> None:
 
 
 def test_a_compression_bomb_is_refused_without_inflating_it_all(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(qupath, "MAX_JSON_BYTES", 1 << 20)
+    monkeypatch.setattr(containers, "MAX_JSON_BYTES", 1 << 20)
     padding = " " * (4 << 20)  # 4 MiB of JSON whitespace gzips to a few kB
     text = json.dumps(_feature(SQUARE)) + padding
     _refused(_write(tmp_path, gzip.compress(text.encode())), "uncompresses to more than 1 MiB")

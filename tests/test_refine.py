@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import shapely
 
+from qupath_rules import validate_feature_collection
 from wsiseg.errors import WsisegError
-from wsiseg.qupath import read_annotations, validate_feature_collection
+from wsiseg.qupath import read_annotations
 from wsiseg.refine import affected_windows, randomwalk_refiner, refine_round
 from wsiseg.rounds import undo
 from wsiseg.store import StoreError, StoreLock

@@ -1,0 +1,281 @@
+"""Merging chunk pieces into whole components, and the entry point :func:`tumor_polygons`.
+
+Chunks are traced one at a time with no halo; the labels along each chunk side wait for the
+neighbour across it, and pieces that face each other join (union–find). See the package
+docstring (step 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import shapely
+from numpy.typing import NDArray
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from wsiseg.contours.mask import (
+    ArrayLike2D,
+    _as_probability,
+    _block_shape,
+    _check_threshold,
+    tumor_mask,
+)
+from wsiseg.contours.simplify import _finish
+from wsiseg.contours.trace import _trace_block
+
+# side name → (row step, column step) to the neighbouring chunk, and the side facing back
+_SIDES: dict[str, tuple[int, int]] = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1),
+                                      "right": (0, 1)}
+_OPPOSITE = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+
+
+class _Merger:
+    """Chunk-by-chunk tracing with the pieces that meet across chunk sides joined."""
+
+    def __init__(self, prob: ArrayLike2D, threshold: float, block: tuple[int, int],
+                 regions: list[tuple[int, int, int, int]]) -> None:
+        self.prob = prob
+        self.threshold = threshold
+        self.block = block
+        self.regions = regions
+        self.grid = (-(-prob.shape[0] // block[0]), -(-prob.shape[1] // block[1]))
+        self.done: set[tuple[int, int]] = set()
+        self.pending: dict[tuple[int, int, str], NDArray[np.int64]] = {}
+        self.pairs: list[NDArray[np.int64]] = []
+        self.border_pieces: dict[int, shapely.Polygon] = {}  # may continue in another chunk
+        self.finished: dict[int, shapely.Polygon] = {}  # whole components inside one chunk
+        self.in_region: set[int] = set()
+        self.n_pieces = 0
+        # per piece (index: piece id, 0 unused): sum of the probability over its pixels and
+        # their count, so each component's mean costs one bincount per chunk, no second read
+        self.sums: list[NDArray[np.float64]] = [np.zeros(1)]
+        self.counts: list[NDArray[np.int64]] = [np.zeros(1, dtype=np.int64)]
+
+    def chunks_in(self, row0: int, col0: int, rows: int, cols: int) -> set[tuple[int, int]]:
+        bh, bw = self.block
+        return {
+            (i, j)
+            for i in range(row0 // bh, -(-(row0 + rows) // bh))
+            for j in range(col0 // bw, -(-(col0 + cols) // bw))
+        }
+
+    def process(self, i: int, j: int) -> None:
+        bh, bw = self.block
+        r0, c0 = i * bh, j * bw
+        r1, c1 = min(r0 + bh, self.prob.shape[0]), min(c0 + bw, self.prob.shape[1])
+        values = np.asarray(self.prob[r0:r1, c0:c1])
+        mask = tumor_mask(values, self.threshold)
+        labels, polygons = _trace_block(mask, r0, c0)
+        offset = self.n_pieces
+        self.n_pieces += len(polygons)
+        self.done.add((i, j))
+        if polygons:
+            flat = labels.ravel()
+            n = len(polygons) + 1
+            self.sums.append(np.bincount(flat, weights=_as_probability(values).ravel(),
+                                         minlength=n)[1:])
+            self.counts.append(np.bincount(flat, minlength=n)[1:])
+
+        on_border: set[int] = set()
+        for side, (di, dj) in _SIDES.items():
+            ni, nj = i + di, j + dj
+            if not (0 <= ni < self.grid[0] and 0 <= nj < self.grid[1]):
+                continue
+            local = _side(labels, side)
+            ids = np.where(local > 0, local.astype(np.int64) + offset, 0)
+            if ids.any():
+                on_border.update(np.unique(local[local > 0]).tolist())
+            if (ni, nj) in self.done:
+                facing = self.pending.pop((ni, nj, _OPPOSITE[side]), None)
+                if facing is not None and ids.any():
+                    both = (ids > 0) & (facing > 0)
+                    self.pairs.append(np.column_stack([ids[both], facing[both]]))
+            elif ids.any():
+                self.pending[(i, j, side)] = ids
+
+        in_region: set[int] = set()
+        for rr0, cc0, rrows, rcols in self.regions:
+            window = labels[max(rr0 - r0, 0): max(rr0 + rrows - r0, 0),
+                            max(cc0 - c0, 0): max(cc0 + rcols - c0, 0)]
+            in_region.update(np.unique(window[window > 0]).tolist())
+        for label, polygon in enumerate(polygons, start=1):
+            if label in on_border:
+                self.border_pieces[offset + label] = polygon
+                if label in in_region:
+                    self.in_region.add(offset + label)
+            elif label in in_region:
+                self.finished[offset + label] = polygon
+
+    def _components(self) -> NDArray[np.intp]:
+        n = self.n_pieces + 1
+        pairs = np.concatenate(self.pairs) if self.pairs else np.zeros((0, 2), dtype=np.int64)
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        return connected_components(graph, directed=False)[1]
+
+    def leaks(self) -> set[tuple[int, int]]:
+        """Unprocessed chunks that a component touching the region continues into."""
+        if not self.pending:
+            return set()
+        component = self._components()
+        wanted = np.unique(component[sorted(self.in_region)]) if self.in_region else []
+        out = set()
+        for (i, j, side), ids in self.pending.items():
+            if np.isin(component[ids[ids > 0]], wanted).any():
+                di, dj = _SIDES[side]
+                out.add((i + di, j + dj))
+        return out
+
+    def whole_components(self) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
+        """Exact polygons of the components with a pixel in the region, and the mean
+        probability over each component's pixels."""
+        component = self._components()
+        sums, counts = np.concatenate(self.sums), np.concatenate(self.counts)
+        groups: dict[int, list[int]] = {}
+        wanted = {int(component[g]) for g in self.in_region}
+        for gid in self.border_pieces:
+            if int(component[gid]) in wanted:
+                groups.setdefault(int(component[gid]), []).append(gid)
+        out = list(self.finished.values())
+        means = [sums[g] / counts[g] for g in self.finished]
+        for gids in groups.values():
+            mean = sums[gids].sum() / counts[gids].sum()
+            if len(gids) == 1:
+                parts = [self.border_pieces[gids[0]]]
+            else:
+                # drop the vertices left where chunk-border edges met (collinear, area-exact)
+                merged = shapely.union_all([self.border_pieces[g] for g in gids])
+                parts = shapely.get_parts(shapely.simplify(merged, 0.0)).tolist()
+            out.extend(parts)
+            means.extend([mean] * len(parts))
+        return out, np.asarray(means, dtype=np.float64)
+
+
+def _side(labels: NDArray[np.int32], side: str) -> NDArray[np.int32]:
+    if side == "top":
+        return labels[0, :]
+    if side == "bottom":
+        return labels[-1, :]
+    if side == "left":
+        return labels[:, 0]
+    return labels[:, -1]
+
+
+
+def tumor_polygons(
+    prob: ArrayLike2D,
+    *,
+    threshold: float = 0.5,
+    chunk_px: int | None = None,
+    simplify_px: float = 1.0,
+    min_area_px: float = 0.0,
+    region: tuple[int, int, int, int] | None = None,
+    regions: Sequence[tuple[int, int, int, int]] | None = None,
+) -> list[shapely.Polygon]:
+    """Tumor outlines of a probability map, one polygon (with holes) per tumor component;
+    :func:`tumor_polygons_and_means` with the means left out (same parameters)."""
+    return tumor_polygons_and_means(
+        prob, threshold=threshold, chunk_px=chunk_px, simplify_px=simplify_px,
+        min_area_px=min_area_px, region=region, regions=regions,
+    )[0]
+
+
+def tumor_polygons_and_means(
+    prob: ArrayLike2D,
+    *,
+    threshold: float = 0.5,
+    chunk_px: int | None = None,
+    simplify_px: float = 1.0,
+    min_area_px: float = 0.0,
+    region: tuple[int, int, int, int] | None = None,
+    regions: Sequence[tuple[int, int, int, int]] | None = None,
+) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
+    """Tumor outlines of a probability map, one polygon (with holes) per tumor component.
+
+    Parameters
+    ----------
+    prob : ArrayLike2D
+        (H, W) probability at the working resolution: uint8 × 255, floating in [0, 1], or bool.
+        Any array with numpy slicing (``zarr.Array``, ``numpy.ndarray``); read one block at a
+        time, never whole.
+    threshold : float
+        θ: a pixel is tumor iff probability ``>= threshold``; for uint8 iff
+        ``value >= ceil(255 θ)`` (:func:`uint8_threshold`; 128 for θ = 0.5).
+    chunk_px : int or None
+        Edge of the processing block in pixels. ``None``: the array's chunk shape if it has
+        ``.chunks`` (reads are then chunk-aligned: each stored chunk is decoded once), else 1024.
+    simplify_px : float
+        Douglas–Peucker tolerance in working px (topology-preserving); 0 keeps the exact
+        pixel-edge outline (area == pixel count).
+    min_area_px : float
+        Components whose pixel count (exact area, before simplification) is below this are
+        dropped — ``min_area_um2 / working_mpp²`` from the workflow.
+    region : (row0, col0, rows, cols) or None
+        Only return the components with at least one pixel in this window, each one whole:
+        the work starts with the chunks overlapping the window and grows, chunk by chunk, into
+        every chunk that such a component continues into, until all of them are closed.
+    regions : sequence of (row0, col0, rows, cols), optional
+        Several windows at once (instead of ``region``): the components touching any of them,
+        each traced once however many windows it touches.
+
+    Returns
+    -------
+    polygons : list of shapely.Polygon
+        Valid polygons in working px (x = column, y = row, pixel edges on integers), one per
+        4-connected tumor component (a component's pieces may split in two only if the
+        simplification makes it necessary), sorted by area, largest first.
+    means : ndarray
+        (len(polygons),) float64: the mean probability in [0, 1] over the pixels of each
+        polygon's component (its tumor pixels, at or above the threshold), summed while
+        tracing: the map is read once for both.
+
+    Notes
+    -----
+    Memory: one block of pixels (plus its labels and float copy for ``find_contours``), the
+    labels along the sides of chunks not yet met, and the polygons; never O(H × W).
+    """
+    shape = tuple(prob.shape)
+    if len(shape) != 2:
+        raise ValueError(f"probability must be a 2-D array, got shape {shape}")
+    _check_threshold(threshold)
+    if not (0.0 <= simplify_px <= 1.0):
+        raise ValueError(f"simplify_px must be within [0, 1] working px, got {simplify_px}")
+    height, width = shape
+    if region is not None and regions is not None:
+        raise ValueError("give region or regions, not both")
+    if regions is None:
+        regions = [(0, 0, height, width) if region is None else region]
+    boxes = []
+    for box in regions:
+        row0, col0, rows, cols = (int(v) for v in box)
+        if rows < 0 or cols < 0:
+            raise ValueError(f"region must have a non-negative size, got {box}")
+        row1, col1 = min(row0 + rows, height), min(col0 + cols, width)
+        row0, col0 = max(row0, 0), max(col0, 0)
+        if row1 > row0 and col1 > col0:
+            boxes.append((row0, col0, row1 - row0, col1 - col0))
+    if not boxes:
+        return [], np.zeros(0)
+
+    merger = _Merger(prob, threshold, _block_shape(prob, chunk_px), boxes)
+    todo = set().union(*(merger.chunks_in(*box) for box in boxes))
+    while todo:
+        for i, j in sorted(todo):  # raster order keeps few chunk sides pending
+            merger.process(i, j)
+        todo = merger.leaks() - merger.done
+
+    return _finished(merger, simplify_px, min_area_px)
+
+
+def _finished(merger: _Merger, simplify_px: float, min_area_px: float
+              ) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
+    """The merger's whole components, finished and sorted by area, largest first."""
+    exact, means = merger.whole_components()
+    polygons, owner = _finish(exact, simplify_px, min_area_px)
+    out = np.asarray(polygons, dtype=object)
+    if len(out) == 0:
+        return [], np.zeros(0)
+    bounds = shapely.bounds(out)
+    order = np.lexsort((bounds[:, 0], bounds[:, 1], -shapely.area(out)))  # ties: top-left first
+    return out[order].tolist(), means[owner][order]
