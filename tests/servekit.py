@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +78,30 @@ def export_of(store: SlideStore, lines: list[tuple[shapely.Geometry, str]]) -> b
 
 
 GEOJSON_HEADERS = {"Content-Type": "application/geo+json"}
+
+
+@contextlib.contextmanager
+def live_server(run_dir: Path, scratch: Path, **options) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    scratch.mkdir(exist_ok=True)
+    opts = {"refiner": "randomwalk", **options}
+    app, _, _ = build_app(ServeOptions(paths=[run_dir], **opts), scratch)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
