@@ -88,7 +88,9 @@ def live_server(run_dir: Path, scratch: Path, **options) -> Iterator[str]:
     scratch.mkdir(exist_ok=True)
     opts = {"refiner": "randomwalk", **options}
     app, _, _ = build_app(ServeOptions(paths=[run_dir], **opts), scratch)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP given: asyncio sets TCP_NODELAY only on sockets that say so (else Nagle
+    # and delayed ACKs add ~40 ms to every keep-alive request)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -18,6 +18,7 @@ Page routes (open; they hold no slide data): ``/`` the slide list, ``/view/{id}`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class ServerState:
     scratch: Scratch
     queues: SlideQueues = field(default_factory=SlideQueues)
     tiles: TileCache = field(default_factory=TileCache)
+    sources: dict[tuple[str, str], TileSource] = field(default_factory=dict)
+    sources_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -153,7 +156,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     # -- Deep Zoom ------------------------------------------------------------------------
     def source(slide: Slide, layer: str) -> TileSource:
-        return TileSource(slide.open("r"), layer, slide.version(), state.tiles, slide.id)
+        version = slide.version()
+        with state.sources_lock:  # one read-only handle per slide, layer and version
+            src = state.sources.get((slide.id, layer))
+            if src is None or src.version != version:
+                src = TileSource(slide.open("r"), layer, version, state.tiles, slide.id)
+                state.sources[(slide.id, layer)] = src
+        return src
 
     @app.get("/slides/{slide_id}/{layer}.dzi", summary="Deep Zoom descriptor",
              response_class=Response, responses={200: {"content": {"application/xml": {}}}})

@@ -71,7 +71,8 @@ class Pyramid:
 
 
 class TileCache:
-    """LRU of decoded tiles (numpy arrays), bounded by their total bytes; thread-safe."""
+    """LRU of tiles (decoded arrays, and encoded JPEG/PNG bytes), bounded by their total
+    bytes; thread-safe."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_bytes = max_bytes
@@ -79,22 +80,26 @@ class TileCache:
         self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> np.ndarray | None:
+    def get(self, key: tuple) -> np.ndarray | bytes | None:
         with self._lock:
             tile = self._items.get(key)
             if tile is not None:
                 self._items.move_to_end(key)
             return tile
 
-    def put(self, key: tuple, tile: np.ndarray) -> None:
+    def put(self, key: tuple, tile: np.ndarray | bytes) -> None:
         with self._lock:
             if key in self._items:
                 return
             self._items[key] = tile
-            self.bytes += tile.nbytes
+            self.bytes += _size(tile)
             while self.bytes > self.max_bytes and self._items:
                 _, old = self._items.popitem(last=False)
-                self.bytes -= old.nbytes
+                self.bytes -= _size(old)
+
+
+def _size(tile: np.ndarray | bytes) -> int:
+    return tile.nbytes if isinstance(tile, np.ndarray) else len(tile)
 
 
 class TileSource:
@@ -117,6 +122,10 @@ class TileSource:
 
     def encoded(self, level: int, col: int, row: int) -> bytes | None:
         """The tile as JPEG/PNG bytes; None when the tile does not exist."""
+        key = (self.cache_key, self.layer, self.version, level, col, row, "encoded")
+        data = self.cache.get(key)
+        if data is not None:
+            return data
         tile = self.pixels(level, col, row)
         if tile is None:
             return None
@@ -125,7 +134,9 @@ class TileSource:
             Image.fromarray(tile).save(buf, format="JPEG", quality=JPEG_QUALITY)
         else:
             Image.fromarray(heat_rgba(tile)).save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
+        data = buf.getvalue()
+        self.cache.put(key, data)
+        return data
 
     def pixels(self, level: int, col: int, row: int) -> np.ndarray | None:
         """uint8 (h, w, 3) RGB or (h, w) probability × 255 of one tile."""
