@@ -39,6 +39,7 @@ from wsiseg.serve.rounds import (
     RefinerChoice,
     RoundRefused,
     Scratch,
+    answer_bytes,
     history,
     serve_round,
     serve_undo,
@@ -129,17 +130,19 @@ def create_app(state: ServerState) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {
                   GEOJSON: {"schema": {"type": "object"}},
                   "application/json": {"schema": {"type": "object"}}}}})
-    async def scribbles(slide_id: str, request: Request) -> dict[str, Any]:
+    async def scribbles(slide_id: str, request: Request) -> Response:
         slide = slide_or_404(slide_id)
         body = await request.body()
-        return await state.queues.run(
+        answer = await state.queues.run(
             slide.id, lambda queued_s: serve_round(slide, body, state.choice, state.scratch,
                                                    queued_s))
+        return Response(answer_bytes(answer), media_type="application/json")
 
     @app.post("/slides/{slide_id}/undo", summary="Back to the previous round")
-    async def undo(slide_id: str) -> dict[str, Any]:
+    async def undo(slide_id: str) -> Response:
         slide = slide_or_404(slide_id)
-        return await state.queues.run(slide.id, lambda queued_s: serve_undo(slide, queued_s))
+        answer = await state.queues.run(slide.id, lambda queued_s: serve_undo(slide, queued_s))
+        return Response(answer_bytes(answer), media_type="application/json")
 
     @app.get("/slides/{slide_id}/history", summary="The slide's rounds")
     def round_history(slide_id: str) -> list[dict[str, Any]]:

@@ -155,9 +155,23 @@ def _contours_answer(
     text = slide.round_file(None).read_text(encoding="utf-8")
     new_ids = _ids_of(store, current)
     return {
-        "contours": json.loads(text),
+        "contours": RawJSON(text),
         "changed": {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids)},
     }
+
+
+class RawJSON(str):
+    """JSON text placed into an answer as it is: the contours file, never parsed and
+    re-encoded (its size grows with the slide)."""
+
+
+def answer_bytes(answer: dict[str, Any]) -> bytes:
+    """The answer as JSON, :class:`RawJSON` values spliced in verbatim (``answer`` always
+    has ordinary keys too: ``slide``, ``round``)."""
+    rest = json.dumps({k: v for k, v in answer.items() if not isinstance(v, RawJSON)})
+    spliced = "".join(f", {json.dumps(k)}: {v}" for k, v in answer.items()
+                      if isinstance(v, RawJSON))
+    return (rest[:-1] + spliced + "}").encode()
 
 
 def _ids_of(store: SlideStore, round_k: int) -> set[str]:
