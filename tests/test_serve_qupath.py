@@ -4,7 +4,11 @@ own writer produced are accepted as POSTed, and the answer imports as QuPath exp
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +143,21 @@ def test_the_script_uses_only_what_the_server_offers():
     for key in re.findall(r"answer\.(\w+)", script):
         assert key in ANSWER_KEYS | {"message"}, key
     assert "removeListener" in script and "addListener" in script
+
+
+def test_the_qupath_scripts_parse(tmp_path):
+    """The Groovy scripts parse (with the system's Groovy, when there is one)."""
+    groovy = shutil.which("groovy")
+    if groovy is None:
+        pytest.skip("no groovy command (apt-get install groovy) to parse the scripts with")
+    env = dict(os.environ)
+    if not Path("/usr/lib/jvm/default-java/bin/java").exists():
+        jdks = sorted(Path("/usr/lib/jvm").glob("java-*-openjdk-*/bin/java"))
+        if jdks:
+            env["JAVA_HOME"] = str(jdks[-1].parents[1])
+    scripts = sorted((REPO / "scripts" / "qupath").glob("*.groovy"))
+    out = subprocess.run([groovy, str(REPO / "tests" / "fixtures" / "groovy_parse_check.groovy"),
+                          *map(str, scripts)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ok: ") == len(scripts), out.stdout

@@ -18,6 +18,7 @@ Page routes (open; they hold no slide data): ``/`` the slide list, ``/view/{id}`
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +47,7 @@ from wsiseg.serve.rounds import (
 )
 from wsiseg.serve.tiles import LAYERS, TileCache, TileSource
 
+log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 GEOJSON = "application/geo+json"
 
@@ -97,8 +99,9 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Never a traceback in an answer; the server's log has it.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"},
                             status_code=500)
 
