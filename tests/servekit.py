@@ -60,7 +60,7 @@ def border_stroke(store: SlideStore, k: int = 0, length_px: float = 60.0) -> sha
     border[:margin], border[-margin:], border[:, :margin], border[:, -margin:] = (
         False, False, False, False)
     rr, cc = np.nonzero(border)
-    i = (len(rr) * (2 * k + 1)) // 7
+    i = (len(rr) * (2 * k + 1)) // 7  # k = 0, 1, 2
     y, x = float(rr[i]), float(cc[i])
     gy, gx = np.gradient(guide.astype(np.float32))
     d = np.array([gx[int(y), int(x)], gy[int(y), int(x)]])

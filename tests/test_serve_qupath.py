@@ -18,7 +18,16 @@ from wsiseg.qupath import validate_feature_collection
 from wsiseg.store import SlideStore
 
 from conftest import QUPATH_FIXTURES, REPO
-from servekit import GEOJSON_HEADERS, SLIDE_ID, client, copy_run, export_of, make_run
+from servekit import (
+    GEOJSON_HEADERS,
+    SLIDE_ID,
+    border_stroke,
+    client,
+    copy_run,
+    export_of,
+    live_server,
+    make_run,
+)
 
 WRITTEN = QUPATH_FIXTURES / "written-0.6"
 SCRIPT = REPO / "scripts" / "qupath" / "wsiseg_live.groovy"
@@ -147,17 +156,64 @@ def test_the_script_uses_only_what_the_server_offers():
 
 def test_the_qupath_scripts_parse(tmp_path):
     """The Groovy scripts parse (with the system's Groovy, when there is one)."""
-    groovy = shutil.which("groovy")
-    if groovy is None:
-        pytest.skip("no groovy command (apt-get install groovy) to parse the scripts with")
-    env = dict(os.environ)
-    if not Path("/usr/lib/jvm/default-java/bin/java").exists():
-        jdks = sorted(Path("/usr/lib/jvm").glob("java-*-openjdk-*/bin/java"))
-        if jdks:
-            env["JAVA_HOME"] = str(jdks[-1].parents[1])
+    groovy, env = _groovy()
     scripts = sorted((REPO / "scripts" / "qupath").glob("*.groovy"))
     out = subprocess.run([groovy, str(REPO / "tests" / "fixtures" / "groovy_parse_check.groovy"),
                           *map(str, scripts)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ok: ") == len(scripts), out.stdout
+
+
+def _groovy() -> tuple[str, dict[str, str]]:
+    groovy = shutil.which("groovy")
+    if groovy is None:
+        pytest.skip("no groovy command (apt-get install groovy) to run the script with")
+    env = dict(os.environ)
+    if not Path("/usr/lib/jvm/default-java/bin/java").exists():
+        jdks = sorted(Path("/usr/lib/jvm").glob("java-*-openjdk-*/bin/java"))
+        if jdks:
+            env["JAVA_HOME"] = str(jdks[-1].parents[1])
+    return groovy, env
+
+
+def test_the_live_script_against_a_server(qupath_run, tmp_path):
+    """wsiseg_live.groovy itself, run by Groovy with stand-ins for QuPath's classes
+    (tests/fixtures/qupath_stub): one round, then nothing new, then live mode on, a stroke
+    drawn (the listener sends it: a second round), and live mode off."""
+    groovy, env = _groovy()
+    store = SlideStore.open(qupath_run / f"{SLIDE_ID}.zarr")
+    r0 = json.loads((qupath_run / f"{SLIDE_ID}.geojson").read_bytes())
+    stroke = json.loads(export_of(store, [(border_stroke(store, 1), "Tumor")]))["features"]
+    hierarchy = tmp_path / "hierarchy.json"
+    hierarchy.write_text(json.dumps(r0["features"] + stroke))  # as after import_wsiseg
+    later = tmp_path / "stroke.json"
+    later.write_text(json.dumps(json.loads(export_of(store, [(border_stroke(store, 2),
+                                                              "Stroma")]))["features"]))
+    out = tmp_path / "after.json"
+    stub = REPO / "tests" / "fixtures" / "qupath_stub"
+    with live_server(qupath_run, tmp_path / "scratch") as url:
+        run = subprocess.run(
+            [groovy, "-cp", str(stub), str(stub / "run_script.groovy"), str(SCRIPT),
+             str(hierarchy), str(out), url, f"{SLIDE_ID}.svs", "false,false,true,stroke,false",
+             str(later)],
+            capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    log = run.stdout
+    assert f"wsiseg: {SLIDE_ID}: round 1:" in log, log
+    assert f"wsiseg: {SLIDE_ID}: round 2:" in log and "live round: contours replaced" in log
+    assert log.count("nothing new to send") == 3, log
+    assert "live mode on" in log and "live mode off" in log
+    assert log.rstrip().endswith("listeners: 0"), log
+    latest = json.loads((qupath_run / f"{SLIDE_ID}.geojson").read_bytes())
+    after = json.loads(out.read_text())
+    ai = [f for f in after if f["properties"].get("metadata", {}).get("source") == "wsiseg"]
+    assert sorted(f["id"] for f in ai) == sorted(f["id"] for f in latest["features"])
+    assert all(f["properties"]["isLocked"] for f in ai)
+    scribbles = [f for f in after if f not in ai]
+    assert len(scribbles) == 2
+    assert all(f["properties"]["metadata"].get("wsiseg_sent") for f in scribbles)
+    history = SlideStore.open(store.path).attrs["rounds"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert history[1]["scribbles"]["tumor"] == 1 and history[1]["scribbles"]["edited_ai"] == 0
+    assert history[2]["scribbles"]["non_tumor"] == 1 and history[2]["scribbles"]["tumor"] == 0
