@@ -79,7 +79,8 @@ def test_draw_a_stroke_then_undo(browser, synth_slides, tmp_path, small_workflow
         assert [h["round"] for h in history] == [0, 1]
         assert history[1]["scribbles"]["tumor"] == 1 and history[1]["new_pixels"] > 0
         page.click("#heat")
-        page.wait_for_load_state("networkidle")
+        page.wait_for_function("window.wsisegView.heatLoaded()", timeout=60_000)
+        page.wait_for_timeout(1000)  # OpenSeadragon fades new tiles in
         page.screenshot(path=str(shots / "2-round1-heatmap.png"))
 
         page.click("#undo")

@@ -56,7 +56,7 @@ def viewer_html(slide_id: str) -> str:
         missing,
         '<main><div id="osd"></div>',
         '<aside><h2>Rounds</h2><table id="history"><thead><tr><th>round</th><th>kind</th>'
-        "<th>new px</th><th>windows</th><th>tumor mm²</th><th>s</th><th>network s</th>"
+        "<th>new px</th><th>windows</th><th>tumor mm²</th><th>s</th><th>net s</th>"
         "</tr></thead><tbody></tbody></table></aside></main>",
         '<script src="/static/vendor/openseadragon/openseadragon.min.js"></script>',
         '<script src="/static/common.js"></script>',

@@ -239,6 +239,7 @@
   });
   // For tests and scripts: image (working px) → page coordinates.
   window.wsisegView = {
+    heatLoaded: () => Boolean(heat && heat.getFullyLoaded()),
     imageToPage(x, y) {
       const p = image().imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
       const rect = viewer.element.getBoundingClientRect();
