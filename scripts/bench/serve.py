@@ -16,12 +16,15 @@ QuPath-style brush polygon (Tumor / Stroma). Each request's time from send to an
 split into the round's stages, timed where ``refine_round`` calls them (this process wraps
 them, as ``refine.py`` does): parse (``load_scribbles``), rasterise (``rasterize_new``),
 network (the refiner), stitch (``blend_windows``), trace (``recontour``), write (undo record,
-GeoJSON, measurements, attributes), and HTTP (the rest of send → answer: transport, queue,
-the server's own reading of the answer's contours). Finally ``--tiles`` random Deep Zoom
+GeoJSON, measurements, attributes), and rest (the rest of send → answer: HTTP, queue,
+opening the store, reading the previous contours, the answer). Finally ``--tiles`` random Deep Zoom
 tiles of the image and the heat map are fetched twice (cold: read from the store; warm: the
 tile cache) for tiles/s.
 
-    .venv/bin/python scripts/bench/serve.py --size 4096x4096 --mpp 1.0
+    .venv/bin/python scripts/bench/serve.py --size 4096x4096 --mpp 1.0 --area-factor 16
+
+``--area-factor 16`` adds a slide of 16× the area (first workflow only): a stroke should cost
+about the same there (the round's work follows the scribbled windows, not the slide).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def stage_owners() -> list[tuple[object, str, str]]:
     ]
 
 
-COLUMNS = ("parse", "rasterise", "network", "stitch", "trace", "write", "http")
+COLUMNS = ("parse", "rasterise", "network", "stitch", "trace", "write", "rest")
 
 
 def build_store(slide, store_path: Path, workflow, name: str):
@@ -173,7 +176,7 @@ def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int) 
                 row = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0)
                        for k in ("parse", "rasterise", "stitch", "trace", "write")}
                 row["network"] = answer["timings"]["network_s"]
-                row["http"] = total - sum(row.values())
+                row["rest"] = total - sum(row.values())
                 row["total"] = total
                 row["windows"] = answer["windows"]
                 out.append(row)
@@ -217,45 +220,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refiners", default="refinenet,randomwalk")
     parser.add_argument("--strokes", type=int, default=50)
     parser.add_argument("--tiles", type=int, default=200)
+    parser.add_argument("--area-factor", type=int, default=1,
+                        help="also a slide of this many times the area (a square: 4, 16), "
+                             "with the first workflow")
     args = parser.parse_args(argv)
 
     from wsiseg.config import load_workflow
     from wsiseg.nets import init_weights
     from wsiseg.serve.main import ServeOptions, build_app
 
-    slide = common.generated_slide(args.cache, args.size, args.mpp, args.seed)
+    w, h = args.size
+    side = math.isqrt(args.area_factor)
+    sizes = [(w, h)] + ([(w * side, h * side)] if args.area_factor > 1 else [])
     rows_out, tile_rows = [], []
     with common.scratch(args.work, "wsiseg-bench-serve-") as work:
-        for wf_name in args.workflows.split(","):
-            wf = load_workflow(wf_name)
-            run = work / wf_name
-            run.mkdir(parents=True, exist_ok=True)
-            store, truth = build_store(slide, run / "slide.zarr", wf, wf_name)
-            weights = work / f"refinenet-{wf_name}.safetensors"
-            init_weights("refinenet", weights, seed=0, workflow=wf)
-            for refiner in args.refiners.split(","):
-                options = ServeOptions(paths=[run], refiner=refiner,
-                                       refinenet=str(weights) if refiner == "refinenet" else None)
-                (work / "scratch").mkdir(exist_ok=True)
-                app, _, _ = build_app(options, work / "scratch")
-                with running(app) as url:
-                    common.log(f"{wf_name} / {refiner}: {args.strokes} strokes")
-                    rows = strokes_over_http(url, "slide", store, truth, args.strokes,
-                                             args.seed)
-                    if refiner == args.refiners.split(",")[0]:
-                        tiles = tiles_per_second(url, "slide", store, args.tiles, args.seed)
-                        tile_rows.append([wf_name, *(fmt(tiles[k], 0) for k in (
-                            "image cold", "image warm", "heatmap cold", "heatmap warm"))])
-                totals = np.array([r["total"] for r in rows])
-                p50 = {k: np.median([r[k] for r in rows]) for k in COLUMNS}
-                rows_out.append([
-                    wf_name, refiner, len(rows), fmt(np.percentile(totals, 50), 3),
-                    fmt(np.percentile(totals, 95), 3),
-                    *(fmt(p50[k], 3) for k in COLUMNS),
-                    fmt(np.median([r["windows"] for r in rows]), 0)])
+        for size in sizes:
+            slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
+            big = size != sizes[0]
+            for wf_name in args.workflows.split(",")[: 1 if big else None]:
+                wf = load_workflow(wf_name)
+                run = work / f"{wf_name}-{size[0]}x{size[1]}"
+                run.mkdir(parents=True, exist_ok=True)
+                store, truth = build_store(slide, run / "slide.zarr", wf, wf_name)
+                mpx = store.frame.working_shape[0] * store.frame.working_shape[1] / 1e6
+                weights = work / f"refinenet-{wf_name}.safetensors"
+                if not weights.exists():
+                    init_weights("refinenet", weights, seed=0, workflow=wf)
+                for refiner in args.refiners.split(","):
+                    options = ServeOptions(
+                        paths=[run], refiner=refiner,
+                        refinenet=str(weights) if refiner == "refinenet" else None)
+                    (work / "scratch").mkdir(exist_ok=True)
+                    app, _, _ = build_app(options, work / "scratch")
+                    with running(app) as url:
+                        common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: "
+                                   f"{args.strokes} strokes")
+                        rows = strokes_over_http(url, "slide", store, truth, args.strokes,
+                                                 args.seed)
+                        if refiner == args.refiners.split(",")[0] and not big:
+                            tiles = tiles_per_second(url, "slide", store, args.tiles,
+                                                     args.seed)
+                            tile_rows.append([wf_name, *(fmt(tiles[k], 0) for k in (
+                                "image cold", "image warm", "heatmap cold", "heatmap warm"))])
+                    totals = np.array([r["total"] for r in rows])
+                    p50 = {k: np.median([r[k] for r in rows]) for k in COLUMNS}
+                    rows_out.append([
+                        wf_name, fmt(mpx, 1), refiner, len(rows),
+                        fmt(np.percentile(totals, 50), 3), fmt(np.percentile(totals, 95), 3),
+                        *(fmt(p50[k], 3) for k in COLUMNS),
+                        fmt(np.median([r["windows"] for r in rows]), 0)])
     common.print_report("wsiseg serve: strokes over HTTP", [
         ("Seconds from sending a stroke to its answer; stage columns are medians.",
-         markdown_table(["workflow", "refiner", "strokes", "p50 s", "p95 s",
+         markdown_table(["workflow", "working Mpx", "refiner", "strokes", "p50 s", "p95 s",
                          *(f"{k} p50" for k in COLUMNS), "windows p50"], rows_out)),
         ("Deep Zoom tiles per second (one client, sequential; cold: read from the store, "
          "warm: the tile cache).",
