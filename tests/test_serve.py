@@ -239,3 +239,23 @@ def test_non_loopback_host_gets_a_token(run, tmp_path):
     assert token and len(token) >= 24
     _, none, _ = build_app(ServeOptions(paths=[run], refiner="randomwalk"), tmp_path)
     assert none is None
+
+
+def test_cli_and_server_mix(api, run, tmp_path):
+    """A round run by `wsiseg refine` beside the server is served; the server undoes it."""
+    store = store_of(run)
+    before = (run / f"{SLIDE_ID}.geojson").read_bytes()
+    heat = api.get(f"/slides/{SLIDE_ID}/heatmap_files/8/0_0.png")
+    export = tmp_path / "export.geojson"
+    export.write_bytes(export_of(store, [(border_stroke(store, 1), "Stroma")]))
+    assert refine_store(run / f"{SLIDE_ID}.zarr", export, refiner="randomwalk") == 0
+    assert api.get(f"/slides/{SLIDE_ID}").json()["round"] == 1
+    assert (api.get(f"/slides/{SLIDE_ID}/contours").content
+            == (run / f"{SLIDE_ID}.geojson").read_bytes() != before)
+    assert [h["round"] for h in api.get(f"/slides/{SLIDE_ID}/history").json()] == [0, 1]
+    again = api.get(f"/slides/{SLIDE_ID}/heatmap_files/8/0_0.png",
+                    headers={"If-None-Match": heat.headers["etag"]})
+    assert again.status_code == 200  # the heat map is not served stale
+    r = api.post(f"/slides/{SLIDE_ID}/undo", json={})
+    assert r.status_code == 200 and r.json()["round"] == 0
+    assert (run / f"{SLIDE_ID}.geojson").read_bytes() == before
