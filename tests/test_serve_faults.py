@@ -185,6 +185,14 @@ def test_slide_queue_runs_jobs_in_arrival_order():
 
     assert asyncio.run(main()) == [0, 1, 2, 3, 4]
     assert order == [0, 1, 2, 3, 4]
+
+    async def two_slides() -> list[int]:
+        # Another slide does not wait for a slow round on the first.
+        return await asyncio.gather(queues.run("a", job(10, 0.5)), queues.run("b", job(20, 0)))
+
+    order.clear()
+    assert asyncio.run(two_slides()) == [10, 20]
+    assert order == [20, 10]
     queues.close()
 
 
