@@ -20,14 +20,17 @@ OSD_STAMP := $(OSD_DIR)/.built-stamp
 web: $(OSD_STAMP)
 
 $(OSD_STAMP): web/package.json web/package-lock.json
-	@if command -v npm >/dev/null 2>&1; then \
-		cd web && npm ci --no-audit --no-fund --loglevel=error && cd .. && \
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm not found: the browser viewer of wsiseg serve is not built (make web)"; \
+	elif ! (cd web && npm ci --no-audit --no-fund --loglevel=error); then \
+		echo "npm ci failed (offline?): the browser viewer of wsiseg serve is not built"; \
+	else \
 		rm -rf $(OSD_DIR) && mkdir -p $(OSD_DIR) && \
 		cp -R web/node_modules/openseadragon/build/openseadragon/openseadragon.min.js \
 		      web/node_modules/openseadragon/build/openseadragon/images \
 		      web/node_modules/openseadragon/LICENSE.txt $(OSD_DIR)/ && \
 		touch $@; \
-	else echo "npm not found: the browser viewer of wsiseg serve is not built (make web)"; fi
+	fi
 
 lint: $(VENV_STAMP)
 	$(UV) run --frozen --no-sync ruff check pipeline tests scripts
