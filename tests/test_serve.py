@@ -259,3 +259,25 @@ def test_cli_and_server_mix(api, run, tmp_path):
     r = api.post(f"/slides/{SLIDE_ID}/undo", json={})
     assert r.status_code == 200 and r.json()["round"] == 0
     assert (run / f"{SLIDE_ID}.geojson").read_bytes() == before
+
+
+def test_refinenet_is_loaded_once_and_serves_rounds(run, tmp_path, monkeypatch):
+    import wsiseg.nets
+    from wsiseg.nets import init_weights
+
+    weights = tmp_path / "refinenet.safetensors"
+    init_weights("refinenet", weights, seed=0, workflow=store_of(run).workflow)
+    loads = []
+    original = wsiseg.nets.load_weights
+    monkeypatch.setattr(wsiseg.nets, "load_weights",
+                        lambda *a, **k: loads.append(a) or original(*a, **k))
+    with client(run, tmp_path / "scratch", refiner=None, refinenet=str(weights),
+                device="cpu") as api:
+        store = store_of(run)
+        for k, cls in ((0, "Tumor"), (1, "Stroma")):
+            body = export_of(store, [(border_stroke(store, k), cls)])
+            r = api.post(f"/slides/{SLIDE_ID}/scribbles", content=body, headers=GEOJSON_HEADERS)
+            assert r.status_code == 200, r.text
+            assert r.json()["refiner"] == "refinenet" and r.json()["round"] == k + 1
+            assert r.json()["timings"]["network_s"] > 0
+    assert len(loads) == 1  # at start, not per round
