@@ -281,3 +281,19 @@ def test_refinenet_is_loaded_once_and_serves_rounds(run, tmp_path, monkeypatch):
             assert r.json()["refiner"] == "refinenet" and r.json()["round"] == k + 1
             assert r.json()["timings"]["network_s"] > 0
     assert len(loads) == 1  # at start, not per round
+
+
+def test_the_report_links_each_slide_to_its_viewer(api, run):
+    from wsiseg.ledger import Ledger
+    from wsiseg.report import write_report
+
+    assert api.get("/report.html").status_code == 404  # this run wrote none
+    ledger = Ledger.load(run)
+    ledger.mark_done_before(SLIDE_ID, "slide.tiff", {"tumor_mm2": 1.0})
+    on_disk = write_report(run, ledger).read_bytes()
+    r = api.get("/report.html")
+    assert r.status_code == 200
+    assert f'href="/view/{SLIDE_ID}"' in r.text and f'href="{SLIDE_ID}.geojson"' not in r.text
+    assert f'src="/slides/{SLIDE_ID}/thumbnail"' in r.text
+    assert (run / "report.html").read_bytes() == on_disk  # the file is not changed
+    assert 'href="/report.html"' in api.get("/").text

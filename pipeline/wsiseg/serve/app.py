@@ -11,6 +11,7 @@ Data routes (token-guarded, see :mod:`wsiseg.serve.guard`)::
     GET  /slides/{id}/thumbnail               <id>.png of the run
     GET  /slides/{id}/{image|heatmap}.dzi     Deep Zoom descriptors, and their tiles at
     GET  /slides/{id}/{image|heatmap}_files/{level}/{col}_{row}.{jpeg|png}
+    GET  /report.html                         the run's report.html, slides linked to viewers
 
 Page routes (open; they hold no slide data): ``/`` the slide list, ``/view/{id}`` the viewer,
 ``/static/...`` their scripts and the OpenSeadragon build.
@@ -36,6 +37,7 @@ from wsiseg.serve import page
 from wsiseg.serve.guard import BodyTooLarge
 from wsiseg.serve.queue import SlideQueues
 from wsiseg.serve.registry import Slide, SlideRegistry, describe
+from wsiseg.serve.report_page import served_report
 from wsiseg.serve.rounds import (
     RefinerChoice,
     RoundRefused,
@@ -202,6 +204,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index() -> Response:
         return Response(page.index_html(), media_type="text/html")
+
+    @app.get("/report.html", summary="The run's report, each slide linked to its viewer",
+             response_class=Response, responses={200: {"content": {"text/html": {}}}})
+    def report() -> Response:
+        text = served_report(state.registry)
+        if text is None:
+            raise HTTPException(404, "this run has no report.html")
+        return Response(text, media_type="text/html")
 
     @app.get("/view/{slide_id}", include_in_schema=False)
     def viewer(slide_id: str) -> Response:

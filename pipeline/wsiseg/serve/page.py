@@ -26,6 +26,7 @@ def index_html() -> str:
         _HEAD.format(title="wsiseg: slides"),
         "<body>",
         "<h1>wsiseg slides</h1>",
+        '<p><a href="/report.html" id="report">the run\'s report</a></p>',
         '<p id="status">loading…</p>',
         '<table id="slides"><thead><tr><th>thumbnail</th><th>slide</th><th>round</th>'
         "<th>rounds</th><th>tumor mm²</th><th>tissue mm²</th></tr></thead><tbody></tbody>"
