@@ -184,6 +184,9 @@ def test_tiles(api, run):
     after = api.get(f"/slides/{SLIDE_ID}/heatmap_files/{top - 2}/0_0.png",
                     headers={"If-None-Match": heat.headers["etag"]})
     assert after.status_code == 200 and after.headers["etag"] != heat.headers["etag"]
+    # The image is the same after a round: its tile is still the browser's.
+    assert api.get(f"/slides/{SLIDE_ID}/image_files/{top}/1_1.jpeg",
+                   headers={"If-None-Match": t.headers["etag"]}).status_code == 304
 
 
 def test_downsampled_tiles_are_means_of_the_store():

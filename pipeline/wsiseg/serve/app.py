@@ -164,7 +164,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     # -- Deep Zoom ------------------------------------------------------------------------
     def source(slide: Slide, layer: str) -> TileSource:
-        version = slide.version()
+        # The image never changes with rounds: its tiles stay cached (and their ETags valid).
+        version = slide.version("image" if layer == "image" else None)
         with state.sources_lock:  # one read-only handle per slide, layer and version
             src = state.sources.get((slide.id, layer))
             if src is None or src.version != version:

@@ -29,10 +29,12 @@ class Slide:
     def open(self, mode: str = "r+") -> SlideStore:
         return SlideStore.open(self.store_path, mode=mode)
 
-    def version(self) -> str:
+    def version(self, array: str | None = None) -> str:
         """Changes whenever the store's attributes do (every round and undo, served or run
-        by the CLI): ``<size>-<mtime ns>`` of its ``zarr.json``."""
-        st = os.stat(self.store_path / "zarr.json")
+        by the CLI): ``<size>-<mtime ns>`` of its ``zarr.json``; with ``array``, that
+        array's ``zarr.json`` instead (``image`` keeps its version across rounds)."""
+        path = self.store_path / (f"{array}/zarr.json" if array else "zarr.json")
+        st = os.stat(path)
         return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
     def round_file(self, round_k: int | None) -> Path:
