@@ -155,6 +155,16 @@ def cmd_refine(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from wsiseg.serve.main import ServeOptions, serve
+
+    return serve(ServeOptions(
+        paths=[Path(p) for p in args.paths], host=args.host, port=args.port,
+        refinenet=args.refinenet, refiner=args.refiner, device=args.device, token=args.token,
+        max_body_mb=args.max_body_mb,
+    ))
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from wsiseg.session import print_history
 
@@ -300,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where the GeoJSON go (default: the store's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     runtime_options(p)
+
+    p = add("serve", cmd_serve, "live refinement over HTTP, for QuPath and a browser page")
+    p.add_argument("paths", nargs="+", metavar="DIR|STORE",
+                   help="a run directory (its *.zarr stores) or slide stores")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--refinenet", metavar="WEIGHTS", help="RefineNet .safetensors")
+    p.add_argument("--refiner", choices=["refinenet", "randomwalk"], default=None,
+                   help="randomwalk: scikit-image random walker, no weights needed")
+    p.add_argument("--token", help="required header X-Wsiseg-Token (generated and printed "
+                                   "when --host is not loopback)")
+    p.add_argument("--max-body-mb", type=_positive_float, default=64.0,
+                   help="largest scribble export accepted (MiB)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = add("history", cmd_history, "list the refine rounds of a slide store")
     p.add_argument("store", metavar="STORE")

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wsiseg.errors import UsageError, WsisegError
 from wsiseg.store import SlideStore
+
+if TYPE_CHECKING:
+    from wsiseg.config import Workflow
+    from wsiseg.refine import Refiner
 
 
 def slide_id_of(store_path: Path) -> str:
@@ -18,17 +23,17 @@ def slide_id_of(store_path: Path) -> str:
     return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
-def refine_store(
-    store_path: Path, scribbles: Path, *, refinenet: str | None = None,
-    refiner: str | None = None, out_dir: Path | None = None, device: str = "auto",
-    tta: bool = False, runtime: str | None = None, precision: str | None = None,
-) -> int:
-    from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
+def make_refiner(
+    wf: Workflow, *, refinenet: str | None = None, refiner: str | None = None,
+    device: str = "auto", tta: bool = False, runtime: str | None = None,
+    precision: str | None = None,
+) -> tuple[Refiner, str, str]:
+    """The refiner ``wsiseg refine`` uses for these options, its network loaded once:
+    ``(refiner, kind, note)``, kind ``"refinenet"`` or ``"randomwalk"``, note the runtime and
+    precision RefineNet runs with (``""`` for the random walker). ``wsiseg serve`` keeps it
+    warm across rounds."""
+    from wsiseg.refine import randomwalk_refiner, refinenet_refiner
 
-    store = SlideStore.open(store_path)
-    if not scribbles.is_file():
-        raise WsisegError(f"{scribbles}: no such scribble file")
-    wf = store.workflow
     kind = refiner or ("refinenet" if refinenet else None)
     if kind is None:
         from wsiseg.nets import missing_weights_error
@@ -45,14 +50,28 @@ def refine_store(
         net = load_network(Path(refinenet), role="refinenet", workflow=wf, device=device,
                            runtime=runtime or wf.inference.runtime,
                            precision=precision or wf.inference.precision)
-        fn = refinenet_refiner(net, wf.refinenet.batch_size, tta=tta)
-        kind_note = f"{net.runtime} {net.precision}"
-    else:
-        if tta:
-            raise UsageError("--tta needs the RefineNet refiner (the random walker has no "
-                             "network to augment)")
-        fn = randomwalk_refiner(wf.refinenet.randomwalk_beta, wf.refinenet.confident_margin)
-        kind_note = ""
+        return (refinenet_refiner(net, wf.refinenet.batch_size, tta=tta), kind,
+                f"{net.runtime} {net.precision}")
+    if tta:
+        raise UsageError("--tta needs the RefineNet refiner (the random walker has no "
+                         "network to augment)")
+    return (randomwalk_refiner(wf.refinenet.randomwalk_beta, wf.refinenet.confident_margin),
+            kind, "")
+
+
+def refine_store(
+    store_path: Path, scribbles: Path, *, refinenet: str | None = None,
+    refiner: str | None = None, out_dir: Path | None = None, device: str = "auto",
+    tta: bool = False, runtime: str | None = None, precision: str | None = None,
+) -> int:
+    from wsiseg.refine import refine_round
+
+    store = SlideStore.open(store_path)
+    if not scribbles.is_file():
+        raise WsisegError(f"{scribbles}: no such scribble file")
+    fn, kind, kind_note = make_refiner(store.workflow, refinenet=refinenet, refiner=refiner,
+                                       device=device, tta=tta, runtime=runtime,
+                                       precision=precision)
     out = out_dir or store_path.parent
     result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind)
     if line := ai_contours_line(result):

@@ -1,0 +1,285 @@
+"""Benchmark ``wsiseg serve``: simulated correction strokes posted over HTTP, and tiles/s.
+
+For each workflow (``--workflows``, default ``demo`` and ``default``) a generated slide
+(:mod:`wsiseg.synth`, ``--size`` at ``--mpp``) is tiled into a store whose ``guide`` is the
+slide's ground truth blurred (σ = 8 working px) and squeezed into [0.3, 0.7] plus noise (as
+``refine.py`` does: a GuideNet pass would cost minutes and change nothing here). A server —
+the app ``wsiseg serve`` runs (:func:`wsiseg.serve.main.build_app`), on uvicorn, on a
+loopback port, in this process — is started once per refiner (RefineNet with random weights
+from ``wsiseg models init``, and the random walker) and warmed by one stroke.
+
+Then ``--strokes`` correction strokes are posted one after another over HTTP, each drawn by
+the interactive evaluation's simulator (:func:`wsiseg.evaluate.interactive.
+correction_on_largest_error`) on the largest error of the current ``refined`` in a random
+refine window on tissue (at most 0.05 % of the window, DeepScribble's budget), turned into a
+QuPath-style brush polygon (Tumor / Stroma). Each request's time from send to answer is
+split into the round's stages, timed where ``refine_round`` calls them (this process wraps
+them, as ``refine.py`` does): parse (``load_scribbles``), rasterise (``rasterize_new``),
+network (the refiner), stitch (``blend_windows``), trace (``recontour``), write (undo record,
+GeoJSON, measurements, attributes), and rest (the rest of send → answer: HTTP, queue,
+opening the store, reading the previous contours, the answer). Finally ``--tiles`` random Deep Zoom
+tiles of the image and the heat map are fetched twice (cold: read from the store; warm: the
+tile cache) for tiles/s.
+
+    .venv/bin/python scripts/bench/serve.py --size 4096x4096 --mpp 1.0 --area-factor 16
+
+``--area-factor 16`` adds a slide of 16× the area (first workflow only): a stroke should cost
+about the same there (the round's work follows the scribbled windows, not the slide).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import StageTimer, fmt, markdown_table  # noqa: E402
+
+
+def stage_owners() -> list[tuple[object, str, str]]:
+    """(owner, function, stage): wrapped where ``refine_round`` looks them up."""
+    import wsiseg.outputs
+    import wsiseg.refine
+    import wsiseg.rounds
+    import wsiseg.store
+
+    return [
+        (wsiseg.refine, "load_scribbles", "parse"),
+        (wsiseg.refine, "rasterize_new", "rasterise"),
+        (wsiseg.refine, "blend_windows", "stitch"),
+        (wsiseg.rounds, "recontour", "trace"),
+        (wsiseg.rounds, "save_backup", "write"),
+        (wsiseg.outputs, "write_round_geojson", "write"),
+        (wsiseg.outputs, "measurements", "write"),
+        (wsiseg.store.SlideStore, "update_attrs", "write"),
+    ]
+
+
+COLUMNS = ("parse", "rasterise", "network", "stitch", "trace", "write", "rest")
+
+
+def build_store(slide, store_path: Path, workflow, name: str):
+    """Tile the slide and publish round 0 with a guide made from its ground truth."""
+    from scipy import ndimage
+
+    from wsiseg.cohort import publish_run
+    from wsiseg.synth import read_truth_mask
+    from wsiseg.tiling import tile_slide
+
+    t0 = time.perf_counter()
+    store = tile_slide(slide.slide_path, store_path, workflow).store
+    rows, cols = store.frame.working_shape
+    truth = read_truth_mask(slide.truth_mask_path, (rows, cols))
+    rng = np.random.default_rng(0)
+    p = ndimage.gaussian_filter(truth.astype(np.float32), sigma=8.0)
+    noise = rng.normal(0.0, 0.05, p.shape).astype(np.float32)
+    guide = np.clip(np.rint(255 * (0.3 + 0.4 * p + noise)), 0, 255).astype(np.uint8)
+    store["guide"][...] = guide
+    store["refined"][...] = guide
+    store.set_stage("guide", "done")
+    publish_run(store, store_path.parent, store_path.name.removesuffix(".zarr"))
+    common.log(f"built {store_path.name} ({cols}×{rows} working px, {name}) in "
+               f"{time.perf_counter() - t0:.1f} s")
+    return store, truth
+
+
+def stroke_export(store, truth: np.ndarray, rng: np.random.Generator) -> bytes | None:
+    """One simulated correction stroke as a QuPath FeatureCollection (None: no error)."""
+    import json
+
+    import shapely
+
+    from wsiseg.evaluate.interactive import correction_on_largest_error
+
+    wf = store.workflow
+    window = wf.refinenet.window_px
+    rows, cols = truth.shape
+    tissue = store.tissue_mask
+    for _ in range(50):
+        r0 = int(rng.integers(0, max(1, rows - window)))
+        c0 = int(rng.integers(0, max(1, cols - window)))
+        tr = tissue[int(r0 * tissue.shape[0] / rows), int(c0 * tissue.shape[1] / cols)]
+        if not tr:
+            continue
+        t = truth[r0 : r0 + window, c0 : c0 + window]
+        pred = np.asarray(store["refined"][r0 : r0 + window, c0 : c0 + window]) >= 128
+        scribble = correction_on_largest_error(
+            t, pred, rng=rng, max_pixels=max(8, int(0.0005 * window * window)), radius_px=2)
+        if not scribble.any():
+            continue
+        rr, cc = np.nonzero(scribble)
+        brush = shapely.union_all(shapely.box(cc + c0, rr + r0, cc + c0 + 1, rr + r0 + 1))
+        brush = shapely.simplify(brush, 0.5)
+        geom = store.frame.transform_geometry(brush, "working", "qupath")
+        geom = shapely.set_precision(geom, 0.01)
+        name = "Tumor" if scribble[rr[0], cc[0]] > 0 else "Stroma"
+        feature = {"type": "Feature", "id": f"stroke-{rng.integers(1 << 62)}",
+                   "geometry": json.loads(shapely.to_geojson(geom)),
+                   "properties": {"objectType": "annotation",
+                                  "classification": {"name": name, "color": [200, 0, 0]}}}
+        return json.dumps({"type": "FeatureCollection", "features": [feature]}).encode()
+    return None
+
+
+@contextlib.contextmanager
+def running(app):
+    import uvicorn
+
+    # IPPROTO_TCP given: asyncio sets TCP_NODELAY only on sockets that say so (else Nagle and
+    # delayed ACKs add ~40 ms to every keep-alive request); uvicorn's own binding does.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+
+def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int) -> list[dict]:
+    import httpx
+
+    timer = StageTimer()
+    for owner, name, label in stage_owners():
+        timer.wrap(owner, name, label)
+    rng = np.random.default_rng(seed)
+    out = []
+    try:
+        with httpx.Client(timeout=600) as http:
+            for _ in range(n + 1):  # the first one warms the server up and is not counted
+                body = stroke_export(store, truth, rng)
+                if body is None:
+                    break
+                before = dict(timer.seconds)
+                t0 = time.perf_counter()
+                r = http.post(f"{url}/slides/{slide_id}/scribbles", content=body,
+                              headers={"Content-Type": "application/geo+json"})
+                total = time.perf_counter() - t0
+                r.raise_for_status()
+                answer = r.json()
+                row = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0)
+                       for k in ("parse", "rasterise", "stitch", "trace", "write")}
+                row["network"] = answer["timings"]["network_s"]
+                row["rest"] = total - sum(row.values())
+                row["total"] = total
+                row["windows"] = answer["windows"]
+                out.append(row)
+    finally:
+        timer.restore()
+    return out[1:]
+
+
+def tiles_per_second(url: str, slide_id: str, store, n: int, seed: int) -> dict[str, float]:
+    import httpx
+
+    from wsiseg.serve.tiles import Pyramid
+
+    rows, cols = store.frame.working_shape
+    pyramid = Pyramid(cols, rows)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(n):
+        level = int(rng.integers(max(0, pyramid.top - 3), pyramid.top + 1))
+        w, h = pyramid.level_size(level)
+        picks.append((level, int(rng.integers(0, math.ceil(w / 256))),
+                      int(rng.integers(0, math.ceil(h / 256)))))
+    out = {}
+    with httpx.Client(timeout=600) as http:
+        for layer, ext in (("image", "jpeg"), ("heatmap", "png")):
+            for label in ("cold", "warm"):
+                t0 = time.perf_counter()
+                for level, col, row in picks:
+                    http.get(f"{url}/slides/{slide_id}/{layer}_files/{level}/{col}_{row}.{ext}"
+                             ).raise_for_status()
+                out[f"{layer} {label}"] = n / (time.perf_counter() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--size", type=common.parse_size, default=(4096, 4096))
+    parser.add_argument("--mpp", type=float, default=1.0)
+    parser.add_argument("--workflows", default="demo,default")
+    parser.add_argument("--refiners", default="refinenet,randomwalk")
+    parser.add_argument("--strokes", type=int, default=50)
+    parser.add_argument("--tiles", type=int, default=200)
+    parser.add_argument("--area-factor", type=int, default=1,
+                        help="also a slide of this many times the area (a square: 4, 16), "
+                             "with the first workflow")
+    args = parser.parse_args(argv)
+
+    from wsiseg.config import load_workflow
+    from wsiseg.nets import init_weights
+    from wsiseg.serve.main import ServeOptions, build_app
+
+    w, h = args.size
+    side = math.isqrt(args.area_factor)
+    sizes = [(w, h)] + ([(w * side, h * side)] if args.area_factor > 1 else [])
+    rows_out, tile_rows = [], []
+    with common.scratch(args.work, "wsiseg-bench-serve-") as work:
+        for size in sizes:
+            slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
+            big = size != sizes[0]
+            for wf_name in args.workflows.split(",")[: 1 if big else None]:
+                wf = load_workflow(wf_name)
+                run = work / f"{wf_name}-{size[0]}x{size[1]}"
+                run.mkdir(parents=True, exist_ok=True)
+                store, truth = build_store(slide, run / "slide.zarr", wf, wf_name)
+                mpx = store.frame.working_shape[0] * store.frame.working_shape[1] / 1e6
+                weights = work / f"refinenet-{wf_name}.safetensors"
+                if not weights.exists():
+                    init_weights("refinenet", weights, seed=0, workflow=wf)
+                for refiner in args.refiners.split(","):
+                    options = ServeOptions(
+                        paths=[run], refiner=refiner,
+                        refinenet=str(weights) if refiner == "refinenet" else None)
+                    (work / "scratch").mkdir(exist_ok=True)
+                    app, _, _ = build_app(options, work / "scratch")
+                    with running(app) as url:
+                        common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: "
+                                   f"{args.strokes} strokes")
+                        rows = strokes_over_http(url, "slide", store, truth, args.strokes,
+                                                 args.seed)
+                        if refiner == args.refiners.split(",")[0] and not big:
+                            tiles = tiles_per_second(url, "slide", store, args.tiles,
+                                                     args.seed)
+                            tile_rows.append([wf_name, *(fmt(tiles[k], 0) for k in (
+                                "image cold", "image warm", "heatmap cold", "heatmap warm"))])
+                    totals = np.array([r["total"] for r in rows])
+                    p50 = {k: np.median([r[k] for r in rows]) for k in COLUMNS}
+                    rows_out.append([
+                        wf_name, fmt(mpx, 1), refiner, len(rows),
+                        fmt(np.percentile(totals, 50), 3), fmt(np.percentile(totals, 95), 3),
+                        *(fmt(p50[k], 3) for k in COLUMNS),
+                        fmt(np.median([r["windows"] for r in rows]), 0)])
+    common.print_report("wsiseg serve: strokes over HTTP", [
+        ("Seconds from sending a stroke to its answer; stage columns are medians.",
+         markdown_table(["workflow", "working Mpx", "refiner", "strokes", "p50 s", "p95 s",
+                         *(f"{k} p50" for k in COLUMNS), "windows p50"], rows_out)),
+        ("Deep Zoom tiles per second (one client, sequential; cold: read from the store, "
+         "warm: the tile cache).",
+         markdown_table(["workflow", "image cold", "image warm", "heat map cold",
+                         "heat map warm"], tile_rows)),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
