@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 
-import wsiseg.refine as refine_module
+import wsiseg.refine.refiners as refine_module
 from wsiseg.nets import init_weights, load_weights
 from wsiseg.refine import refinenet_refiner
 from wsiseg.runtime import torch_network

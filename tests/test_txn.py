@@ -17,7 +17,7 @@ import pytest
 import shapely
 
 import wsiseg.outputs
-import wsiseg.refine
+import wsiseg.refine.round
 import wsiseg.rounds
 from wsiseg import journal
 from wsiseg.refine import randomwalk_refiner, refine_round
@@ -106,13 +106,13 @@ def _nth_call_fails(fn, n: int):
 # (module, name, replacement factory): every stage of a round, failing after its writes.
 STAGES = [
     (wsiseg.rounds, "save_backup", lambda f: _after(f)),
-    (wsiseg.refine, "blend_windows", lambda f: _nth_call_fails(f, 1)),
+    (wsiseg.refine.round, "blend_windows", lambda f: _nth_call_fails(f, 1)),
     (wsiseg.rounds, "recontour", lambda f: _after(f)),
     (wsiseg.rounds, "write_feature_collection", lambda f: _after(f)),
     (wsiseg.rounds, "write_round_index", lambda f: _after(f)),
     (wsiseg.outputs, "atomic_copy", lambda f: _nth_call_fails(f, 2)),  # r<k> out, not latest
     (wsiseg.rounds, "write_round_geojson", lambda f: _after(f)),
-    (wsiseg.refine, "measurements", lambda f: _after(f)),
+    (wsiseg.refine.round, "measurements", lambda f: _after(f)),
     (SlideStore, "update_attrs", lambda f: _after(f)),
     (journal.Transaction, "commit", lambda f: _instead(KeyboardInterrupt)),
     (journal, "fsync_dir", lambda f: _nth_call_fails(f, 3)),

@@ -45,15 +45,15 @@ import runtime_phases  # noqa: E402
 from common import fmt, markdown_table  # noqa: E402
 
 STAGES = (  # (module, function, label): the parts of a round, wrapped where refine_round calls
-    ("wsiseg.refine", "load_scribbles", "parse"),
-    ("wsiseg.refine", "rasterize_new", "rasterise"),
+    ("wsiseg.refine.round", "load_scribbles", "parse"),
+    ("wsiseg.refine.round", "rasterize_new", "rasterise"),
     ("wsiseg.rounds", "save_backup", "backup"),
-    ("wsiseg.refine", "blend_windows", "blend"),
+    ("wsiseg.refine.round", "blend_windows", "blend"),
     ("wsiseg.rounds", "load_round_contours", "read previous contours"),
     ("wsiseg.rounds", "recontour", "re-contour"),
     ("wsiseg.rounds", "write_round_geojson", "write GeoJSON"),
     ("wsiseg.rounds", "annotations_for", "  of which annotations"),
-    ("wsiseg.refine", "measurements", "measurements"),
+    ("wsiseg.refine.round", "measurements", "measurements"),
 )
 
 

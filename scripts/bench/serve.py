@@ -49,14 +49,14 @@ from common import StageTimer, fmt, markdown_table  # noqa: E402
 def stage_owners() -> list[tuple[object, str, str]]:
     """(owner, function, stage): wrapped where ``refine_round`` looks them up."""
     import wsiseg.outputs
-    import wsiseg.refine
+    import wsiseg.refine.round
     import wsiseg.rounds
     import wsiseg.store
 
     return [
-        (wsiseg.refine, "load_scribbles", "parse"),
-        (wsiseg.refine, "rasterize_new", "rasterise"),
-        (wsiseg.refine, "blend_windows", "stitch"),
+        (wsiseg.refine.round, "load_scribbles", "parse"),
+        (wsiseg.refine.round, "rasterize_new", "rasterise"),
+        (wsiseg.refine.round, "blend_windows", "stitch"),
         (wsiseg.rounds, "recontour", "trace"),
         (wsiseg.rounds, "save_backup", "write"),
         (wsiseg.outputs, "write_round_geojson", "write"),
