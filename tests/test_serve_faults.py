@@ -84,10 +84,6 @@ def _start(run: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("server did not start")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "needs refine_round as a transaction (issue 15, the txn branch): today a round killed "
-    "after its scribbles were merged leaves them in the store, and the same stroke is then "
-    "'nothing new'"))
 def test_kill_9_mid_round_then_restart(template, tmp_path):
     run = copy_run(template, tmp_path / "run")
     before = store_snapshot(store_of(run), run)

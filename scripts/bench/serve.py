@@ -48,7 +48,6 @@ from common import StageTimer, fmt, markdown_table  # noqa: E402
 
 def stage_owners() -> list[tuple[object, str, str]]:
     """(owner, function, stage): wrapped where ``refine_round`` looks them up."""
-    import wsiseg.outputs
     import wsiseg.refine.round
     import wsiseg.rounds
     import wsiseg.store
@@ -59,8 +58,8 @@ def stage_owners() -> list[tuple[object, str, str]]:
         (wsiseg.refine.round, "blend_windows", "stitch"),
         (wsiseg.rounds, "recontour", "trace"),
         (wsiseg.rounds, "save_backup", "write"),
-        (wsiseg.outputs, "write_round_geojson", "write"),
-        (wsiseg.outputs, "measurements", "write"),
+        (wsiseg.rounds, "write_round_geojson", "write"),
+        (wsiseg.refine.round, "measurements", "write"),
         (wsiseg.store.SlideStore, "update_attrs", "write"),
     ]
 
