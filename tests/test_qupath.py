@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import shapely
 
-from qupath_rules import validate_feature_collection
 from wsiseg.config import ScribblesConfig
 from wsiseg.errors import WsisegError
 from wsiseg.qupath import (
@@ -28,6 +27,8 @@ from wsiseg.qupath import (
     read_annotations_report,
     write_annotations,
 )
+
+from qupath_rules import validate_feature_collection
 
 HERE = Path(__file__).resolve().parent
 OURS = HERE / "fixtures" / "qupath"

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import shapely
 
-from qupath_rules import validate_feature_collection
 from wsiseg.errors import WsisegError
 from wsiseg.qupath import read_annotations
 from wsiseg.refine import affected_windows, randomwalk_refiner, refine_round
@@ -14,6 +13,7 @@ from wsiseg.rounds import undo
 from wsiseg.store import StoreError, StoreLock
 
 from conftest import CMU_SVS, QUPATH_FIXTURES, real
+from qupath_rules import validate_feature_collection
 from storekit import (
     assert_unchanged,
     blobs,

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import shapely
 
-from qupath_rules import validate_feature_collection
 from wsiseg.cli import main
 from wsiseg.contours import polygon_stats
 from wsiseg.qupath import read_annotations
 from wsiseg.store import SlideStore
 
 from conftest import CMU_SVS, real
+from qupath_rules import validate_feature_collection
 
 
 @pytest.fixture(scope="session")

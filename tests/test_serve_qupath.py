@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import shapely
 
-from wsiseg.qupath import validate_feature_collection
 from wsiseg.store import SlideStore
 
 from conftest import QUPATH_FIXTURES, REPO
+from qupath_rules import validate_feature_collection
 from servekit import (
     GEOJSON_HEADERS,
     SLIDE_ID,
