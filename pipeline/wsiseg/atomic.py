@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from wsiseg.errors import WsisegError
 
 _TMP_SUFFIX = ".tmp"
 
@@ -134,3 +137,14 @@ def fsync_dir(path: str | Path) -> None:
 
 def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def ensure_out_dir(out_dir: Path) -> None:
+    """Make ``out_dir`` and prove it writable before any work, or a one-line WsisegError."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".wsiseg-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise WsisegError(f"{out_dir}: cannot write the output directory ({reason})") from None

@@ -22,8 +22,9 @@ ids), :mod:`~wsiseg.cohort.one_slide` (tile → GuideNet → contours → files,
 (Dask distributed), :mod:`~wsiseg.cohort.driver` (ledger, summary, report, the run).
 """
 
+from wsiseg.atomic import ensure_out_dir
 from wsiseg.cohort.driver import print_status, run_cohort, tile_cohort
-from wsiseg.cohort.ids import assign_slide_ids, ensure_out_dir
+from wsiseg.cohort.ids import assign_slide_ids
 from wsiseg.cohort.one_slide import publish_run, run_one, slide_outputs
 from wsiseg.cohort.rows import SUMMARY_FIELDS, RunOptions, SlideRow, write_summary
 

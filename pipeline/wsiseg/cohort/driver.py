@@ -12,8 +12,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from wsiseg.atomic import ensure_out_dir
 from wsiseg.cohort.cluster import check_cluster_options, run_on_cluster, runs_in_process
-from wsiseg.cohort.ids import assign_slide_ids, ensure_out_dir
+from wsiseg.cohort.ids import assign_slide_ids
 from wsiseg.cohort.one_slide import done_row, run_one
 from wsiseg.cohort.rows import RunOptions, SlideRow, write_summary
 from wsiseg.cohort.worker import cached_guidenet

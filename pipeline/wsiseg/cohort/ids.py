@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from wsiseg.destination import Destination
-from wsiseg.errors import WsisegError
 from wsiseg.store import STORE_FORMAT, SourceInfo, file_fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,12 +63,3 @@ def stored_source(attrs: dict | None) -> SourceInfo | None:
     except (KeyError, TypeError):
         return None
 
-
-def ensure_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".wsiseg-probe-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise WsisegError(f"{out_dir}: cannot write the output directory ({reason})") from None

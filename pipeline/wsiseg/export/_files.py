@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from wsiseg.errors import WsisegError
 from wsiseg.store import StoreLock
 
 
@@ -18,13 +16,4 @@ def read_lock(store_path: Path) -> Iterator[None]:
     with StoreLock(store_path, "export", shared=True):
         yield
 
-
-def ensure_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".wsiseg-probe-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise WsisegError(f"{out_dir}: cannot write the output directory ({reason})") from None
 

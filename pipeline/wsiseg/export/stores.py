@@ -8,10 +8,10 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
-from wsiseg.atomic import atomic_write_bytes
+from wsiseg.atomic import atomic_write_bytes, ensure_out_dir
 from wsiseg.contours import uint8_threshold
 from wsiseg.errors import UsageError, WsisegError
-from wsiseg.export._files import ensure_out_dir, read_lock
+from wsiseg.export._files import read_lock
 from wsiseg.export.measurements import (
     measurement_conflicts,
     measurement_row,

@@ -140,23 +140,10 @@ def load_weights(
     """
     from safetensors.torch import load_file
 
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     path = Path(path)
-    if not path.exists():
-        raise WsisegError(f"{path}: weights file not found")
-    if not path.is_file():
-        raise WsisegError(f"{path}: not a weights file (a directory?)")
-    card = _card_from_header(path, _read_header(path))
-    if role is not None:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if card.role != role:
-            raise WsisegError(
-                f"{path}: holds {card.role} weights but {role} weights are needed; "
-                f"pass a {role} .safetensors file"
-            )
-    _check_channels(card, str(path))
-    if workflow is not None:
-        _check_workflow(card, workflow, path)
+    card = weights_card(path, role=role, workflow=workflow)
     try:
         tensors = load_file(path, device="cpu")
     except Exception as exc:  # safetensors raises its own error types; report, never pickle
