@@ -195,6 +195,21 @@ def test_an_interrupted_round_is_rolled_back_and_said_by_the_next_open(cmu_store
     assert result.round == 1 and result.new_pixels > 0
 
 
+def test_a_journal_killed_while_being_written_is_cleared_by_the_next_open(cmu_store, caplog):
+    """kill -9 between the journal's staging folder and its rename leaves
+    ``.wsiseg-txn.new-*`` and an unchanged store: the next open removes it, silently."""
+    store, out = cmu_store
+    before = dir_snapshot(store.path, out)
+    staging = store.path / f"{journal.JOURNAL_NAME}.new-0123abcd"
+    staging.mkdir()
+    (staging / "intent.json").write_text("{")  # cut short by the kill
+    with caplog.at_level("WARNING"):
+        SlideStore.open(store.path)
+    assert not staging.exists()
+    assert "rolled back" not in caplog.text
+    assert diff(before, dir_snapshot(store.path, out)) == []
+
+
 _HARNESS = """
 import sys
 from wsiseg.cli import main

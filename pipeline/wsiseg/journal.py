@@ -149,6 +149,12 @@ def pending(root: str | Path) -> bool:
     return (Path(root) / JOURNAL_NAME).is_dir()
 
 
+def needs_recovery(root: str | Path) -> bool:
+    """Whether ``root`` holds an interrupted transaction or the leftovers of one that never
+    started (killed while its journal was being written) or had committed."""
+    return any(Path(root).glob(f"{JOURNAL_NAME}*"))
+
+
 def recover(root: str | Path) -> str | None:
     """Roll back an interrupted transaction of ``root`` (the caller holds the lock).
 

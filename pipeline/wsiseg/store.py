@@ -154,7 +154,7 @@ class SlideStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a wsiseg slide store (no zarr.json)")
-        if journal.pending(path):
+        if journal.needs_recovery(path):
             recover_interrupted(path)
         if mode != "r":
             _upgrade_glass(path)
@@ -177,7 +177,7 @@ class SlideStore:
         """Read the store's attributes again (after another process, or a rolled-back
         transaction, changed them: zarr keeps a group's attributes in memory);
         ``recover``: first roll back an interrupted change (the caller holds the lock)."""
-        if recover and journal.pending(self.path):
+        if recover and journal.needs_recovery(self.path):
             recover_interrupted(self.path, locked=True)
         mode = "r" if self.group.store.read_only else "r+"
         self.group = zarr.open_group(str(self.path), mode=mode)
@@ -327,6 +327,8 @@ def recover_interrupted(path: Path, *, locked: bool = False) -> None:
     """
     if not locked:
         if not is_writable(path):
+            if not journal.pending(path):
+                return  # only leftovers of a journal never started: nothing to roll back
             raise StoreError(
                 f"{path}: a change to this store was interrupted and it cannot be rolled back "
                 "here: store is read-only; run any wsiseg command on it where it is writable"
