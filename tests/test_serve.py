@@ -265,14 +265,14 @@ def test_cli_and_server_mix(api, run, tmp_path):
 
 
 def test_refinenet_is_loaded_once_and_serves_rounds(run, tmp_path, monkeypatch):
-    import wsiseg.nets
+    import wsiseg.runtime
     from wsiseg.nets import init_weights
 
     weights = tmp_path / "refinenet.safetensors"
     init_weights("refinenet", weights, seed=0, workflow=store_of(run).workflow)
     loads = []
-    original = wsiseg.nets.load_weights
-    monkeypatch.setattr(wsiseg.nets, "load_weights",
+    original = wsiseg.runtime.load_network  # what make_refiner loads RefineNet through
+    monkeypatch.setattr(wsiseg.runtime, "load_network",
                         lambda *a, **k: loads.append(a) or original(*a, **k))
     with client(run, tmp_path / "scratch", refiner=None, refinenet=str(weights),
                 device="cpu") as api:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -239,6 +240,9 @@ def test_fuzzed_requests_never_fail_the_server(fuzz_api, slide, body, content_ty
                                                round_k):
     api, run = fuzz_api
     before = store_snapshot(store_of(run), run)
+    # Any text as an id, sent as a client sends it (percent-encoded; "/", "%", "." kept so the
+    # traversal cases reach the server as written).
+    slide = urllib.parse.quote(slide, safe="/%.")
     path = f"/slides/{slide}/{route}" if route else f"/slides/{slide}"
     headers = {"Content-Type": content_type} if content_type else {}
     if route in ("scribbles", "undo"):
