@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import socket
@@ -15,6 +16,7 @@ import numpy as np
 import shapely
 from fastapi.testclient import TestClient
 
+from wsiseg.config import load_workflow
 from wsiseg.serve.main import ServeOptions, build_app
 from wsiseg.store import SlideStore
 
@@ -24,8 +26,12 @@ SLIDE_ID = "s0"
 LOCAL = "http://127.0.0.1"
 
 
-def make_run(synth_slide, out_dir: Path, workflow, slide_id: str = SLIDE_ID) -> Path:
-    """A run directory holding one slide's store and round-0 files (GuideNet: smooth blobs)."""
+def make_run(synth_slide, out_dir: Path, workflow=None, slide_id: str = SLIDE_ID) -> Path:
+    """A run directory holding one slide's store and round-0 files (GuideNet: smooth blobs);
+    ``workflow`` defaults to the default one with 256-px chunks (several chunks per slide)."""
+    if workflow is None:
+        wf = load_workflow()
+        workflow = wf.replace(tiling=dataclasses.replace(wf.tiling, chunk_px=256))
     run_store(synth_slide.slide_path, out_dir, slide_id, workflow,
               lambda r, c: blobs(r, c, seed=3))
     return out_dir

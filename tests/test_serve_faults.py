@@ -39,13 +39,7 @@ from storekit import assert_unchanged, store_snapshot
 
 @pytest.fixture(scope="module")
 def template(synth_slides, tmp_path_factory):
-    import dataclasses
-
-    from wsiseg.config import load_workflow
-
-    wf = load_workflow()
-    wf = wf.replace(tiling=dataclasses.replace(wf.tiling, chunk_px=256))
-    return make_run(synth_slides[0], tmp_path_factory.mktemp("faults") / "run", wf)
+    return make_run(synth_slides[0], tmp_path_factory.mktemp("faults") / "run")
 
 
 def store_of(run: Path) -> SlideStore:

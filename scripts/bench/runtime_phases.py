@@ -15,11 +15,8 @@ Used by run.py and refine.py; the child prints one JSON line (common.run_phase's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,25 +28,7 @@ import common  # noqa: E402
 
 def run(phase: str, env: dict[str, str] | None = None, **kwargs: Any) -> common.ChildResult:
     """This file's ``--phase PHASE`` in a fresh interpreter (``env`` added to os.environ)."""
-    import os
-
-    argv = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, json.dumps(kwargs)]
-    with tempfile.TemporaryFile(mode="w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
-                              env={**os.environ, **(env or {})})
-        wall = time.perf_counter() - t0
-        err.seek(0)
-        tail = err.read()[-3000:]
-    data: dict[str, Any] = {}
-    for line in reversed(proc.stdout.strip().splitlines()):
-        with contextlib.suppress(json.JSONDecodeError):
-            data = json.loads(line)
-            break
-    if proc.returncode != 0 and not data:
-        data = {"error": f"exit status {proc.returncode}: {tail.strip().splitlines()[-1:]}"}
-    return common.ChildResult(data, wall, float(data.get("peak_rss_mib", 0.0)), proc.returncode,
-                              tail)
+    return common.run_phase(phase, command=[str(Path(__file__).resolve())], env=env, **kwargs)
 
 
 def phase_network(store: str, weights: str, runtime: str, precision: str, batch_size: int,

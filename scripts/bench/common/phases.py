@@ -55,11 +55,14 @@ def fastest(results: list[ChildResult]) -> ChildResult:
     return min(timed, key=lambda r: r.data["seconds"]) if timed else results[0]
 
 
-def run_phase(phase: str, **kwargs: Any) -> ChildResult:
-    """Run ``python -m common --phase PHASE`` in a fresh interpreter; read its result."""
-    argv = [sys.executable, "-m", "common", "--phase", phase, json.dumps(kwargs)]
+def run_phase(phase: str, *, command: Sequence[str] = ("-m", "common"),
+              env: dict[str, str] | None = None, **kwargs: Any) -> ChildResult:
+    """Run ``python COMMAND --phase PHASE '<json kwargs>'`` (default ``-m common``) in a fresh
+    interpreter, ``env`` added to the environment; read its one-line JSON result."""
+    argv = [sys.executable, *command, "--phase", phase, json.dumps(kwargs)]
     path = os.environ.get("PYTHONPATH")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), path]))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), path]))}
     with tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
