@@ -2,7 +2,7 @@
 
 One generated slide (:mod:`wsiseg.synth`) and random GuideNet weights with a model card
 (``wsiseg models init``; speed does not depend on the weights' values). Four phases, each in
-a fresh process (``common.py`` / ``runtime_phases.py --phase``) whose peak resident memory is
+a fresh process (``python -m common`` / ``runtime_phases.py --phase``) whose peak resident memory is
 its own:
 
 (b) ``pipeline``   ``wsiseg run SLIDE --out DIR --guidenet W --device D --runtime R

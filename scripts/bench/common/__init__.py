@@ -12,7 +12,7 @@ Not a test module and not part of the package. The scripts beside this folder im
 """
 
 from common.args import add_common_args, default_cache, parse_size, scratch
-from common.phases import ChildResult, fastest, run_phase
+from common.phases import ChildResult, fastest, phase_pipeline, run_phase, store_patches
 from common.sampling import MIB, GpuUtilisation, PeakRSS
 from common.slides import generated_slide, guidenet_weights, slide_copies
 from common.tables import (
@@ -45,9 +45,11 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "parse_size",
+    "phase_pipeline",
     "print_report",
     "run_phase",
     "scratch",
     "slide_copies",
     "stage_rows",
+    "store_patches",
 ]
