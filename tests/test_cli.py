@@ -59,6 +59,8 @@ def test_refine_with_refinenet_history_and_undo(tmp_path, small_workflow, capsys
     assert main(["history", store_arg]) == 0
     history = capsys.readouterr().out
     assert "refinenet" in history and history.count("\n") == 3
+    entry = SlideStore.open(out / "cmu.zarr").attrs["rounds"][-1]
+    assert entry["runtime"].split()[0] in ("openvino", "torch")  # what RefineNet ran on
     assert main(["undo", store_arg]) == 0
     np.testing.assert_array_equal(
         np.asarray(SlideStore.open(out / "cmu.zarr")["refined"][...]), before)

@@ -73,7 +73,8 @@ def refine_store(
                                        device=device, tta=tta, runtime=runtime,
                                        precision=precision)
     out = out_dir or store_path.parent
-    result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind)
+    result = refine_round(store, scribbles, out, slide_id_of(store_path), fn, kind,
+                          runtime=kind_note)
     if line := ai_contours_line(result):
         print(line)
     if result.new_pixels == 0:

@@ -41,9 +41,10 @@ class RoundResult:
 
 def refine_round(
     store: SlideStore, scribble_file: Path, out_dir: Path, slide_id: str, refiner: Refiner,
-    refiner_name: str,
+    refiner_name: str, runtime: str = "",
 ) -> RoundResult:
-    """Run one refine round under the store's lock; see the module docstring.
+    """Run one refine round under the store's lock; see the module docstring. ``runtime``:
+    what RefineNet ran on (``"openvino bf16"``, ...), recorded in the round's history entry.
 
     A transaction: merging the scribbles, refining, blending, re-tracing, publishing and the
     history entry all happen or none does. On any exception (or Ctrl-C) the store and the
@@ -93,7 +94,8 @@ def refine_round(
                     slide_id)
                 seconds = time.perf_counter() - t0
                 entry.update({
-                    "refiner": refiner_name, "scribble_file": str(Path(scribble_file).resolve()),
+                    "refiner": refiner_name, **({"runtime": runtime} if runtime else {}),
+                    "scribble_file": str(Path(scribble_file).resolve()),
                     "scribble_sha256": digest, "scribbles": scribbles.counts,
                     "unknown_classes": scribbles.unknown_classes, "new_pixels": new_count,
                     "tumor_mm2_before": before_mm2, "seconds": round(seconds, 3),

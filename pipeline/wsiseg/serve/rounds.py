@@ -49,16 +49,15 @@ class RefinerChoice:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        self._loaded: dict[str, tuple[Refiner, str]] = {}
+        self._loaded: dict[str, tuple[Refiner, str, str]] = {}
         self._lock = threading.Lock()
 
-    def get(self, wf: Workflow) -> tuple[Refiner, str]:
+    def get(self, wf: Workflow) -> tuple[Refiner, str, str]:
         key = json.dumps(wf.to_dict(), sort_keys=True, default=str)
         with self._lock:
             if key not in self._loaded:
-                fn, kind, _ = make_refiner(wf, refinenet=self.refinenet, refiner=self.refiner,
-                                           device=self.device)
-                self._loaded[key] = (fn, kind)
+                self._loaded[key] = make_refiner(wf, refinenet=self.refinenet,
+                                                 refiner=self.refiner, device=self.device)
             return self._loaded[key]
 
 
@@ -81,7 +80,7 @@ def serve_round(
     """One refine round from a POSTed QuPath export (on the slide's queue)."""
     t0 = time.perf_counter()
     store = _open(slide)
-    refiner, kind = choice.get(store.workflow)
+    refiner, kind, runtime = choice.get(store.workflow)
     network_s = [0.0]
 
     def timed_refiner(st: SlideStore, windows, window_px: int):
@@ -96,7 +95,8 @@ def serve_round(
     path = scratch.write(slide.id, body)
     try:
         t1 = time.perf_counter()
-        result = refine_round(store, path, slide.out_dir, slide.id, timed_refiner, kind)
+        result = refine_round(store, path, slide.out_dir, slide.id, timed_refiner, kind,
+                              runtime=runtime)
         round_s = time.perf_counter() - t1
     except StoreError as exc:  # another process holds the store
         raise RoundRefused(409, _reason(exc, path)) from None
