@@ -47,8 +47,8 @@ def decode_only(store_path: Path, slide_path: Path, threads: int) -> list[list]:
     """(d): wall seconds to decode, and to decode + resample, every tissue chunk."""
     import numpy as np
 
-    from wsiseg.slide.reader import best_level_for, open_slide
-    from wsiseg.slide.resample import read_box
+    from wsiseg.slide.reader import open_slide
+    from wsiseg.slide.resample import read_box, source_box
     from wsiseg.store import SlideStore
     from wsiseg.tiling import tissue_chunks
 
@@ -69,19 +69,10 @@ def decode_only(store_path: Path, slide_path: Path, threads: int) -> list[list]:
             readers[key] = open_slide(slide_path)
         return readers[key]
 
-    def decode(box):
+    def decode(box):  # the very read of read_box, without resampling
         r = reader()
-        info = r.info
-        level = best_level_for(info, downsample)
-        level_ds = info.level_downsamples[level]
-        factor = downsample / level_ds
-        row0, col0, nrows, ncols = box
-        margin = 3 + math.ceil(factor)
-        sx0, sy0 = math.floor(col0 * factor) - margin, math.floor(row0 * factor) - margin
-        sx1 = math.ceil((col0 + ncols) * factor) + margin
-        sy1 = math.ceil((row0 + nrows) * factor) + margin
-        return r.read_region((round(sx0 * level_ds), round(sy0 * level_ds)), level,
-                             (sx1 - sx0, sy1 - sy0)).nbytes
+        level, level0_xy, size_px, _, _ = source_box(r.info, downsample, box)
+        return r.read_region(level0_xy, level, size_px).nbytes
 
     out = []
     for label, fn in (("decode only", decode),

@@ -162,7 +162,6 @@ def _side(labels: NDArray[np.int32], side: str) -> NDArray[np.int32]:
     return labels[:, -1]
 
 
-
 def tumor_polygons(
     prob: ArrayLike2D,
     *,

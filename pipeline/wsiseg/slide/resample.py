@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from wsiseg.slide.reader import SlideReader, best_level_for
+from wsiseg.slide.reader import SlideInfo, SlideReader, best_level_for
 
 # Source pixels read beyond the box on each side, so interpolation and the antialiasing
 # filter see real neighbours instead of a border (in source pixels of the chosen level).
@@ -49,8 +49,30 @@ def read_box(
     ndarray of uint8, shape (rows, cols, 3)
         RGB, antialiased (area-like Gaussian prefilter, bilinear sampling at pixel centres).
     """
+    level, level0_xy, size_px, origin, factor = source_box(reader.info, downsample, box)
+    region = reader.read_region(level0_xy, level, size_px)
+    return resample(region, origin, factor, box)
+
+
+def source_box(
+    info: SlideInfo, downsample: float, box: tuple[int, int, int, int]
+) -> tuple[int, tuple[int, int], tuple[int, int], tuple[int, int], float]:
+    """What :func:`read_box` reads from the slide for ``box`` (row0, col0, rows, cols; output px).
+
+    Returns
+    -------
+    level : int
+        Pyramid level read (the nearest above the wanted resolution).
+    level0_xy : (int, int)
+        The read's top-left corner in level-0 px, as ``read_region`` takes it.
+    size_px : (int, int)
+        (width, height) read, in level px.
+    origin : (int, int)
+        (row, col) of the read's top-left corner in level px, for :func:`resample`.
+    factor : float
+        Level px per output px.
+    """
     row0, col0, rows, cols = box
-    info = reader.info
     level = best_level_for(info, downsample)
     level_ds = info.level_downsamples[level]
     factor = downsample / level_ds  # source (level) px per output px
@@ -63,8 +85,7 @@ def read_box(
     sx1 = math.ceil((col0 + cols) * factor) + margin
     sy1 = math.ceil((row0 + rows) * factor) + margin
     level0_xy = (round(sx0 * level_ds), round(sy0 * level_ds))
-    region = reader.read_region(level0_xy, level, (sx1 - sx0, sy1 - sy0))
-    return resample(region, (sy0, sx0), factor, (row0, col0, rows, cols))
+    return level, level0_xy, (sx1 - sx0, sy1 - sy0), (sy0, sx0), factor
 
 
 def resample(
