@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 
 from wsiseg.nets import ModelCard, load_weights, weights_hash
@@ -69,7 +70,6 @@ def cached_openvino_model(path: Path, card: ModelCard, digest: str) -> Any:
     model = _read_entry(folder, name, key, card)
     if model is not None:
         return model
-    import filelock
 
     folder.mkdir(parents=True, exist_ok=True)
     with _BUILD_LOCK, filelock.FileLock(str(folder / f"{name}.lock"), timeout=1800):
