@@ -94,3 +94,25 @@ def test_slide_copied_elsewhere_still_reads(tmp_path):
     copy = tmp_path / "copy.svs"
     shutil.copy(real(CMU_SVS), copy)
     assert open_slide(copy).info.level0_size == (2220, 2967)
+
+
+def test_transparent_pixels_are_white_glass():
+    # OpenSlide gives premultiplied RGBA; beyond the slide's edge alpha is 0 (no tissue).
+    slide = open_slide(real(CMU_SVS))
+    width, height = slide.info.level_dimensions[0]
+    region = slide.read_region((width - 8, height - 8), 0, (16, 16))
+    assert region.shape == (16, 16, 3) and region.dtype == np.uint8
+    assert (region[8:, :] == 255).all() and (region[:, 8:] == 255).all()
+    assert region.flags.c_contiguous
+
+
+def test_partial_alpha_composites_premultiplied_colour_over_white():
+    from wsiseg.slide.reader import _rgba_over_white
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    rgba[..., :3] = np.minimum(rgba[..., :3], rgba[..., 3:])  # premultiplied: colour ≤ alpha
+    want = np.minimum(rgba[..., :3].astype(int) + 255 - rgba[..., 3:].astype(int), 255)
+    np.testing.assert_array_equal(_rgba_over_white(rgba), want)
+    rgba[..., 3] = 255
+    np.testing.assert_array_equal(_rgba_over_white(rgba[:, ::2]), rgba[:, ::2, :3])
