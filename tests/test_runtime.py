@@ -111,6 +111,52 @@ def test_openvino_bf16_within_5e_3_of_torch(weights, he_patches, cache):
     assert np.abs(net(he_patches).numpy() - ref).max() < 5e-3
 
 
+def he_rgb() -> torch.Tensor:
+    """The same four real H&E patches as uint8 RGB, (4, 3, 256, 256) with channels-last
+    strides, as the patch reader hands them to the network."""
+    files = sorted((real(CAMELYON) / "images").glob("*.jpg"))[:4]
+    rgb = np.stack([np.asarray(Image.open(f).convert("RGB"))[128:384, 128:384] for f in files])
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("precision,tolerance", [("f32", 1e-4), ("bf16", 5e-3)])
+def test_openvino_guidenet_normalises_uint8_rgb_inside_the_model(weights, he_patches, cache,
+                                                                  precision, tolerance):
+    from wsiseg.infer.network import dihedral_mean, forward_batch
+
+    if precision == "bf16" and not runtime.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16")
+    net = load_network(weights["guidenet"], role="guidenet", device="cpu",
+                       runtime="openvino", precision=precision)
+    assert net.takes_rgb
+    ref = reference(weights["guidenet"], "guidenet", he_patches)  # torch's normalise_rgb
+    prob = net.rgb(he_rgb())
+    assert prob.shape == (4, 1, 256, 256) and np.abs(prob.numpy() - ref).max() < tolerance
+
+    def never(_):
+        raise AssertionError("the network normalises uint8 RGB itself")
+
+    by_batch = forward_batch(net, never, he_rgb().permute(0, 2, 3, 1), tta=False)
+    assert np.abs(by_batch.numpy() - ref[:, 0]).max() < tolerance
+    model, _ = load_weights(weights["guidenet"], role="guidenet")
+    reference_net = torch_network(model, "cpu")
+    ref_tta = dihedral_mean(lambda t: reference_net(t)[:, 0], he_patches)
+    tta = forward_batch(net, never, he_rgb().permute(0, 2, 3, 1), tta=True)
+    assert np.abs(tta.numpy() - ref_tta.numpy()).max() < tolerance
+    with pytest.raises(runtime.WsisegError, match="uint8 RGB"):
+        net.rgb(he_patches)  # float input is not pixels
+
+
+def test_float_input_networks_do_not_take_rgb(weights, cache):
+    refinenet = load_network(weights["refinenet"], role="refinenet", device="cpu",
+                             runtime="openvino")
+    torch_guidenet = load_network(weights["guidenet"], role="guidenet", device="cpu",
+                                  runtime="torch")
+    assert not refinenet.takes_rgb and not torch_guidenet.takes_rgb
+    with pytest.raises(runtime.WsisegError, match="float input"):
+        torch_guidenet.rgb(he_rgb())
+
+
 def test_refinenet_six_channels_openvino_equals_torch(weights, he_patches, cache):
     from wsiseg.scribbles.encode import encode_refine_input
 

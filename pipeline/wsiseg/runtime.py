@@ -11,7 +11,9 @@ evaluation, the cohort workers, a server) loads it here, once, and calls it::
 
 ``x`` may be a numpy array or a torch tensor; the result is of the same kind (a torch result
 lies on ``net.device``). H and W are multiples of 32; any N. The network is the model card's
-U-Net followed by a sigmoid, nothing more: normalisation and blending stay with the caller.
+U-Net followed by a sigmoid, nothing more: normalisation and blending stay with the caller —
+except that an OpenVINO GuideNet also takes uint8 RGB, ``net.rgb(pixels)`` with
+``net.takes_rgb``, and normalises it inside the compiled model (no float copy per batch).
 
 Runtimes
 --------
@@ -124,6 +126,9 @@ class Network:
         Where a torch result lies (always CPU for OpenVINO).
     weights_sha256 : str
         sha256 of the weights file ("" for a wrapped module).
+    takes_rgb : bool
+        Whether :meth:`rgb` runs the card's normalisation inside the compiled model (OpenVINO
+        GuideNet): uint8 pixels go straight in, with no float copy made by the caller.
     """
 
     card: ModelCard | None
@@ -132,10 +137,22 @@ class Network:
     device: torch.device
     weights_sha256: str = ""
     _run: Any = field(default=None, repr=False)
+    _run_rgb: Any = field(default=None, repr=False)
 
     def __call__(self, x: Any) -> Any:
         """Probabilities of a batch; numpy in → numpy out, torch in → torch out."""
         return self._run(x)
+
+    @property
+    def takes_rgb(self) -> bool:
+        return self._run_rgb is not None
+
+    def rgb(self, pixels: Any) -> Any:
+        """Probabilities of uint8 RGB pixels, ``(N, 3, H, W)`` (any strides), normalised with
+        the card's mean and std inside the compiled model; see :attr:`takes_rgb`."""
+        if self._run_rgb is None:
+            raise WsisegError(f"{self.runtime} network: takes float input, not uint8 RGB")
+        return self._run_rgb(pixels)
 
     def describe(self) -> dict[str, str]:
         """What a store's attributes and ``summary.csv`` record of this network."""
@@ -199,20 +216,59 @@ def _openvino_network(model: Any, card: ModelCard, precision: str, threads: int,
         # threads (and other workers); a pinned thread could not leave a busy core.
         "ENABLE_CPU_PINNING": False,
     }
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    lock = threading.Lock()  # one request, reused; callers on several threads take turns
+    lock = threading.Lock()  # one request per model, reused; callers on threads take turns
+    requests: dict[str, Any] = {}
+
+    def request(kind: str) -> Any:
+        """The infer request of the float (``"float"``) or uint8 (``"rgb"``) model, compiled
+        on first use: a GuideNet in ``wsiseg run`` only ever needs the uint8 one."""
+        if kind not in requests:
+            graph = model if kind == "float" else _with_rgb_input(model, card)
+            requests[kind] = core.compile_model(graph, "CPU", config).create_infer_request()
+        return requests[kind]
+
+    def infer(kind: str, array: np.ndarray) -> np.ndarray:
+        with lock:
+            req = request(kind)
+            req.infer({0: array}, share_inputs=True)
+            return req.get_output_tensor(0).data.copy()  # the request reuses its buffer
 
     def run(x: Any) -> Any:
         as_numpy = isinstance(x, np.ndarray)
         array = x if as_numpy else x.detach().cpu().numpy()
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        with lock:
-            request.infer({0: array}, share_inputs=True)
-            prob = request.get_output_tensor(0).data.copy()  # the request reuses its buffer
+        prob = infer("float", np.ascontiguousarray(array, dtype=np.float32))
         return prob if as_numpy else torch.from_numpy(prob)
 
-    return Network(card, "openvino", precision, torch.device("cpu"), digest, run)
+    def run_rgb(x: Any) -> Any:
+        as_numpy = isinstance(x, np.ndarray)
+        array = x if as_numpy else x.detach().cpu().numpy()
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
+            raise WsisegError(f"network: expected (N, 3, H, W) uint8 RGB, got "
+                              f"{array.dtype} {tuple(array.shape)}")
+        prob = infer("rgb", np.ascontiguousarray(array))
+        return prob if as_numpy else torch.from_numpy(prob)
+
+    rgb_in = card.in_channels == 3  # GuideNet: RGB only, normalised by the card
+    # Compiled now (not on first use) so that load time is paid where the caller expects it.
+    request("rgb" if rgb_in else "float")
+    return Network(card, "openvino", precision, torch.device("cpu"), digest, run,
+                   run_rgb if rgb_in else None)
+
+
+def _with_rgb_input(model: Any, card: ModelCard) -> Any:
+    """``model`` taking uint8 RGB ``(N, 3, H, W)``: OpenVINO's pre-processing converts and
+    normalises (``(x / 255 − mean) / std``) inside the compiled graph, on its own threads,
+    instead of a float copy of every batch made on the caller's thread."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    mean = [255.0 * m for m in card.normalisation["mean"]]
+    std = [255.0 * s for s in card.normalisation["std"]]
+    ppp = PrePostProcessor(model.clone())
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(std)
+    return ppp.build()
 
 
 # ------------------------------------------------------------------------------- entry point

@@ -48,12 +48,21 @@ def forward_batch(
     batch_nhwc: torch.Tensor,
     tta: bool,
 ) -> torch.Tensor:
-    """(N, P, P, 3) uint8 → (N, P, P) float32 probabilities (on the network's device)."""
+    """(N, P, P, 3) uint8 → (N, P, P) float32 probabilities (on the network's device).
+
+    ``normalise`` applies where the network takes float input; a network that
+    :attr:`~wsiseg.runtime.Network.takes_rgb` (OpenVINO GuideNet) normalises with its card's
+    mean and std inside the compiled model, and gets the uint8 pixels.
+    """
     # The NHWC → NCHW permute is a view with channels-last strides: no copy.
-    x = normalise(batch_nhwc.permute(0, 3, 1, 2))
+    pixels = batch_nhwc.permute(0, 3, 1, 2)
+    if network.takes_rgb:
+        x, predict = pixels, network.rgb
+    else:
+        x, predict = normalise(pixels), network
     if not tta:
-        return network(x)[:, 0]
-    return dihedral_mean(lambda t: network(t)[:, 0], x)
+        return predict(x)[:, 0]
+    return dihedral_mean(lambda t: predict(t)[:, 0], x)
 
 
 def dihedral_mean(
