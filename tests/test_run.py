@@ -152,6 +152,33 @@ def test_bad_weights_are_refused_before_any_slide(weights, tmp_path, capsys, kin
     assert not list(out.glob("*.zarr"))
 
 
+def test_weights_that_fail_to_load_are_one_error_while_slides_wait(weights, tmp_path, capsys,
+                                                                    monkeypatch):
+    # The card is sound, so the network loads on a thread beside the first slide's tiling;
+    # its failure (here NaN values, found when the tensors are read) still stops the run with
+    # one line, instead of failing every slide with it.
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached conversion
+    path = tmp_path / "nan.safetensors"
+    with open(weights["guidenet"], "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tensors = load_file(weights["guidenet"])
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, path, metadata=header["__metadata__"])
+    second = tmp_path / "second.svs"
+    shutil.copy(CMU_SVS, second)
+    out = tmp_path / "out"
+    status = main(["run", str(CMU_SVS), str(second), "--out", str(out), "--guidenet", str(path)])
+    assert status != 0
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and not line.startswith("slides:")]  # not the progress bar
+    assert len(err) == 1 and "nan.safetensors" in err[0] and "non-finite" in err[0]
+    assert not list(out.glob("*.geojson"))
+
+
 def test_no_weights_says_how_to_get_them(tmp_path, capsys):
     status = main(["run", str(CMU_SVS), "--out", str(tmp_path / "out")])
     assert status == 2

@@ -72,7 +72,7 @@ def phase_pipeline(runtime: str, precision: str, **kwargs: Any) -> dict[str, Any
     main = wsiseg.cli.main
     wsiseg.cli.main = lambda argv: main([*argv, "--runtime", runtime, "--precision", precision])
     timer = common.StageTimer()
-    timer.wrap(wsiseg.runtime, "load_network", "load network (wall)")
+    timer.wrap(wsiseg.runtime, "load_network", "load network (thread, beside tiling)")
     try:
         result = common.phase_pipeline(**kwargs)
     finally:

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,18 +74,23 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
     int
         0 when every slide is done, 1 when some slide failed.
     """
-    from wsiseg.nets import missing_weights_error
+    from wsiseg.nets import missing_weights_error, weights_card  # torch: not for `status`
 
     wf = load_workflow(options.workflow)
     if not options.guidenet:
         raise UsageError(str(missing_weights_error("guidenet")))
     check_cluster_options(options)
     dest = Destination.parse(options.out_dir)
-    # Loaded here, before any slide or worker, so bad weights are one error, not N failures
-    # (and an OpenVINO conversion is done once, into the cache every worker then reads).
-    model, card = cached_guidenet(options.guidenet, wf, options.device, options)
+    # The card is checked here, before any slide or worker, so bad weights are one error, not
+    # N failures. The network itself loads on a thread beside the first slide's tissue mask
+    # and first tiles (0.2–0.3 s of a run); the cluster path waits for it, so an OpenVINO
+    # conversion is done once, into the cache every worker then reads.
+    card = weights_card(Path(options.guidenet), role="guidenet", workflow=wf)
     paths = list({Path(s).resolve(): Path(s) for s in slides}.values())  # each slide once
     with contextlib.ExitStack() as stack:
+        loader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="wsiseg-load"))
+        model = loader.submit(lambda: cached_guidenet(options.guidenet, wf, options.device,
+                                                      options)[0])
         out_dir = stack.enter_context(_driver_dir(dest))
         stack.enter_context(_run_lock(dest, out_dir))
         # Workers get a local directory, or the URL they upload finished slides to.
@@ -98,6 +104,7 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
                 cohort.set_cluster("in process", 1 if todo else 0)
                 _run_in_process(todo, ids, wf, model, card, options, cohort)
             else:
+                model.result()
                 run_on_cluster(todo, ids, wf, options, cohort)
         except KeyboardInterrupt:
             back = cohort.interrupt()
@@ -320,9 +327,14 @@ def _measurements(row: SlideRow) -> dict:
 
 
 def _run_in_process(
-    todo: Sequence[Path], ids: dict[Path, str], wf: Workflow, model, card, options: RunOptions,
-    cohort: Cohort,
+    todo: Sequence[Path], ids: dict[Path, str], wf: Workflow, model: Future, card,
+    options: RunOptions, cohort: Cohort,
 ) -> None:
+    """Run ``todo`` one after another with the GuideNet ``model`` is loading (a future)."""
     for path in todo:
         cohort.started(ids[path], "in process")
-        cohort.finished(run_one(path, ids[path], wf, model, card, options), "in process")
+        row = run_one(path, ids[path], wf, model, card, options)
+        if model.done() and model.exception() is not None:
+            raise model.exception()  # weights that cannot load: one error, not one per slide
+        cohort.finished(row, "in process")
+    model.result()  # bad weights are an error even when no slide needed them

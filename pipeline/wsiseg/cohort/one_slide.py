@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ def run_one(
 ) -> SlideRow:
     """Run one slide; never raises (a failure is a row with its reason).
 
-    ``tile_workers``: threads reading the slide (default: the workflow's, else all cores).
+    ``model``: GuideNet (:func:`wsiseg.runtime.load_network`), or a future of it, waited for
+    only once the slide's tiling has started. ``tile_workers``: threads reading the slide
+    (default: the workflow's, else all cores).
     """
     t0 = time.perf_counter()
     try:
@@ -134,6 +137,8 @@ def _run_one(
         _crash_for_tests()
         stats = None
         if store.stage("guide") != "done":
+            if isinstance(model, Future):  # loaded beside the tissue mask and first tiles
+                model = model.result()
             store.set_stage("export", "pending")
             with round_tracer(store) as tracer:
                 stats = infer_to_store(
