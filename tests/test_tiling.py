@@ -237,3 +237,14 @@ def test_background_tiling_hands_its_error_to_the_reader(tmp_path, small_workflo
         with pytest.raises(WsisegError, match="cannot read chunk"):
             tiling.finish()
     assert tiling.store.stage("tiling") != "done"
+
+
+def test_tiling_in_process_never_imports_distributed(tmp_path):
+    # dask.compute with a scheduler *name* imports distributed to look for a client: about a
+    # second of CPU holding the GIL, inside a run that has no cluster.
+    code = ("import sys; from wsiseg.cli import main; "
+            f"status = main(['tile', {str(CMU_SVS)!r}, '--out', {str(tmp_path / 'out')!r}]); "
+            "print(status, 'distributed' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stderr[-2000:]

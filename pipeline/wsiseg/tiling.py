@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.threaded
 import numpy as np
 
 from wsiseg.config import Workflow, mpp_problem
@@ -55,6 +56,11 @@ class TilingResult:
 
 
 _UPSCALE_WARNED: set[tuple[str, float, float]] = set()  # said once per slide and process
+
+# Dask's threaded scheduler passed as a function, not by name: a name makes every
+# ``dask.compute`` import ``distributed`` to look for a client (≈ 1 s of CPU, holding the
+# GIL, inside a run that has no cluster).
+_THREADS = dask.threaded.get
 
 
 def make_frame(info: SlideInfo, workflow: Workflow, mpp: float | None = None) -> Frame:
@@ -210,9 +216,9 @@ def tile_slide(
             from tqdm.dask import TqdmCallback
 
             with TqdmCallback(desc=f"tiling {slide_path.name}", leave=False):
-                dask.compute(*tasks, scheduler="threads", num_workers=n)
+                dask.compute(*tasks, scheduler=_THREADS, num_workers=n)
         else:
-            dask.compute(*tasks, scheduler="threads", num_workers=n)
+            dask.compute(*tasks, scheduler=_THREADS, num_workers=n)
         _check_unchanged(store, slide_path)
     if store.stage("tiling") != "done":
         store.set_stage("tiling", "done")
@@ -308,7 +314,7 @@ class BackgroundTiling:
                     return
                 tasks = [_tile_task(self.store, self.slide_path, i, j) for i, j in row]
                 with Callback(posttask=posttask):
-                    dask.compute(*tasks, scheduler="threads", num_workers=self._workers)
+                    dask.compute(*tasks, scheduler=_THREADS, num_workers=self._workers)
         except BaseException as error:  # handed to the reading threads and to finish()
             self._error = error
         finally:
