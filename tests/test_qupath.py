@@ -650,3 +650,36 @@ def test_validate_bounds_ids_and_top_level() -> None:
     assert validate_feature_collection(_fc(twice, twice)) == ["feature #2: duplicate id 'a'"]
     assert validate_feature_collection([inside]) == ["top level is not a FeatureCollection"]
     assert validate_feature_collection({"type": "FeatureCollection"}) != []
+
+
+def test_grid_snap_by_rounding_equals_set_precision_and_repairs_what_it_breaks():
+    import shapely.affinity
+
+    from wsiseg.qupath.write import _PRECISION_PX, _snap_to_grid
+
+    from conftest import QUPATH_FIXTURES
+
+    def canonical(g):
+        return shapely.to_geojson(shapely.orient_polygons(shapely.normalize(g)))
+
+    shapes = []
+    for path in sorted((QUPATH_FIXTURES / "written-0.6").glob("*.geojson")):
+        data = json.loads(path.read_text())
+        features = data.get("features", []) if isinstance(data, dict) else data
+        for feature in features if isinstance(features, list) else []:
+            geometry = feature.get("geometry") if isinstance(feature, dict) else None
+            if isinstance(geometry, dict) and geometry.get("type") in ("Polygon", "MultiPolygon"):
+                shapes.append(shapely.from_geojson(json.dumps(geometry)))
+    shapes.append(shapely.Polygon([(0, 0), (7, 0), (7, 5), (3, 5), (3, 2), (0, 2)]))
+    assert len(shapes) >= 5
+    for shape in shapes:
+        for scale in (1.0, 4.008, 2 / 3):  # level-0 frames of real slides are not integral
+            g = shapely.make_valid(shapely.affinity.scale(shape, scale, scale, origin=(0, 0)))
+            if g.geom_type in ("Polygon", "MultiPolygon"):
+                assert canonical(_snap_to_grid(g)) == canonical(shapely.set_precision(g, 0.01))
+    # A hole 0.004 px inside the shell: rounding alone would make the rings touch along an edge.
+    thin = shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)],
+                           [[(0.004, 1), (5, 1), (5, 5), (0.004, 5)]])
+    snapped = _snap_to_grid(thin)
+    assert snapped.is_valid and _PRECISION_PX == 0.01
+    assert canonical(snapped) == canonical(shapely.set_precision(thin, 0.01))
