@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
+
 import pytest
 
 from wsiseg.config import ConfigError, load_workflow, workflow_from_dict
@@ -89,3 +93,70 @@ def test_a_path_like_argument_is_a_file(tmp_path, monkeypatch):
         load_workflow("mine")
     with pytest.raises(ConfigError, match="workflow file not found"):
         load_workflow("./default")
+
+
+def test_the_message_is_one_line_naming_file_key_and_value(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("guidenet:\n  patch_px: -3\n")
+    with pytest.raises(ConfigError) as caught:
+        load_workflow(bad)
+    assert str(caught.value) == f"{bad}: guidenet.patch_px: expected a positive integer, got -3"
+
+
+# pydantic coerces in lax mode ("3" → 3, 3.0 → 3, 1 → True) and lets NaN through by default;
+# a workflow value must be what it says, so each of these is refused, naming the key.
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"tiling": {"chunk_px": True}}, "tiling.chunk_px: expected an integer, got True"),
+        ({"tiling": {"chunk_px": "512"}}, "tiling.chunk_px: expected an integer, got '512'"),
+        ({"tiling": {"chunk_px": 512.0}}, "tiling.chunk_px: expected an integer, got 512.0"),
+        ({"tiling": {"workers": -1}}, "tiling.workers: expected a non-negative integer, got -1"),
+        ({"guidenet": {"threshold": "0.5"}}, "guidenet.threshold: expected a number, got '0.5'"),
+        ({"guidenet": {"threshold": False}}, "guidenet.threshold: expected a number, got False"),
+        ({"guidenet": {"threshold": float("nan")}}, "guidenet.threshold: expected a finite"),
+        ({"contours": {"min_area_um2": float("inf")}}, "contours.min_area_um2: expected a fin"),
+        ({"tissue": {"mask_mpp": float("nan")}}, "tissue.mask_mpp: nan µm/px is outside"),
+        ({"scribbles": {"match_base_class": 1}}, "scribbles.match_base_class: expected true or"),
+        ({"scribbles": {"tumor": "Tumor"}}, "scribbles.tumor: expected a list, got 'Tumor'"),
+        ({"scribbles": {"tumor": ["Tumor", 3]}}, "scribbles.tumor: expected a non-empty string"),
+        ({"contours": {"color": [255, 0, 256]}}, "contours.color: expected at most 255, got 256"),
+        ({"contours": {"color": [255, 0, 0, 0]}}, "contours.color: expected at most 3 values"),
+        ({"contours": {"simplify_px": -1}}, "contours.simplify_px: expected a non-negative"),
+        ({"contours": {"simplify_px": 1.5}}, "contours.simplify_px: expected at most 1, got 1.5"),
+        ({"inference": {"runtime": "cuda"}}, "inference.runtime: expected one of 'auto', "),
+        ({"name": ""}, "name: expected a non-empty string, got ''"),
+        ({"source": "elsewhere.yaml"}, "source: unknown key (expected one of name, working_mpp"),
+        ({"tiling": None}, "tiling: expected a mapping, got None"),
+    ],
+)
+def test_no_silent_coercion_and_no_nan(data, message):
+    with pytest.raises(ConfigError) as caught:
+        workflow_from_dict(data, source="x.yaml")
+    assert str(caught.value).startswith(f"x.yaml: {message}")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_whole_number_is_a_number():
+    wf = workflow_from_dict({"working_mpp": 2, "guidenet": {"threshold": 1}})
+    assert wf.working_mpp == 2.0 and isinstance(wf.working_mpp, float)
+    assert isinstance(wf.guidenet.threshold, float)
+
+
+def test_workflows_are_frozen_hashable_picklable_and_compare_without_source():
+    wf = load_workflow("default")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        wf.guidenet.patch_px = 3  # type: ignore[misc]
+    other = workflow_from_dict(wf.to_dict(), source="elsewhere")
+    assert other == wf and hash(other) == hash(wf) and other.source == "elsewhere"
+    again = pickle.loads(pickle.dumps(wf))  # cohort workers get theirs pickled
+    assert again == wf and again.source == wf.source
+    assert wf.replace(name="x").source == wf.source
+    assert "source" not in wf.to_dict()
+    assert json.loads(json.dumps(wf.to_dict())) == wf.to_dict()  # as stored in a store
+
+
+def test_replace_checks_the_value_too():
+    wf = load_workflow("default")
+    with pytest.raises(ValueError, match="chunk_px"):
+        dataclasses.replace(wf.tiling, chunk_px="512")

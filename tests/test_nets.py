@@ -92,6 +92,48 @@ def test_load_card_errors_name_the_file(tmp_path: Path):
         load_card(path)
 
 
+# pydantic coerces in lax mode ("3" → 3, true → 1) and lets NaN through by default; a card
+# travels as JSON, so each of these is refused in one line naming the key.
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"in_channels": True}, "in_channels: expected an integer, got True"),
+        ({"patch_px": 384.0}, "patch_px: expected an integer, got 384.0"),
+        ({"classes": True}, "classes: expected an integer, got True"),
+        ({"classes": 2}, "classes: expected 1 (one tumor logit map), got 2"),
+        ({"working_mpp": "2.0"}, "working_mpp: expected a number, got '2.0'"),
+        ({"working_mpp": float("inf")}, "working_mpp: expected a finite number, got inf"),
+        ({"threshold": float("nan")}, "threshold: expected a finite number, got nan"),
+        ({"normalisation": {"mean": [0, 0, float("nan")], "std": [1, 1, 1]}},
+         "normalisation.mean: expected a finite number, got nan"),
+        ({"normalisation": {"mean": [0, 0, 0], "std": [1, 1, 0]}},
+         "normalisation.std: expected a positive number, got 0"),
+        ({"normalisation": {"mean": [0, 0, 0], "std": [1, 1, 1], "max": 1}},
+         "normalisation.max: unknown key (expected one of mean, std)"),
+        ({"scribble_encoding": {}}, "scribble_encoding: expected keys channels, kind, max_dis"),
+        ({"scribble_encoding": {"kind": "distance", "max_distance_px": 64, "channels": [1]}},
+         "scribble_encoding.channels: expected a non-empty string, got 1"),
+        ({"scribble_encoding": {"kind": "blur", "max_distance_px": 64, "channels": ["rgb"]}},
+         "scribble_encoding.kind: expected one of distance, raw, none, got 'blur'"),
+        ({"provenance": {"loss": float("nan")}}, "provenance: not JSON-serialisable"),
+        ({"metrics": []}, "metrics: expected a mapping, got []"),
+    ],
+)
+def test_card_values_are_not_coerced(change, message):
+    with pytest.raises(ValueError) as caught:
+        ModelCard.from_dict(load_card("refinenet").to_dict() | change)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_card_is_frozen_and_replace_checks_the_value():
+    card = load_card("guidenet")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        card.patch_px = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="patch_px"):
+        dataclasses.replace(card, patch_px=0)
+    assert pickle.loads(pickle.dumps(card)) == card
+
+
 @pytest.mark.parametrize(("role", "channels"), [("guidenet", 3), ("refinenet", 6)])
 def test_build_and_forward(role: str, channels: int):
     model = build_model(load_card(role)).eval()

@@ -1,10 +1,11 @@
 """Workflow presets (YAML) loaded into a typed, validated configuration.
 
 A workflow is named (``default`` → ``workflows/default.yaml``) or given as a path (anything
-with a path separator, a leading ``.`` or a ``.yaml``/``.yml`` ending). Every key
-is checked: an unknown key, a missing key or a value of the wrong type or range raises
-:class:`ConfigError` with the dotted key and the file, e.g.
-``workflows/x.yaml: guidenet.patch_px: expected a positive integer, got -3``.
+with a path separator, a leading ``.`` or a ``.yaml``/``.yml`` ending). Every key is checked
+by pydantic against the dataclasses below: an unknown key, a missing key or a value of the
+wrong type or range raises :class:`ConfigError` with the dotted key and the file, e.g.
+``workflows/x.yaml: guidenet.patch_px: expected a positive integer, got -3``. Values are not
+coerced: ``"3"`` is no integer, ``3.7`` no integer, ``1`` no boolean (an integer is a number).
 """
 
 from __future__ import annotations
@@ -12,121 +13,36 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.dataclasses import dataclass
 
 from wsiseg.errors import WsisegError
+from wsiseg.validation import (
+    STRICT,
+    Count,
+    Flag,
+    Fraction,
+    Name,
+    Positive,
+    PositiveInt,
+    keys,
+    one_line,
+)
 
 
 class ConfigError(WsisegError):
     """A workflow file or value is invalid."""
 
-
-@dataclass(frozen=True)
-class TilingConfig:
-    chunk_px: int = 512
-    workers: int = 0
-
-
-@dataclass(frozen=True)
-class TissueConfig:
-    mask_mpp: float = 16.0
-    min_saturation: float = 0.05
-    min_area_um2: float = 50000.0
-
-
-@dataclass(frozen=True)
-class GuideNetConfig:
-    model: str = "guidenet"
-    patch_px: int = 256
-    stride_px: int = 192
-    batch_size: int = 16
-    threshold: float = 0.5
-
-
-@dataclass(frozen=True)
-class RefineNetConfig:
-    model: str = "refinenet"
-    window_px: int = 384
-    context_px: int = 64
-    batch_size: int = 4
-    randomwalk_beta: float = 130.0
-    confident_margin: float = 0.4
-
-
-@dataclass(frozen=True)
-class ContoursConfig:
-    threshold: float = 0.5
-    simplify_px: float = 1.0
-    min_area_um2: float = 2000.0
-    class_name: str = "Tumor (AI)"
-    color: tuple[int, int, int] = (255, 0, 255)
-
-
-@dataclass(frozen=True)
-class ScribblesConfig:
-    tumor: tuple[str, ...] = ("Tumor", "Tumour")
-    non_tumor: tuple[str, ...] = (
-        "Stroma", "Background", "Other", "Necrosis", "Immune cells", "Normal",
-    )
-    ignore: tuple[str, ...] = ("Region*", "Ignore*")
-    match_base_class: bool = True
-    line_width_um: float = 8.0
-    point_radius_um: float = 8.0
-    max_distance_px: float = 64.0
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """How the networks run for inference (see :mod:`wsiseg.runtime`); ``--runtime`` and
-    ``--precision`` override these."""
-
-    runtime: str = "auto"  # auto (OpenVINO on CPU, torch on CUDA) | openvino | torch
-    precision: str = "auto"  # auto (bf16 where the CPU has it) | f32 | bf16
-
-
-@dataclass(frozen=True)
-class Workflow:
-    """One workflow preset. ``source`` is the file it came from (not a YAML key)."""
-
-    name: str = "default"
-    working_mpp: float = 2.0
-    tiling: TilingConfig = field(default_factory=TilingConfig)
-    tissue: TissueConfig = field(default_factory=TissueConfig)
-    guidenet: GuideNetConfig = field(default_factory=GuideNetConfig)
-    refinenet: RefineNetConfig = field(default_factory=RefineNetConfig)
-    contours: ContoursConfig = field(default_factory=ContoursConfig)
-    scribbles: ScribblesConfig = field(default_factory=ScribblesConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    source: str = field(default="<defaults>", compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples as lists), without ``source``."""
-        out = _to_plain(dataclasses.asdict(self))
-        out.pop("source", None)
-        return out
-
-    def replace(self, **changes: Any) -> Workflow:
-        return dataclasses.replace(self, **changes)
-
-
-_POSITIVE = {
-    "working_mpp", "chunk_px", "mask_mpp", "min_area_um2", "patch_px", "stride_px",
-    "batch_size", "window_px", "line_width_um", "point_radius_um", "max_distance_px",
-    "randomwalk_beta",
-}
-_UNIT_INTERVAL = {"threshold", "min_saturation", "confident_margin"}
-_CHOICES = {
-    "inference.runtime": ("auto", "openvino", "torch"),
-    "inference.precision": ("auto", "f32", "bf16"),
-}
-
-_MPP_KEYS = {"working_mpp", "mask_mpp"}
 
 MPP_RANGE = (0.05, 100.0)
 """Microns per pixel a slide or a workflow may have, level 0 or working (µm/px)."""
@@ -143,6 +59,107 @@ def mpp_problem(value: float) -> str | None:
     if not (math.isfinite(value) and lo <= value <= hi):
         return f"{value:g} µm/px is outside {lo:g}–{hi:g} µm/px ({MPP_WHY})"
     return None
+
+
+def _slide_mpp(value: float) -> float:
+    if (problem := mpp_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+# NaN and ±inf are refused (STRICT) but in an mpp, whose range says why itself.
+Mpp = Annotated[float, Strict(), Field(allow_inf_nan=True), AfterValidator(_slide_mpp)]
+Channel8 = Annotated[int, Strict(), Field(ge=0, le=255)]
+
+
+@dataclass(frozen=True, config=STRICT)
+class TilingConfig:
+    chunk_px: PositiveInt = 512
+    workers: Count = 0
+
+
+@dataclass(frozen=True, config=STRICT)
+class TissueConfig:
+    mask_mpp: Mpp = 16.0
+    min_saturation: Fraction = 0.05
+    min_area_um2: Positive = 50000.0
+
+
+@dataclass(frozen=True, config=STRICT)
+class GuideNetConfig:
+    model: Name = "guidenet"
+    patch_px: PositiveInt = 256
+    stride_px: PositiveInt = 192
+    batch_size: PositiveInt = 16
+    threshold: Fraction = 0.5
+
+
+@dataclass(frozen=True, config=STRICT)
+class RefineNetConfig:
+    model: Name = "refinenet"
+    window_px: PositiveInt = 384
+    context_px: Count = 64
+    batch_size: PositiveInt = 4
+    randomwalk_beta: Positive = 130.0
+    confident_margin: Fraction = 0.4
+
+
+@dataclass(frozen=True, config=STRICT)
+class ContoursConfig:
+    threshold: Fraction = 0.5
+    simplify_px: Fraction = 1.0  # at most 1 working pixel
+    min_area_um2: Positive = 2000.0
+    class_name: Name = "Tumor (AI)"
+    color: tuple[Channel8, Channel8, Channel8] = (255, 0, 255)
+
+
+@dataclass(frozen=True, config=STRICT)
+class ScribblesConfig:
+    tumor: tuple[Name, ...] = ("Tumor", "Tumour")
+    non_tumor: tuple[Name, ...] = (
+        "Stroma", "Background", "Other", "Necrosis", "Immune cells", "Normal",
+    )
+    ignore: tuple[Name, ...] = ("Region*", "Ignore*")
+    match_base_class: Flag = True
+    line_width_um: Positive = 8.0
+    point_radius_um: Positive = 8.0
+    max_distance_px: Positive = 64.0
+
+
+@dataclass(frozen=True, config=STRICT)
+class InferenceConfig:
+    """How the networks run for inference (see :mod:`wsiseg.runtime`); ``--runtime`` and
+    ``--precision`` override these."""
+
+    runtime: Literal["auto", "openvino", "torch"] = "auto"  # auto: OpenVINO on CPU, torch on CUDA
+    precision: Literal["auto", "f32", "bf16"] = "auto"  # auto: bf16 where the CPU has it
+
+
+@dataclass(frozen=True, config=STRICT)
+class Workflow:
+    """One workflow preset. ``source`` is the file it came from (not a YAML key)."""
+
+    name: Name = "default"
+    working_mpp: Mpp = 2.0
+    tiling: TilingConfig = dataclasses.field(default_factory=TilingConfig)
+    tissue: TissueConfig = dataclasses.field(default_factory=TissueConfig)
+    guidenet: GuideNetConfig = dataclasses.field(default_factory=GuideNetConfig)
+    refinenet: RefineNetConfig = dataclasses.field(default_factory=RefineNetConfig)
+    contours: ContoursConfig = dataclasses.field(default_factory=ContoursConfig)
+    scribbles: ScribblesConfig = dataclasses.field(default_factory=ScribblesConfig)
+    inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
+    # Excluded from the dump (so from to_dict and the keys a file may have), not compared.
+    source: str = dataclasses.field(default=Field("<defaults>", exclude=True), compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples as lists), without ``source``."""
+        return _WORKFLOW.dump_python(self, mode="json")
+
+    def replace(self, **changes: Any) -> Workflow:
+        return dataclasses.replace(self, **changes)
+
+
+_WORKFLOW = TypeAdapter(Workflow)
 
 
 def repo_root() -> Path:
@@ -204,88 +221,18 @@ def _looks_like_path(text: str) -> bool:
 
 def workflow_from_dict(data: dict[str, Any], source: str = "<dict>") -> Workflow:
     """Build a validated :class:`Workflow` from a plain dict (as stored in a slide store)."""
-    wf = _build(Workflow, data, prefix="", source=source)
-    wf = dataclasses.replace(wf, source=source)
+    if isinstance(data, dict) and "source" in data:  # a field, but never a key of the file
+        known = ", ".join(keys(Workflow))
+        raise ConfigError(f"{source}: source: unknown key (expected one of {known})")
+    try:
+        wf = _WORKFLOW.validate_python({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {one_line(exc, Workflow)}") from None
+    # Across keys, so on what a file says (`replace` may shrink patch_px alone for a trial).
     if wf.guidenet.stride_px > wf.guidenet.patch_px:
-        raise ConfigError(f"{source}: guidenet.stride_px: must not exceed guidenet.patch_px")
-    if wf.contours.simplify_px > 1.0:
-        raise ConfigError(f"{source}: contours.simplify_px: must be at most 1 working pixel")
+        raise ConfigError(f"{source}: guidenet.stride_px: must not exceed guidenet.patch_px "
+                          f"({wf.guidenet.stride_px} > {wf.guidenet.patch_px})")
     return wf
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(
-                f"{source}: {prefix}{key}: unknown key (expected one of {', '.join(fields)})"
-            )
-    kwargs: dict[str, Any] = {}
-    for name in fields:
-        if name not in data:
-            continue  # defaults fill what a preset leaves out
-        kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}", source)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
-    leaf = key.rsplit(".", 1)[-1]
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, prefix=f"{key}.", source=source)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
-        if args[-1] is Ellipsis:
-            return tuple(_coerce(args[0], v, key, source) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{source}: {key}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, key, source) for a, v in zip(args, value, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{source}: {key}: unsupported type")  # pragma: no cover
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
-        if leaf in _POSITIVE and value <= 0:
-            raise ConfigError(f"{source}: {key}: expected a positive integer, got {value}")
-        if value < 0:
-            raise ConfigError(f"{source}: {key}: expected a non-negative integer, got {value}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
-        value = float(value)
-        if leaf in _POSITIVE and not value > 0:
-            raise ConfigError(f"{source}: {key}: expected a positive number, got {value}")
-        if leaf in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{source}: {key}: expected a number in [0, 1], got {value}")
-        if leaf in _MPP_KEYS and (problem := mpp_problem(value)) is not None:
-            raise ConfigError(f"{source}: {key}: {problem}")
-        return value
-    if hint is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{source}: {key}: expected a non-empty string, got {value!r}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{source}: {key}: expected one of {', '.join(_CHOICES[key])}, "
-                              f"got {value!r}")
-        return value
-    raise ConfigError(f"{source}: {key}: unsupported type {hint}")  # pragma: no cover
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_plain(v) for v in value]
-    return value
 
 
 def _first_line(exc: Exception) -> str:

@@ -2,20 +2,33 @@
 
 Role, architecture, encoder, input channels, patch size, working resolution, normalisation,
 scribble encoding, threshold, provenance and metrics. The card templates live in
-``models/<role>.yaml``.
+``models/<role>.yaml``. Keys, types and ranges are declared below and checked by pydantic
+(strict: no ``"3"`` → 3, no ``true`` → 1, no NaN or infinity).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import math
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass
+from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
 
 from wsiseg.scribbles.encode import SCRIBBLE_KINDS
+from wsiseg.validation import STRICT, Fraction, Name, Number, Positive, PositiveInt, one_line
 
-ROLES: tuple[str, ...] = ("guidenet", "refinenet")
+Role = Literal["guidenet", "refinenet"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 #: Input channels each role takes, and what they are.
 ROLE_CHANNELS: dict[str, tuple[int, str]] = {
@@ -24,7 +37,47 @@ ROLE_CHANNELS: dict[str, tuple[int, str]] = {
 }
 
 
-@dataclass(frozen=True)
+def _one_logit_map(classes: int) -> int:
+    if classes != 1:
+        raise ValueError(f"expected 1 (one tumor logit map), got {classes}")
+    return classes
+
+
+def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        # The card travels as JSON; a value JSON cannot hold must fail here, not at save.
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON-serialisable ({exc})") from None
+
+
+def _scribble_kind(kind: str) -> str:
+    if kind not in SCRIBBLE_KINDS:
+        raise ValueError(f"expected one of {', '.join(SCRIBBLE_KINDS)}, got {kind!r}")
+    return kind
+
+
+JsonMapping = Annotated[dict[str, Any], AfterValidator(_json_copy)]
+
+
+class Normalisation(TypedDict):
+    """Applied to RGB / 255: ``(rgb / 255 - mean) / std``, per channel R, G, B."""
+
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+    mean: Annotated[list[Number], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Positive], Field(min_length=3, max_length=3)]
+
+
+class ScribbleEncoding(TypedDict, total=False):
+    """RefineNet's scribble channels (all three keys); GuideNet's is empty."""
+
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+    kind: Annotated[Name, AfterValidator(_scribble_kind)]
+    max_distance_px: Positive
+    channels: list[Name]
+
+
+@dataclass(frozen=True, config=STRICT)
 class ModelCard:
     """How to build, feed and trust one network; embedded in every weights file.
 
@@ -59,22 +112,34 @@ class ModelCard:
         Validation metrics, e.g. ``{"val_iou": 0.87}``.
     """
 
-    role: str
-    architecture: str
-    encoder: str
-    in_channels: int
-    classes: int
-    patch_px: int
-    working_mpp: float
-    normalisation: dict[str, Any]
-    scribble_encoding: dict[str, Any]
-    threshold: float
-    provenance: dict[str, Any]
-    metrics: dict[str, Any]
+    role: Role
+    architecture: Name
+    encoder: Name
+    in_channels: PositiveInt
+    classes: Annotated[PositiveInt, AfterValidator(_one_logit_map)]
+    patch_px: PositiveInt
+    working_mpp: Positive
+    normalisation: Normalisation
+    scribble_encoding: ScribbleEncoding
+    threshold: Fraction
+    provenance: JsonMapping
+    metrics: JsonMapping
+
+    @field_validator("scribble_encoding")
+    @classmethod
+    def _encoding_fits_role(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        role = info.data.get("role")  # absent when the role itself was wrong
+        if role == "guidenet" and value:
+            raise ValueError(f"GuideNet sees no scribbles; expected {{}}, got {value!r}")
+        expected = set(ScribbleEncoding.__annotations__)
+        if role == "refinenet" and set(value) != expected:
+            raise ValueError(f"expected keys {', '.join(sorted(expected))}, "
+                             f"got {', '.join(sorted(value)) or 'none'}")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (a deep copy), in field order."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
@@ -88,113 +153,10 @@ class ModelCard:
         """
         if not isinstance(d, dict):
             raise ValueError(f"a model card must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in names:
-                raise ValueError(f"{key}: unknown key (expected one of {', '.join(names)})")
-        for key in names:
-            if key not in d:
-                raise ValueError(f"{key}: missing key")
-        role = _string(d["role"], "role")
-        if role not in ROLES:
-            raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
-        classes = _positive_int(d["classes"], "classes")
-        if classes != 1:
-            raise ValueError(f"classes: expected 1 (one tumor logit map), got {classes}")
-        threshold = _number(d["threshold"], "threshold")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold: expected a number in [0, 1], got {threshold}")
-        card = cls(
-            role=role,
-            architecture=_string(d["architecture"], "architecture"),
-            encoder=_string(d["encoder"], "encoder"),
-            in_channels=_positive_int(d["in_channels"], "in_channels"),
-            classes=classes,
-            patch_px=_positive_int(d["patch_px"], "patch_px"),
-            working_mpp=_positive_number(d["working_mpp"], "working_mpp"),
-            normalisation=_normalisation(d["normalisation"]),
-            scribble_encoding=_scribble_encoding(d["scribble_encoding"], role),
-            threshold=threshold,
-            provenance=_json_mapping(d["provenance"], "provenance"),
-            metrics=_json_mapping(d["metrics"], "metrics"),
-        )
-        return card
+        try:
+            return _CARD.validate_python(d)
+        except ValidationError as exc:
+            raise ValueError(one_line(exc, ModelCard)) from None
 
 
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{key}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive_number(value: Any, key: str) -> float:
-    number = _number(value, key)
-    if number <= 0:
-        raise ValueError(f"{key}: expected a positive number, got {value!r}")
-    return number
-
-
-def _json_mapping(value: Any, key: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{key}: expected a mapping, got {value!r}")
-    try:
-        # The card travels as JSON; a value JSON cannot hold must fail here, not at save.
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{key}: not JSON-serialisable ({exc})") from None
-
-
-def _normalisation(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
-        raise ValueError(f"normalisation: expected a mapping with keys mean and std, got {value!r}")
-    out: dict[str, Any] = {}
-    for key in ("mean", "std"):
-        triple = value[key]
-        if not isinstance(triple, list | tuple) or len(triple) != 3:
-            raise ValueError(f"normalisation.{key}: expected 3 numbers (R, G, B), got {triple!r}")
-        out[key] = [_number(v, f"normalisation.{key}") for v in triple]
-    if min(out["std"]) <= 0:
-        raise ValueError(f"normalisation.std: expected positive numbers, got {out['std']}")
-    return out
-
-
-def _scribble_encoding(value: Any, role: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"scribble_encoding: expected a mapping, got {value!r}")
-    if role == "guidenet":
-        if value:
-            raise ValueError(f"scribble_encoding: GuideNet sees no scribbles; expected {{}}, "
-                             f"got {value!r}")
-        return {}
-    expected = {"kind", "max_distance_px", "channels"}
-    if set(value) != expected:
-        raise ValueError(f"scribble_encoding: expected keys {', '.join(sorted(expected))}, "
-                         f"got {', '.join(sorted(value)) or 'none'}")
-    kind = _string(value["kind"], "scribble_encoding.kind")
-    if kind not in SCRIBBLE_KINDS:
-        raise ValueError(f"scribble_encoding.kind: expected one of {', '.join(SCRIBBLE_KINDS)}, "
-                         f"got {kind!r}")
-    channels = value["channels"]
-    if not isinstance(channels, list | tuple) or not all(
-        isinstance(c, str) and c for c in channels
-    ):
-        raise ValueError(f"scribble_encoding.channels: expected a list of names, got {channels!r}")
-    return {
-        "kind": kind,
-        "max_distance_px": _positive_number(
-            value["max_distance_px"], "scribble_encoding.max_distance_px"
-        ),
-        "channels": list(channels),
-    }
+_CARD = TypeAdapter(ModelCard)
