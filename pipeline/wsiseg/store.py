@@ -15,7 +15,7 @@ name            shape               dtype  meaning
 
 ``image`` is an OME-Zarr (NGFF 0.5) image: the group's ``ome`` attributes declare its axes
 (c channel; y, x space in micrometres, scale = the working µm/px) and its RGB channels, so
-OME-Zarr readers (ome-zarr-py, napari, QuPath's, Fiji's) open the store as an image. One
+an OME-Zarr reader opens the store as an image (tests/test_ome_zarr.py: ome-zarr-py's). One
 chunk holds all three channels of a ``chunk_px``² tile, so a region is still read as one
 chunk per tile, and patches go to the network channel first as they are stored.
 
@@ -51,7 +51,8 @@ __all__ = ["GLASS_RGB", "SlideStore", "SourceInfo", "StoreError", "StoreLock", "
 log = logging.getLogger(__name__)
 
 #: 2: ``image`` channel first (3, H, W), an OME-Zarr image; 1 was (H, W, 3), which NGFF
-#: forbids (channel after space). Older stores are refused: `wsiseg tile --force` rebuilds.
+#: forbids (channel after space). :meth:`SlideStore.open` refuses other formats; `wsiseg
+#: tile` and `wsiseg run` rebuild such a store (the old one kept aside as ``*.stale-*``).
 STORE_FORMAT = 2
 _FINGERPRINT_BYTES = 1 << 20  # hash the first and last MiB: cheap, and catches rewrites
 

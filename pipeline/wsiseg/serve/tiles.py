@@ -8,11 +8,10 @@ level above, built on demand and kept in an LRU cache bounded in bytes. Memory i
 bounded by the cache plus one tile per level of the recursion, whatever the slide size.
 
 Layers: ``image`` (RGB, JPEG; chunks never tiled — no tissue — read as white glass, the
-store's fill value) and
-``heatmap`` (``refined``, the current tumor probability, as a colour ramp PNG with alpha,
-transparent where the probability is low). Cached tiles are keyed by the store's version
-(:meth:`wsiseg.serve.registry.Slide.version`), so a round or an undo never serves a stale
-heat map; the same key, hashed, is the tile's ETag.
+store's fill value) and ``heatmap`` (``refined``, the current tumor probability, as a colour
+ramp PNG with alpha, transparent where the probability is low). Cached tiles are keyed by
+the store's version (:meth:`wsiseg.serve.registry.Slide.version`), so a round or an undo
+never serves a stale heat map; the same key, hashed, is the tile's ETag.
 """
 
 from __future__ import annotations
