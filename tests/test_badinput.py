@@ -98,7 +98,7 @@ class _NanModel(torch.nn.Module):
 
 
 def test_non_finite_probabilities_stop_the_slide_with_the_reason():
-    image = np.full((96, 96, 3), 128, dtype=np.uint8)
+    image = np.full((3, 96, 96), 128, dtype=np.uint8)  # RGB channel first, as stored
     out = np.zeros((96, 96), dtype=np.uint8)
     with pytest.raises(WsisegError, match="probabilities are not finite"):
         infer_to_store(image, [out], model=_NanModel(), normalise=lambda t: t.float(),

@@ -117,16 +117,23 @@ class Recording:
         self.array[key] = value
 
 
+def _chw(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) → (3, H, W): RGB channel first, as the slide store holds it."""
+    return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+
+
 def _coordinate_image(height: int, width: int) -> np.ndarray:
-    """RGB whose pixel encodes its own (row, col): R, G low bytes, B the high nibbles."""
+    """RGB (3, H, W) whose pixel encodes its own (row, col): R, G low bytes, B the high
+    nibbles."""
     rows, cols = np.mgrid[:height, :width]
-    return np.stack([rows % 256, cols % 256, (rows // 256) * 16 + cols // 256], -1).astype(np.uint8)
+    return np.stack([rows % 256, cols % 256, (rows // 256) * 16 + cols // 256]).astype(np.uint8)
 
 
 def _run(image: Any, tissue: np.ndarray, model: torch.nn.Module, **kw: Any) -> np.ndarray:
+    """infer_to_store over ``image`` (3, H, W) into a fresh (H, W) output."""
     params = dict(patch_px=32, stride_px=24, batch_size=5, band_px=64)
     params.update(kw)
-    out = np.full(image.shape[:2], 77, dtype=np.uint8)  # 77: proves every pixel is written
+    out = np.full(image.shape[1:], 77, dtype=np.uint8)  # 77: proves every pixel is written
     infer_to_store(
         image, [out], model=model, normalise=_normalise, tissue=tissue, device=CPU, **params
     )
@@ -134,10 +141,11 @@ def _run(image: Any, tissue: np.ndarray, model: torch.nn.Module, **kw: Any) -> n
 
 
 def _zarr_store(tmp_path: Any, image: np.ndarray, chunk: int) -> zarr.Group:
+    """A group laid out as a slide store: ``image`` (3, H, W) as given, empty outputs."""
     group = zarr.open_group(tmp_path / "slide.zarr", mode="w")
-    height, width = image.shape[:2]
+    height, width = image.shape[1:]
     arr = group.create_array(
-        "image", shape=image.shape, chunks=(chunk, chunk, 3), dtype="uint8", fill_value=0
+        "image", shape=image.shape, chunks=(3, chunk, chunk), dtype="uint8", fill_value=255
     )
     arr[:] = image
     for name in ("guide", "refined"):
@@ -227,7 +235,7 @@ def test_constant_model_is_constant_inside_tissue_patches_and_zero_outside() -> 
     tissue[2:4, 3:5] = True
     tissue[11, 12] = True
     model = ConstantModel(logit=0.7)
-    out = _run(np.zeros((*shape, 3), np.uint8), tissue, model, patch_px=patch, stride_px=stride)
+    out = _run(np.zeros((3, *shape), np.uint8), tissue, model, patch_px=patch, stride_px=stride)
     origins = patch_origins(shape, patch, stride)
     kept = origins[tissue_patch_mask(origins, patch, tissue, shape)]
     covered = np.zeros(shape, dtype=bool)
@@ -243,14 +251,15 @@ def test_constant_model_is_constant_inside_tissue_patches_and_zero_outside() -> 
 def test_per_pixel_model_is_reproduced_exactly() -> None:
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (150, 130, 3), dtype=np.uint8)
-    out = _run(image, np.ones((10, 10), bool), RedModel())
+    out = _run(_chw(image), np.ones((10, 10), bool), RedModel())
     assert np.array_equal(out, image[..., 0])
 
 
 def test_image_smaller_than_patch() -> None:
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    out = _run(image, np.ones((2, 3), bool), RedModel(), patch_px=32, stride_px=24, band_px=8)
+    out = _run(_chw(image), np.ones((2, 3), bool), RedModel(), patch_px=32, stride_px=24,
+               band_px=8)
     assert np.array_equal(out, image[..., 0])
 
 
@@ -269,7 +278,7 @@ class PatchRecorder(torch.nn.Module):
 def test_a_patch_past_a_small_slides_edge_sees_white_glass() -> None:
     # A slide smaller than one patch: the part of the patch beyond the slide is glass (white),
     # never black (issue 15 point 6: the network never saw black edges in training).
-    image = np.full((20, 30, 3), 90, dtype=np.uint8)
+    image = np.full((3, 20, 30), 90, dtype=np.uint8)
     model = PatchRecorder()
     _run(image, np.ones((2, 3), bool), model, patch_px=32, stride_px=24, band_px=8)
     (patch,) = [p for batch in model.seen for p in batch]
@@ -298,7 +307,7 @@ def test_conv_model_matches_naive_blend(band_px: int) -> None:
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, (150, 140, 3), dtype=np.uint8)
     model = ConvModel().eval()
-    out = _run(image, np.ones((3, 3), bool), model, band_px=band_px).astype(int)
+    out = _run(_chw(image), np.ones((3, 3), bool), model, band_px=band_px).astype(int)
     want = _reference_blend(image, model, 32, 24)
     assert want.std() > 50
     assert np.abs(out - want).max() <= 1  # float32 vs float64 rounding only
@@ -311,8 +320,8 @@ def test_shifted_image_gives_shifted_map_without_seams() -> None:
     dy, dx = 5, 3  # the grid stays put, so patch and band borders cross the content
     tissue = np.ones((4, 4), bool)
     model = ConvModel(gain=0.3).eval()
-    base = _run(big[10:170, 10:150], tissue, model, stride_px=16).astype(int)
-    moved = _run(big[10 + dy : 170 + dy, 10 + dx : 150 + dx], tissue, model, stride_px=16)
+    base = _run(_chw(big[10:170, 10:150]), tissue, model, stride_px=16).astype(int)
+    moved = _run(_chw(big[10 + dy : 170 + dy, 10 + dx : 150 + dx]), tissue, model, stride_px=16)
     # Same content at base[y + dy, x + dx] and moved[y, x]; compare away from image borders.
     # What remains is the network's own zero padding at patch borders, faded by the window.
     margin = 4
@@ -338,7 +347,7 @@ def test_every_tissue_patch_is_computed_exactly_once() -> None:
 
 def test_no_tissue_computes_nothing() -> None:
     model = ConstantModel(logit=2.0)
-    out = _run(np.zeros((100, 100, 3), np.uint8), np.zeros((10, 10), bool), model)
+    out = _run(np.zeros((3, 100, 100), np.uint8), np.zeros((10, 10), bool), model)
     assert model.calls == 0
     assert (out == 77).all()  # nothing written at all
 
@@ -347,16 +356,16 @@ def test_band_buffers_and_reads_do_not_grow_with_height() -> None:
     patch, band, width = 32, 64, 96
     blocks = []
     for height in (200, 700):
-        image = Recording(np.zeros((height, width, 3), np.uint8))
+        image = Recording(np.zeros((3, height, width), np.uint8))
         out = Recording(np.zeros((height, width), np.uint8))
         infer_to_store(
             image, [out], model=ConstantModel(1.0), normalise=_normalise,
             tissue=np.ones((4, 4), bool), patch_px=patch, stride_px=24, batch_size=4,
             device=CPU, band_px=band,
         )
-        largest = max(r * c for r, c, *_ in image.reads + out.writes)
+        largest = max(r * c for *_, r, c in image.reads + out.writes)
         assert largest <= (band + patch) * width
-        assert sum(r for r, *_ in image.reads) == height  # every row decoded once
+        assert sum(r for _, r, _ in image.reads) == height  # every row decoded once
         assert sum(r for r, *_ in out.writes) == height
         blocks.append(largest)
     assert blocks[0] == blocks[1]
@@ -365,13 +374,13 @@ def test_band_buffers_and_reads_do_not_grow_with_height() -> None:
 def test_tta_with_rotation_invariant_model_is_unchanged() -> None:
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)
-    plain = _run(image, np.ones((5, 5), bool), RedModel())
-    tta = _run(image, np.ones((5, 5), bool), RedModel(), tta=True)
+    plain = _run(_chw(image), np.ones((5, 5), bool), RedModel())
+    tta = _run(_chw(image), np.ones((5, 5), bool), RedModel(), tta=True)
     assert np.array_equal(plain, tta)
 
 
 def test_tta_averages_the_dihedral_group() -> None:
-    batch = np.zeros((2, 16, 16, 3), np.uint8)
+    batch = np.zeros((2, 3, 16, 16), np.uint8)
     plain = predict_patches(RampModel(), _normalise, batch, CPU)
     tta = predict_patches(RampModel(), _normalise, batch, CPU, tta=True)
     assert tta.shape == (2, 16, 16) and tta.dtype == np.float32
@@ -383,7 +392,7 @@ def test_tta_averages_the_dihedral_group() -> None:
 def test_zarr_guide_and_refined_identical(tmp_path: Any) -> None:
     rng = np.random.default_rng(6)
     image = rng.integers(0, 256, (200, 150, 3), dtype=np.uint8)
-    group = _zarr_store(tmp_path, image, chunk=64)
+    group = _zarr_store(tmp_path, _chw(image), chunk=64)
     tissue = np.zeros((20, 15), bool)
     tissue[:8] = True  # lower bands have no tissue
     counts: list[int] = []
@@ -405,10 +414,16 @@ def test_zarr_guide_and_refined_identical(tmp_path: Any) -> None:
 def test_output_shape_mismatch_is_refused() -> None:
     with pytest.raises(WsisegError, match="does not match"):
         infer_to_store(
-            np.zeros((50, 50, 3), np.uint8), [np.zeros((50, 40), np.uint8)],
+            np.zeros((3, 50, 50), np.uint8), [np.zeros((50, 40), np.uint8)],
             model=ConstantModel(0.0), normalise=_normalise, tissue=np.ones((5, 5), bool),
             patch_px=32, stride_px=24, batch_size=4, device=CPU, band_px=64,
         )
+
+
+def test_channel_last_image_is_refused() -> None:
+    # The store holds RGB channel first (OME-Zarr); an (H, W, 3) array is the old layout.
+    with pytest.raises(WsisegError, match=r"expected shape \(3, H, W\), got \(50, 40, 3\)"):
+        _run(np.zeros((50, 40, 3), np.uint8), np.ones((5, 5), bool), RedModel())
 
 
 def test_reader_error_reaches_the_caller() -> None:
@@ -417,7 +432,7 @@ def test_reader_error_reaches_the_caller() -> None:
             raise OSError("chunk 3 is corrupt")
 
     with pytest.raises(OSError, match="corrupt"):
-        _run(Broken(np.zeros((100, 100, 3), np.uint8)), np.ones((5, 5), bool), RedModel())
+        _run(Broken(np.zeros((3, 100, 100), np.uint8)), np.ones((5, 5), bool), RedModel())
 
 
 
@@ -435,9 +450,9 @@ def test_works_with_the_model_cards_normalisation() -> None:
     image = rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)
     out = np.zeros((120, 100), np.uint8)
     infer_to_store(
-        image, [out], model=UndoNormalisation(), normalise=lambda t: nets.normalise_rgb(t, card),
-        tissue=np.ones((3, 3), bool), patch_px=32, stride_px=24, batch_size=4, device=CPU,
-        band_px=64,
+        _chw(image), [out], model=UndoNormalisation(),
+        normalise=lambda t: nets.normalise_rgb(t, card), tissue=np.ones((3, 3), bool),
+        patch_px=32, stride_px=24, batch_size=4, device=CPU, band_px=64,
     )
     assert np.array_equal(out, image[..., 0])
 

@@ -294,7 +294,7 @@ def test_random_walker_on_a_window_seeded_everywhere():
     """A confident GuideNet seeds every pixel: the seeds are the answer (no crash)."""
     guide = np.zeros((32, 32), np.uint8)
     guide[:, :16] = 255  # confident tumor left, confident non-tumor right
-    fake = {"image": np.full((32, 32, 3), 200, np.uint8), "guide": guide,
+    fake = {"image": np.full((3, 32, 32), 200, np.uint8), "guide": guide,
             "scribbles": np.zeros((32, 32), np.int8)}
     (prob,) = randomwalk_refiner(130.0, 0.4)(fake, [(0, 0)], 32)
     assert prob.shape == (32, 32)

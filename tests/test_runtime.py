@@ -136,12 +136,12 @@ def test_openvino_guidenet_normalises_uint8_rgb_inside_the_model(weights, he_pat
     def never(_):
         raise AssertionError("the network normalises uint8 RGB itself")
 
-    by_batch = forward_batch(net, never, he_rgb().permute(0, 2, 3, 1), tta=False)
+    by_batch = forward_batch(net, never, he_rgb(), tta=False)
     assert np.abs(by_batch.numpy() - ref[:, 0]).max() < tolerance
     model, _ = load_weights(weights["guidenet"], role="guidenet")
     reference_net = torch_network(model, "cpu")
     ref_tta = dihedral_mean(lambda t: reference_net(t)[:, 0], he_patches)
-    tta = forward_batch(net, never, he_rgb().permute(0, 2, 3, 1), tta=True)
+    tta = forward_batch(net, never, he_rgb(), tta=True)
     assert np.abs(tta.numpy() - ref_tta.numpy()).max() < tolerance
     with pytest.raises(runtime.WsisegError, match="uint8 RGB"):
         net.rgb(he_patches)  # float input is not pixels

@@ -18,7 +18,7 @@ from test_txn import scribble_export
 from wsiseg.atomic import atomic_copy, atomic_write_bytes, atomic_writer, temporaries_of
 from wsiseg.cli import main
 from wsiseg.refine import read_window, refine_round
-from wsiseg.store import GLASS_RGB, SlideStore
+from wsiseg.store import GLASS_RGB, SlideStore, StoreError
 from wsiseg.tiling import tile_slide
 
 from conftest import CMU_SVS, REPO, real
@@ -108,14 +108,15 @@ def test_a_patch_straddling_the_tissue_edge_sees_white_glass(tmp_path, fine_work
     chunk = store.chunk_px
     i, j = _edge_chunk(store)
     r0, c0 = i * chunk, j * chunk + chunk // 2  # half glass, half tissue chunk
-    patch = np.asarray(store["image"][r0 : r0 + chunk, c0 : c0 + chunk])
-    glass = patch[:, : chunk // 2]
+    patch = np.asarray(store["image"][:, r0 : r0 + chunk, c0 : c0 + chunk])  # (3, P, P)
+    glass = patch[:, :, : chunk // 2]
     assert (glass == GLASS_RGB).all(), "untiled glass reads black"
-    assert (patch[:, chunk // 2 :] != GLASS_RGB).any()  # the tissue chunk is real pixels
+    assert (patch[:, :, chunk // 2 :] != GLASS_RGB).any()  # the tissue chunk is real pixels
     # A refine window past the slide's edge: glass too (it was zero-padded).
     rows, cols = store.frame.working_shape
     window = read_window(store["image"], (rows - 100, cols - 100), 256)
-    assert (window[100:, :] == GLASS_RGB).all() and (window[:, 100:] == GLASS_RGB).all()
+    assert window.shape == (3, 256, 256)
+    assert (window[:, 100:, :] == GLASS_RGB).all() and (window[:, :, 100:] == GLASS_RGB).all()
     # Other arrays still pad with their fill value.
     assert (read_window(store["guide"], (rows - 100, cols - 100), 256)[100:] == 0).all()
 
@@ -131,22 +132,25 @@ def test_a_training_patch_at_the_tissue_edge_sees_white_glass(tmp_path, fine_wor
     assert (rgb[:, : chunk // 2] == GLASS_RGB).all()
 
 
-def test_an_old_store_with_black_glass_is_read_white(tmp_path, fine_workflow):
+def test_a_store_of_the_old_layout_is_refused_and_rebuilt(tmp_path, fine_workflow):
+    # Format 1 stored image as (H, W, 3) with black glass (issues 15.6, 18); format 2 is an
+    # OME-Zarr image (3, H, W) with white glass. An old store is refused in one line, left
+    # as it is, and rebuilt by tiling (the old one kept aside, as for any stale store).
     store = tile_slide(real(CMU_SVS), tmp_path / "cmu.zarr", fine_workflow).store
-    i, j = _edge_chunk(store)
-    chunk = store.chunk_px
-    meta_path = store.path / "image" / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["fill_value"] = 0  # as stores before white glass were written
-    meta_path.write_text(json.dumps(meta))
-    old = SlideStore.open(store.path, mode="r")  # a reader leaves the store as it is…
-    assert int(old["image"].fill_value) == 0
-    window = read_window(old["image"], (i * chunk, j * chunk), chunk)
-    assert (window == GLASS_RGB).all()  # …and refine windows whiten its glass on read
-    upgraded = SlideStore.open(store.path)  # a writer sets the fill value once
-    assert int(upgraded["image"].fill_value) == GLASS_RGB
-    assert (np.asarray(upgraded["image"][i * chunk : (i + 1) * chunk,
-                                         j * chunk : (j + 1) * chunk]) == GLASS_RGB).all()
+    root = store.path / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"]["wsiseg"]["format"] = 1
+    root.write_text(json.dumps(meta))
+    before = {p: p.read_bytes() for p in store.path.rglob("zarr.json")}
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreError, match=r"cmu\.zarr: store format 1 is not the format 2 "
+                           r"of wsiseg .*; rebuild it with `wsiseg tile` \(or --force\)$"):
+            SlideStore.open(store.path, mode=mode)
+    assert {p: p.read_bytes() for p in store.path.rglob("zarr.json")} == before
+    rebuilt = tile_slide(CMU_SVS, store.path, fine_workflow)
+    assert rebuilt.chunks_written == rebuilt.chunks_total > 0
+    assert rebuilt.store.attrs["format"] == 2 and rebuilt.store["image"].shape[0] == 3
+    assert len(list(tmp_path.glob("cmu.zarr.stale-*"))) == 1
 
 
 # -- no import cycle -----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_real_slides_tile_at_the_working_size(tmp_path, small_workflow, path, si
     result = tile_slide(real(path), tmp_path / "s.zarr", wf)
     store = result.store
     expected = (size[1] * mpp / 2.0, size[0] * mpp / 2.0)  # rows, cols
-    rows, cols, channels = store["image"].shape
+    channels, rows, cols = store["image"].shape  # RGB channel first (OME-Zarr)
     assert channels == 3
     assert abs(rows - expected[0]) <= 1 and abs(cols - expected[1]) <= 1
     assert store.stage("tiling") == "done"
@@ -68,7 +68,7 @@ def test_tiled_pixels_are_the_area_average_of_the_slide(tmp_path, small_workflow
     reader = open_slide(CMU_SVS)
     full = reader.read_region((0, 0), 0, reader.info.level0_size).astype(float)
     expected = downscale_local_mean(full, (4, 4, 1))
-    got = np.asarray(store["image"][...]).astype(float)
+    got = np.moveaxis(np.asarray(store["image"][...]), 0, -1).astype(float)
     rows, cols = got.shape[:2]
     chunk = store.chunk_px
     marked = np.asarray(store["tiled"][...]).astype(bool)
@@ -123,7 +123,7 @@ def test_missing_mpp_names_the_option(tmp_path, small_workflow):
         tile_slide(path, tmp_path / "t.zarr", small_workflow)
     assert not (tmp_path / "t.zarr").exists()
     store = tile_slide(path, tmp_path / "t.zarr", small_workflow, mpp=0.5).store
-    assert store["image"].shape == (250, 250, 3)
+    assert store["image"].shape == (3, 250, 250)
 
 
 def test_unwritable_output_directory(tmp_path):
@@ -209,11 +209,11 @@ def test_background_tiling_reads_the_same_image_as_it_is_written(tmp_path, small
     reference = tile_slide(real(CMU_SVS), tmp_path / "a.zarr", small_workflow).store
     expected = np.asarray(reference["image"][...])
     with BackgroundTiling(CMU_SVS, tmp_path / "b.zarr", small_workflow, workers=2) as tiling:
-        rows = tiling.image.shape[0]
+        rows = tiling.image.shape[1]
         # Read band by band while the tiling runs, as inference does.
-        bands = [np.asarray(tiling.image[r : r + 100, :]) for r in range(0, rows, 100)]
+        bands = [np.asarray(tiling.image[:, r : r + 100, :]) for r in range(0, rows, 100)]
         result = tiling.finish()
-    assert np.array_equal(np.concatenate(bands), expected)
+    assert np.array_equal(np.concatenate(bands, axis=1), expected)
     assert result.chunks_written == result.chunks_total > 0
     assert result.store.stage("tiling") == "done"
 
@@ -231,9 +231,9 @@ def test_background_tiling_hands_its_error_to_the_reader(tmp_path, small_workflo
 
     monkeypatch.setattr(tiling_module, "tile_chunk", failing)
     with BackgroundTiling(real(CMU_SVS), tmp_path / "s.zarr", small_workflow) as tiling:
-        assert np.asarray(tiling.image[0:10, :]).any()  # row 0 of chunks is fine
+        assert np.asarray(tiling.image[:, 0:10, :]).any()  # row 0 of chunks is fine
         with pytest.raises(WsisegError, match="cannot read chunk"):
-            tiling.image[300:310, :]
+            tiling.image[:, 300:310, :]
         with pytest.raises(WsisegError, match="cannot read chunk"):
             tiling.finish()
     assert tiling.store.stage("tiling") != "done"

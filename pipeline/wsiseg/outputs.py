@@ -139,7 +139,7 @@ def publish_round(record: Path, out_dir: Path, slide_id: str, round_k: int) -> P
 def thumbnail_image(store: SlideStore, max_px: int = THUMBNAIL_PX) -> np.ndarray:
     """The slide at ≤ ``max_px`` on the long side (uint8 (h, w, 3)), glass white."""
     image = store["image"]
-    step = max(1, int(np.ceil(max(image.shape[:2]) / max_px)))
+    step = max(1, int(np.ceil(max(image.shape[1:]) / max_px)))
     return _strided_read(image, step)
 
 
@@ -150,7 +150,7 @@ def write_thumbnail(
     """PNG of the slide at ≤ ``max_px`` on the long side with the contours drawn;
     ``thumb``: :func:`thumbnail_image`, when the caller read it already (e.g. beside other
     work)."""
-    rows, cols = store["image"].shape[:2]
+    rows, cols = store["image"].shape[1:]
     step = max(1, int(np.ceil(max(rows, cols) / max_px)))
     if thumb is None:
         thumb = thumbnail_image(store, max_px)
@@ -184,16 +184,13 @@ def measurements(
 
 
 def _strided_read(image, step: int) -> np.ndarray:
-    """Every ``step``-th pixel of a (H, W, 3) array, read one chunk row at a time."""
-    rows = image.shape[0]
-    chunk = image.chunks[0]
+    """Every ``step``-th pixel of a (3, H, W) array as (h, w, 3), read one chunk row at a
+    time (never-tiled chunks read as white glass, the fill value)."""
+    rows = image.shape[1]
+    chunk = image.chunks[1]
     parts = []
     for r0 in range(0, rows, chunk):
-        block = np.asarray(image[r0 : min(rows, r0 + chunk)])
+        block = np.asarray(image[:, r0 : min(rows, r0 + chunk)])
         first = (-r0) % step
-        parts.append(block[first::step, ::step])
-    thumb = np.concatenate(parts, axis=0)
-    # Non-tissue chunks were never written (fill 0): show them as glass, not black.
-    blank = thumb.max(axis=2) == 0
-    thumb[blank] = 255
-    return thumb
+        parts.append(np.moveaxis(block[:, first::step, ::step], 0, -1))
+    return np.concatenate(parts, axis=0)

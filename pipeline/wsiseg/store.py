@@ -5,13 +5,19 @@ Arrays, all at the working resolution except ``tissue``:
 ==============  ==================  =====  ===============================================
 name            shape               dtype  meaning
 ==============  ==================  =====  ===============================================
-``image``       (H, W, 3)           uint8  RGB; chunks without tissue are never written
+``image``       (3, H, W)           uint8  RGB, channel first (OME-Zarr); glass never written
 ``guide``       (H, W)              uint8  GuideNet tumor probability × 255, never edited
 ``refined``     (H, W)              uint8  probability after refine rounds (= guide first)
 ``scribbles``   (H, W)              int8   0 none, +1 tumor, −1 non-tumor (accumulated)
 ``tissue``      (h, w)              bool   tissue mask at ``tissue.mask_mpp``
 ``tiled``       (chunk rows, cols)  uint8  1 where the ``image`` chunk is complete
 ==============  ==================  =====  ===============================================
+
+``image`` is an OME-Zarr (NGFF 0.5) image: the group's ``ome`` attributes declare its axes
+(c channel; y, x space in micrometres, scale = the working µm/px) and its RGB channels, so
+an OME-Zarr reader opens the store as an image (tests/test_ome_zarr.py: ome-zarr-py's). One
+chunk holds all three channels of a ``chunk_px``² tile, so a region is still read as one
+chunk per tile, and patches go to the network channel first as they are stored.
 
 Group attributes live under the key ``wsiseg``: format version, pipeline version, source
 slide (path, size, mtime, content fingerprint), frame, workflow, stage status, model cards
@@ -23,7 +29,6 @@ writers never race on one attribute document, and a marker is written only after
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,18 +41,19 @@ import numpy as np
 import zarr
 
 from wsiseg import __version__, journal
-from wsiseg.atomic import atomic_write_bytes
 from wsiseg.config import Workflow, workflow_from_dict
 from wsiseg.errors import StoreError
 from wsiseg.lock import StoreLock, is_writable
 from wsiseg.slide.frame import Frame
 
-__all__ = ["GLASS_RGB", "SlideStore", "SourceInfo", "StoreError", "StoreLock", "pad_value",
-           "whiten_glass"]
+__all__ = ["GLASS_RGB", "SlideStore", "SourceInfo", "StoreError", "StoreLock", "pad_value"]
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+#: 2: ``image`` channel first (3, H, W), an OME-Zarr image; 1 was (H, W, 3), which NGFF
+#: forbids (channel after space). :meth:`SlideStore.open` refuses other formats; `wsiseg
+#: tile` and `wsiseg run` rebuild such a store (the old one kept aside as ``*.stale-*``).
+STORE_FORMAT = 2
 _FINGERPRINT_BYTES = 1 << 20  # hash the first and last MiB: cheap, and catches rewrites
 
 #: What ``image`` reads where nothing was tiled (glass, the slide's edge): white, as
@@ -119,8 +125,8 @@ class SlideStore:
         chunk = workflow.tiling.chunk_px
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         group.create_array(
-            "image", shape=(rows, cols, 3), chunks=(chunk, chunk, 3), dtype="uint8",
-            fill_value=GLASS_RGB, dimension_names=("y", "x", "c"),
+            "image", shape=(3, rows, cols), chunks=(3, chunk, chunk), dtype="uint8",
+            fill_value=GLASS_RGB, dimension_names=("c", "y", "x"),
         )
         for name, dtype in (("guide", "uint8"), ("refined", "uint8"), ("scribbles", "int8")):
             group.create_array(
@@ -156,8 +162,6 @@ class SlideStore:
             raise StoreError(f"{path}: not a wsiseg slide store (no zarr.json)")
         if journal.needs_recovery(path):
             recover_interrupted(path)
-        if mode != "r":
-            _upgrade_glass(path)
         try:
             group = zarr.open_group(str(path), mode=mode)
         except Exception as exc:  # zarr raises several types for a damaged group
@@ -215,7 +219,7 @@ class SlideStore:
 
     @property
     def chunk_px(self) -> int:
-        return int(self.array("image").chunks[0])
+        return int(self.array("image").chunks[-1])
 
     @property
     def tissue_mask(self) -> np.ndarray:
@@ -232,15 +236,6 @@ def pad_value(array: zarr.Array | np.ndarray) -> int:
     """What a read of ``array`` beyond its edge should see: white glass for an RGB
     ``image`` (3-D), the fill value (0 for a numpy array) otherwise."""
     return GLASS_RGB if array.ndim == 3 else int(getattr(array, "fill_value", 0))
-
-
-def whiten_glass(rgb: np.ndarray, array: zarr.Array | np.ndarray) -> np.ndarray:
-    """``rgb`` (uint8 (..., 3)) read from ``array``, with never-tiled glass white also in
-    stores written before glass was (``image`` fill value 0, left so on a read-only store):
-    there the pure-black pixels, which tissue never has, are glass. In place; returned."""
-    if array.ndim == 3 and getattr(array, "fill_value", None) == 0:
-        rgb[rgb.max(axis=-1) == 0] = GLASS_RGB
-    return rgb
 
 
 def chunk_grid_shape(shape: tuple[int, int], chunk_px: int) -> tuple[int, int]:
@@ -284,11 +279,11 @@ def remove_store(path: Path) -> None:
 
 
 def _ome_multiscales(frame: Frame) -> dict[str, Any]:
-    """OME-Zarr (NGFF 0.5) multiscales metadata describing ``image`` in micrometres.
+    """OME-Zarr (NGFF 0.5) metadata of ``image``: one scale level, axes (c, y, x) with y and
+    x in micrometres at the working µm/px, and the three channels as red, green, blue.
 
-    The image keeps DESIGN.md's interleaved (y, x, c) layout, which networks and thumbnails
-    read without transposing; NGFF readers that insist on channel-first axes see a 3-D
-    array with the physical pixel size on y and x.
+    NGFF orders axes time, channel, space; ``omero`` tells viewers to show the channels as
+    one RGB image (each channel its colour, full 0–255 window) rather than three greys.
     """
     mpp = frame.working_mpp
     return {
@@ -297,20 +292,29 @@ def _ome_multiscales(frame: Frame) -> dict[str, Any]:
             {
                 "name": "image",
                 "axes": [
+                    {"name": "c", "type": "channel"},
                     {"name": "y", "type": "space", "unit": "micrometer"},
                     {"name": "x", "type": "space", "unit": "micrometer"},
-                    {"name": "c", "type": "channel"},
                 ],
                 "datasets": [
                     {
                         "path": "image",
                         "coordinateTransformations": [
-                            {"type": "scale", "scale": [mpp, mpp, 1.0]}
+                            {"type": "scale", "scale": [1.0, mpp, mpp]}
                         ],
                     }
                 ],
             }
         ],
+        "omero": {
+            "channels": [
+                {"label": label, "color": color, "active": True,
+                 "window": {"min": 0, "max": 255, "start": 0, "end": 255}}
+                for label, color in (("red", "FF0000"), ("green", "00FF00"),
+                                     ("blue", "0000FF"))
+            ],
+            "rdefs": {"model": "color"},
+        },
     }
 
 
@@ -344,22 +348,3 @@ def recover_interrupted(path: Path, *, locked: bool = False) -> None:
     if said is not None:
         log.warning("%s: %s was interrupted and has been rolled back: the store and its "
                     "published files are as before it; run it again", path, said)
-
-
-def _upgrade_glass(path: Path) -> None:
-    """Stores written before glass was white have ``image`` fill value 0: set it to
-    :data:`GLASS_RGB` in place (only never-tiled chunks read the fill value, and tiled
-    tissue chunks are never all black, so nothing else changes)."""
-    meta_path = path / "image" / "zarr.json"
-    try:
-        meta = json.loads(meta_path.read_bytes())
-    except (OSError, ValueError):
-        return  # not ours to judge here: opening the group reports a damaged store
-    if meta.get("fill_value") != 0 or not is_writable(meta_path.parent):
-        return
-    meta["fill_value"] = GLASS_RGB
-    try:
-        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
-    except OSError:
-        return  # a read-only file: thumbnail and refine windows still whiten black glass
-    log.info("%s: image fill value set to white glass (%d)", path, GLASS_RGB)

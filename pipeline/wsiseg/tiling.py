@@ -186,11 +186,13 @@ def tile_chunk(
 
     group = zarr.open_group(store_path, mode="r+")
     image = group["image"]
-    rows, cols = image.shape[:2]
+    rows, cols = image.shape[1:]
     r0, c0 = i * chunk_px, j * chunk_px
     box = (r0, c0, min(chunk_px, rows - r0), min(chunk_px, cols - c0))
-    pixels = read_box(_reader(slide_path), downsample, box)
-    image[r0 : r0 + box[2], c0 : c0 + box[3]] = pixels
+    pixels = read_box(_reader(slide_path), downsample, box)  # (h, w, 3), as decoded
+    # Channel first as stored, transposed once here: zarr copies a strided view more slowly
+    # (≈ 1.5 ms more per 512² chunk) than this copy costs (≈ 0.2 ms).
+    image[:, r0 : r0 + box[2], c0 : c0 + box[3]] = np.ascontiguousarray(pixels.transpose(2, 0, 1))
     group["tiled"][i, j] = 1  # only after the chunk itself is written
     return i, j
 
@@ -240,10 +242,11 @@ def _check_unchanged(store: SlideStore, slide_path: Path) -> None:
 class BackgroundTiling:
     """Tile a slide on a background thread while its ``image`` is already being read.
 
-    ``image`` slices like ``store["image"]``, but a read waits until every tissue chunk it
-    touches is written, so GuideNet can start on the top rows while the Dask tasks still tile
-    the bottom ones (rows of chunks are tiled top to bottom, as inference reads them). Use as
-    a context manager; :meth:`finish` waits for the tiling and raises its error, if any::
+    ``image`` slices like ``store["image"]`` (3, H, W), but a read waits until every tissue
+    chunk it touches is written, so GuideNet can start on the top rows while the Dask tasks
+    still tile the bottom ones (rows of chunks are tiled top to bottom, as inference reads
+    them). Use as a context manager; :meth:`finish` waits for the tiling and raises its
+    error, if any::
 
         with BackgroundTiling(slide, store_path, workflow) as tiling:
             infer_to_store(tiling.image, ...)
@@ -348,7 +351,7 @@ class _TiledImage:
         self.dtype = self._array.dtype
 
     def __getitem__(self, key: Any) -> Any:
-        rows, cols = (tuple(key) + (slice(None), slice(None)))[:2]
+        _, rows, cols = (tuple(key) + (slice(None),) * 3)[:3]  # (channels, rows, cols)
         if not (isinstance(rows, slice) and isinstance(cols, slice)):
             raise TypeError("a tiled image is read by row and column slices")
         self._tiling.wait_for(rows, cols)

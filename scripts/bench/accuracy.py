@@ -53,7 +53,9 @@ def iou(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) ->
 def windows_of(
     rgb: np.ndarray, guide: np.ndarray, truth: np.ndarray, valid: np.ndarray, window_px: int,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Half-overlapping windows (rgb uint8, guide float, truth bool, valid bool) of one image."""
+    """Half-overlapping windows (rgb uint8 (P, P, 3), guide float, truth bool, valid bool) of
+    one image; ``rgb`` is (3, H, W), channel first as a store holds it (read window by
+    window when it is the store's array)."""
     out = []
     rows, cols = guide.shape
     step = window_px // 2
@@ -62,7 +64,8 @@ def windows_of(
             sl = (slice(r, r + window_px), slice(c, c + window_px))
             if guide[sl].shape != (window_px, window_px) or valid[sl].mean() < 0.5:
                 continue
-            out.append((rgb[sl], guide[sl], truth[sl], valid[sl]))
+            out.append((np.moveaxis(np.asarray(rgb[(slice(None), *sl)]), 0, -1), guide[sl],
+                        truth[sl], valid[sl]))
     return out
 
 
@@ -159,7 +162,7 @@ def synth_windows(out: Path, guidenet: Path, test, wf) -> list:
     for s in test:
         store = SlideStore.open(out / "run" / f"{s.slide_path.stem}.zarr", mode="r")
         guide = np.asarray(store["guide"][...]).astype(np.float32) / 255.0
-        rgb = np.asarray(store["image"][...])
+        rgb = store["image"]  # (3, H, W), read window by window
         truth = read_truth_mask(s.truth_mask_path, guide.shape)
         valid = resize(store.tissue_mask, guide.shape, order=0) > 0  # labels on tissue only
         windows += windows_of(rgb, guide, truth, valid, wf.refinenet.window_px)
@@ -178,7 +181,7 @@ def camelyon_windows(guidenet: Path, images, masks, wf) -> list:
         with torch.inference_mode():  # fully convolutional: the whole 512² patch at once
             x = normalise_rgb(torch.from_numpy(rgb).permute(2, 0, 1)[None], card)
             prob = torch.sigmoid(model(x))[0, 0].numpy()
-        windows += windows_of(rgb, prob, truth, np.ones(truth.shape, bool),
+        windows += windows_of(np.moveaxis(rgb, -1, 0), prob, truth, np.ones(truth.shape, bool),
                               wf.refinenet.window_px)
     return windows
 

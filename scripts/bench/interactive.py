@@ -231,7 +231,7 @@ def scribbles(args: argparse.Namespace) -> int:
                                   args.size, args.seed + 1000, wf)
         for store_path, truth_path in pairs:
             store = SlideStore.open(store_path, mode="r")
-            rgb = np.asarray(store["image"][...])
+            rgb = np.moveaxis(np.asarray(store["image"][...]), 0, -1)  # small generated slides
             tests.append((store_path.stem, rgb, read_truth_mask(truth_path, rgb.shape[:2])))
     full = Path(args.full) if args.full else None
     if full is None:

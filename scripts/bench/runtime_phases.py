@@ -37,6 +37,7 @@ def phase_network(store: str, weights: str, runtime: str, precision: str, batch_
     """GuideNet alone on the store's tissue patches, as infer.py feeds it."""
     import torch
 
+    from wsiseg.infer.network import forward_batch
     from wsiseg.nets import normalise_rgb
     from wsiseg.runtime import load_network
 
@@ -45,10 +46,10 @@ def phase_network(store: str, weights: str, runtime: str, precision: str, batch_
                        precision=precision, threads=threads)
     load_s = time.perf_counter() - t0
     _, pixels = common.store_patches(Path(store), patch_px, stride_px)
-    patches = torch.from_numpy(pixels)
+    patches = torch.from_numpy(pixels)  # (N, 3, P, P) uint8
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        return net(normalise_rgb(batch.permute(0, 3, 1, 2), net.card))[:, 0]
+        return forward_batch(net, lambda t: normalise_rgb(t, net.card), batch, tta=False)
 
     n = len(patches)
     with torch.inference_mode():

@@ -239,9 +239,10 @@ def _one_class(seeds, present, guide) -> NDArray[np.float32]:
 def _on_window(inner, rgb, guide, scribbles, *, multiple: int) -> NDArray[np.float32]:
     """Run a :data:`wsiseg.refine.Refiner` (store, windows, window_px) on one array window.
 
-    The window is handed over as a minimal store (a mapping of the three arrays it reads), at
-    origin (0, 0), with a square size rounded up to ``multiple``; ``refine.read_window`` pads
-    with zeros beyond the arrays, and the padding is cropped from the result.
+    The window is handed over as a minimal store (a mapping of the three arrays it reads,
+    ``image`` channel first as a store holds it), at origin (0, 0), with a square size
+    rounded up to ``multiple``; ``refine.read_window`` pads beyond the arrays (white RGB,
+    zero otherwise), and the padding is cropped from the result.
     """
     rgb = np.asarray(rgb, np.uint8)
     guide = np.asarray(guide)
@@ -249,6 +250,7 @@ def _on_window(inner, rgb, guide, scribbles, *, multiple: int) -> NDArray[np.flo
         guide = np.clip(np.rint(guide.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     rows, cols = guide.shape
     size = math.ceil(max(rows, cols) / multiple) * multiple
-    store = {"image": rgb, "guide": guide, "scribbles": np.asarray(scribbles, np.int8)}
+    store = {"image": np.moveaxis(rgb, -1, 0), "guide": guide,
+             "scribbles": np.asarray(scribbles, np.int8)}
     prob = inner(store, [(0, 0)], size)[0]
     return np.asarray(prob, np.float32)[:rows, :cols]

@@ -17,7 +17,7 @@ IoU within 0.50–0.75 — and caps their number.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +86,25 @@ def windows_from_arrays(
             f"{name}: image {rgb.shape[1]} × {rgb.shape[0]} px, truth {truth.shape[1]} × "
             f"{truth.shape[0]} and guide {guide.shape[1]} × {guide.shape[0]} differ in size"
         )
+    return _grid_windows(name, lambda sl: rgb[sl], truth, guide, window_px)
+
+
+def _grid_windows(
+    name: str,
+    read_rgb: Callable[[tuple[slice, slice]], NDArray[np.uint8]],
+    truth: NDArray[np.bool_],
+    guide: NDArray[np.floating],
+    window_px: int,
+) -> list[EvalWindow]:
+    """The grid windows of :func:`windows_from_arrays`; ``read_rgb`` gives the (h, w, 3)
+    RGB under a (rows, cols) slice, so a store's image is read window by window."""
     prob = guide.astype(np.float32) / 255.0 if guide.dtype == np.uint8 else guide
     out = []
     for r in grid_origins(truth.shape[0], window_px):
         for c in grid_origins(truth.shape[1], window_px):
             sl = (slice(r, r + window_px), slice(c, c + window_px))
-            out.append(EvalWindow(name=f"{name}@{r},{c}", rgb=np.ascontiguousarray(rgb[sl]),
+            out.append(EvalWindow(name=f"{name}@{r},{c}",
+                                  rgb=np.ascontiguousarray(read_rgb(sl)),
                                   truth=truth[sl].copy(),
                                   guide=np.asarray(prob[sl], np.float32).copy()))
     return out
@@ -210,9 +223,13 @@ def windows_from_store(
         # Ignore*/Region* annotations: the protocol scores whole windows, so uncounted
         # pixels count as what the truth says there (non-tumor).
         truth = truth & counted
-    rgb = np.asarray(store["image"][...])
+    image = store["image"]  # (3, H, W): read window by window, never the whole slide
+
+    def read_rgb(sl: tuple[slice, slice]) -> NDArray[np.uint8]:
+        return np.moveaxis(np.asarray(image[(slice(None), *sl)]), 0, -1)
+
     guide = np.asarray(store[array][...])
-    return windows_from_arrays(Path(store_path).stem, rgb, truth, guide, window_px=window_px)
+    return _grid_windows(Path(store_path).stem, read_rgb, truth, guide, window_px)
 
 
 def select_windows(

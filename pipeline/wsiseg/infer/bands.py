@@ -19,7 +19,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.infer.grid import blend_window
 
 # Batches decoded ahead of the network, and finished bands queued for writing. Each bounds
-# memory (a batch is B·P²·3 bytes, a band W·band_px bytes).
+# memory (a batch is B·3·P² bytes, a band W·band_px bytes).
 _PREFETCH_BATCHES = 4
 _PENDING_WRITES = 2
 
@@ -27,7 +27,8 @@ _PENDING_WRITES = 2
 
 
 class ReadableImage(Protocol):
-    """An ``(H, W, 3)`` uint8 array that can be sliced (numpy array or zarr array)."""
+    """A ``(3, H, W)`` uint8 RGB array, channel first as the store holds it, that can be
+    sliced (numpy array or zarr array)."""
 
     shape: tuple[int, ...]
 
@@ -72,7 +73,7 @@ class InferStats:
 @dataclass
 class Batch:
     origins: NDArray[np.int64]  # (n, 2) row, col
-    pixels: torch.Tensor  # (n, P, P, 3) uint8, pinned on CUDA
+    pixels: torch.Tensor  # (n, 3, P, P) uint8, pinned on CUDA
 
 
 class PatchReader:
@@ -80,6 +81,8 @@ class PatchReader:
 
     Origins arrive in row-major order, so a decoded row block is dropped as soon as the
     current batch starts below it; at most ``(S + P) / rows_per_read + 2`` blocks are held.
+    Blocks and batches are channel first, as stored and as the network takes them: each
+    patch is copied once, from its block straight into the batch.
     """
 
     _DONE = object()
@@ -99,12 +102,12 @@ class PatchReader:
         self.batch_size = batch_size
         self.rows_per_read = rows_per_read
         self.pin = pin
-        self.height, self.width = int(image.shape[0]), int(image.shape[1])
+        self.height, self.width = int(image.shape[1]), int(image.shape[2])
         # Decode only the columns some patch needs.
         self.col0 = int(origins[:, 1].min())
         self.col1 = min(int(origins[:, 1].max()) + patch_px, self.width)
         self.read_s = 0.0
-        self._blocks: dict[int, NDArray[np.uint8]] = {}  # row block index → decoded rows
+        self._blocks: dict[int, NDArray[np.uint8]] = {}  # row block → decoded (3, rows, cols)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_BATCHES)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wsiseg-infer-reader", daemon=True)
@@ -158,8 +161,8 @@ class PatchReader:
         for key in range(first, last + 1):
             if key not in self._blocks:
                 rows = slice(key * block, min((key + 1) * block, self.height))
-                self._blocks[key] = np.asarray(self.image[rows, self.col0 : self.col1])
-        pixels = torch.empty((len(origins), size, size, 3), dtype=torch.uint8,
+                self._blocks[key] = np.asarray(self.image[:, rows, self.col0 : self.col1])
+        pixels = torch.empty((len(origins), 3, size, size), dtype=torch.uint8,
                              pin_memory=self.pin)
         if self.height < size or self.width < size:
             pixels.fill_(255)  # a slide smaller than a patch: beyond its edge is white glass
@@ -172,8 +175,8 @@ class PatchReader:
             while r < stop:  # the patch may span several decoded blocks
                 key = r // block
                 r_end = min((key + 1) * block, stop)
-                src = self._blocks[key][r - key * block : r_end - key * block, c0:c1]
-                out[i, r - row : r_end - row, : c1 - c0] = src
+                src = self._blocks[key][:, r - key * block : r_end - key * block, c0:c1]
+                out[i, :, r - row : r_end - row, : c1 - c0] = src
                 r = r_end
         self.read_s += time.perf_counter() - t0
         return Batch(origins=origins, pixels=pixels)

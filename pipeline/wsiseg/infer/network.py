@@ -14,9 +14,9 @@ from wsiseg.runtime import Network, torch_network
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move ``model`` to ``device`` in eval mode and channels-last layout (in place).
 
-    Channels-last suits the NHWC patches as decoded (no transposing copy) and is the fast
-    layout for convolutions on CUDA (tensor cores) and on CPU (oneDNN) alike. On CUDA, cuDNN
-    may pick its fastest kernels for the one patch shape used throughout.
+    Channels-last is the fast layout for convolutions on CUDA (tensor cores) and on CPU
+    (oneDNN) alike; :func:`forward_batch` hands the torch runtime its patches in that layout.
+    On CUDA, cuDNN may pick its fastest kernels for the one patch shape used throughout.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -45,21 +45,24 @@ def as_network(model: Network | torch.nn.Module, device: torch.device) -> Networ
 def forward_batch(
     network: Network,
     normalise: Callable[[torch.Tensor], torch.Tensor],
-    batch_nhwc: torch.Tensor,
+    batch_nchw: torch.Tensor,
     tta: bool,
 ) -> torch.Tensor:
-    """(N, P, P, 3) uint8 → (N, P, P) float32 probabilities (on the network's device).
+    """(N, 3, P, P) uint8 → (N, P, P) float32 probabilities (on the network's device).
 
     ``normalise`` applies where the network takes float input; a network that
     :attr:`~wsiseg.runtime.Network.takes_rgb` (OpenVINO GuideNet) normalises with its card's
-    mean and std inside the compiled model, and gets the uint8 pixels.
+    mean and std inside the compiled model, and gets the uint8 pixels as they are.
     """
-    # The NHWC → NCHW permute is a view with channels-last strides: no copy.
-    pixels = batch_nhwc.permute(0, 3, 1, 2)
     if network.takes_rgb:
-        x, predict = pixels, network.rgb
+        x, predict = batch_nchw, network.rgb
     else:
-        x, predict = normalise(pixels), network
+        if network.runtime == "torch":
+            # torch's convolutions run channels-last (see prepare_model): convert the uint8
+            # pixels, a quarter of the bytes of the float input normalise makes from them
+            # (and keeps in their layout).
+            batch_nchw = batch_nchw.contiguous(memory_format=torch.channels_last)
+        x, predict = normalise(batch_nchw), network
     if not tta:
         return predict(x)[:, 0]
     return dihedral_mean(lambda t: predict(t)[:, 0], x)
@@ -99,9 +102,10 @@ def predict_patches(
         GuideNet from :func:`wsiseg.runtime.load_network`, or a bare torch module mapping
         ``(N, 3, P, P)`` float to ``(N, 1, P, P)`` logits (run as the torch runtime).
     normalise : callable
-        ``(N, 3, P, P)`` uint8 tensor (channels-last strides) → float tensor, e.g.
+        ``(N, 3, P, P)`` uint8 tensor → float tensor in the same memory layout, e.g.
         ``nets.normalise_rgb`` bound to the model card.
-    batch_uint8 : ndarray of uint8, shape (N, P, P, 3)
+    batch_uint8 : ndarray of uint8, shape (N, 3, P, P)
+        RGB patches channel first, as the slide store holds them.
     device : torch.device
     tta : bool
         Average over the 8 dihedral transforms (flips and quarter turns).

@@ -46,8 +46,9 @@ def infer_to_store(
 
     Parameters
     ----------
-    image : array-like, shape (H, W, 3), uint8
-        RGB at working resolution (zarr array or numpy array).
+    image : array-like, shape (3, H, W), uint8
+        RGB at working resolution, channel first as the store holds it (zarr array or numpy
+        array).
     outputs : sequence of array-like, shape (H, W), uint8
         Written with identical data, ``round(255 · p)``, e.g. ``[store["guide"],
         store["refined"]]``. Bands of rows without any tissue patch are not written (they
@@ -141,9 +142,10 @@ def infer_to_store(
 
 
 def _chunk_rows(image: ReadableImage) -> int | None:
-    """Rows per chunk of a zarr (``(C, C, 3)``) or dask (``((C, …), …)``) array; else None."""
+    """Rows per chunk of a zarr (``(3, C, C)``) or dask (``((3,), (C, …), …)``) array;
+    else None."""
     chunks = getattr(image, "chunks", None)
-    first = chunks[0] if chunks else None
+    first = chunks[1] if chunks and len(chunks) > 1 else None
     if isinstance(first, tuple):
         first = first[0] if first else None
     return int(first) if first else None
@@ -163,15 +165,15 @@ def _check_inputs(
     if band_px <= 0:
         raise WsisegError(f"tiling.chunk_px: must be positive, got {band_px}")
     shape = tuple(int(n) for n in image.shape)
-    if len(shape) != 3 or shape[2] != 3 or shape[0] == 0 or shape[1] == 0:
-        raise WsisegError(f"slide store image: expected shape (H, W, 3), got {shape}")
+    if len(shape) != 3 or shape[0] != 3 or shape[1] == 0 or shape[2] == 0:
+        raise WsisegError(f"slide store image: expected shape (3, H, W), got {shape}")
     dtype = getattr(image, "dtype", None)
     if dtype is not None and np.dtype(dtype) != np.uint8:
         raise WsisegError(f"slide store image: expected uint8, got {dtype}")
     for output in outputs:
-        if tuple(int(n) for n in output.shape) != shape[:2]:
+        if tuple(int(n) for n in output.shape) != shape[1:]:
             raise WsisegError(
                 f"slide store output: shape {tuple(output.shape)} does not match image "
-                f"{shape[:2]}"
+                f"{shape[1:]}"
             )
-    return shape[0], shape[1]
+    return shape[1], shape[2]

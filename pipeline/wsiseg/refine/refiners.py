@@ -48,7 +48,8 @@ def refinenet_refiner(network, batch_size: int, tta: bool = False) -> Refiner:
 
     def encode(store: SlideStore, origin: tuple[int, int], window_px: int) -> np.ndarray:
         margin = math.ceil(max_distance)  # distances see scribbles just outside the window
-        rgb = read_window(store["image"], origin, window_px, margin)
+        # (3, P, P) as stored → the (P, P, 3) view the encoding takes (no copy).
+        rgb = np.moveaxis(read_window(store["image"], origin, window_px, margin), 0, -1)
         guide = read_window(store["guide"], origin, window_px, margin)
         scrib = read_window(store["scribbles"], origin, window_px, margin)
         x = encode_refine_input(rgb, guide, scrib, max_distance_px=max_distance,
@@ -101,7 +102,7 @@ def randomwalk_refiner(beta: float, confident_margin: float) -> Refiner:
                 # cg_j's tolerance lets probabilities stray ~1e-3 outside [0, 1]: clipped.
                 warnings.simplefilter("ignore", UserWarning)
                 prob = random_walker(rgb, seeds, beta=beta, mode="cg_j", tol=1e-3,
-                                     channel_axis=-1, return_full_prob=True)
+                                     channel_axis=0, return_full_prob=True)
             out.append(np.clip(prob[0], 0.0, 1.0).astype(np.float32))
         return out
 

@@ -10,7 +10,7 @@ import numpy as np
 import shapely
 
 from wsiseg.errors import WsisegError
-from wsiseg.store import pad_value, whiten_glass
+from wsiseg.store import pad_value
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,18 @@ def feather_weight(window_px: int, context_px: int) -> np.ndarray:
 
 
 def read_window(array, origin: tuple[int, int], window_px: int, margin: int = 0) -> np.ndarray:
-    """A window (plus margin) of a store array; beyond the slide it reads as glass (white)
-    for ``image``, as the fill value (0) for the others."""
-    rows, cols = array.shape[:2]
+    """A window (plus margin) of a store array, rows and columns its last two axes: RGB
+    ``image`` (3, H, W) gives (3, P, P), the others (H, W) give (P, P). Beyond the slide
+    it reads as glass (white) for ``image``, as the fill value (0) for the others."""
+    rows, cols = array.shape[-2:]
     r0, c0 = origin[0] - margin, origin[1] - margin
     size = window_px + 2 * margin
-    out = np.full((size, size, *array.shape[2:]), pad_value(array), dtype=array.dtype)
+    out = np.full((*array.shape[:-2], size, size), pad_value(array), dtype=array.dtype)
     rs, cs = max(0, r0), max(0, c0)
     re, ce = min(rows, r0 + size), min(cols, c0 + size)
     if re > rs and ce > cs:
-        out[rs - r0 : re - r0, cs - c0 : ce - c0] = array[rs:re, cs:ce]
-    return whiten_glass(out, array)
+        out[..., rs - r0 : re - r0, cs - c0 : ce - c0] = array[..., rs:re, cs:ce]
+    return out
 
 
 def blend_windows(

@@ -7,11 +7,11 @@ the zarr region under the tile; every lower tile is the 2×2 mean of the four ti
 level above, built on demand and kept in an LRU cache bounded in bytes. Memory is therefore
 bounded by the cache plus one tile per level of the recursion, whatever the slide size.
 
-Layers: ``image`` (RGB, JPEG; chunks never tiled — no tissue — read as white glass) and
-``heatmap`` (``refined``, the current tumor probability, as a colour ramp PNG with alpha,
-transparent where the probability is low). Cached tiles are keyed by the store's version
-(:meth:`wsiseg.serve.registry.Slide.version`), so a round or an undo never serves a stale
-heat map; the same key, hashed, is the tile's ETag.
+Layers: ``image`` (RGB, JPEG; chunks never tiled — no tissue — read as white glass, the
+store's fill value) and ``heatmap`` (``refined``, the current tumor probability, as a colour
+ramp PNG with alpha, transparent where the probability is low). Cached tiles are keyed by
+the store's version (:meth:`wsiseg.serve.registry.Slide.version`), so a round or an undo
+never serves a stale heat map; the same key, hashed, is the tile's ETag.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class TileSource:
                  cache_key: str):
         self.array_name, self.format = LAYERS[layer]
         self.array = store[self.array_name]
-        rows, cols = self.array.shape[:2]
+        rows, cols = self.array.shape[-2:]  # image (3, H, W), refined (H, W)
         self.pyramid = Pyramid(cols, rows)
         self.layer = layer
         self.version = version
@@ -156,11 +156,9 @@ class TileSource:
 
     def _read(self, box: tuple[int, int, int, int]) -> np.ndarray:
         x0, y0, x1, y1 = box
-        tile = np.asarray(self.array[y0:y1, x0:x1])
-        if self.layer == "image":
-            tile = tile.copy()
-            tile[tile.max(axis=2) == 0] = 255  # never-tiled chunks (fill 0) are glass
-        return tile
+        if self.layer == "image":  # stored channel first; the tile is (h, w, 3) for PIL
+            return np.ascontiguousarray(np.moveaxis(self.array[:, y0:y1, x0:x1], 0, -1))
+        return np.asarray(self.array[y0:y1, x0:x1])
 
     def _from_children(self, level: int, col: int, row: int,
                        box: tuple[int, int, int, int]) -> np.ndarray:

@@ -67,7 +67,7 @@ class LabelledSlide:
     name : str
         Slide (or patch) name, for messages and model-card provenance.
     image : array-like of uint8, shape (H, W, 3), optional
-        RGB; the store's ``image`` array when not given.
+        RGB; when not given, the store's ``image`` array (3, H, W), read channel first.
     """
 
     store: SlideStore | None
@@ -75,13 +75,16 @@ class LabelledSlide:
     name: str = ""
     image: Any = None
     _blocks: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _channels_first: bool = field(default=False, repr=False)  # the store's (3, H, W) image
 
     def __post_init__(self) -> None:
         if self.image is None:
             if self.store is None:
                 raise ValueError("LabelledSlide needs a store or an image")
             self.image = self.store["image"]
-        if tuple(self.image.shape[:2]) != tuple(self.label.shape):
+            self._channels_first = True
+        spatial = self.image.shape[1:] if self._channels_first else self.image.shape[:2]
+        if tuple(spatial) != tuple(self.label.shape):
             raise ValueError(
                 f"{self.name}: image {tuple(self.image.shape)} and label "
                 f"{tuple(self.label.shape)} differ in shape"
@@ -102,7 +105,10 @@ class LabelledSlide:
         r1, c1 = min(row0 + size_px, rows), min(col0 + size_px, cols)
         if r1 > r0 and c1 > c0:
             inner = (slice(r0 - row0, r1 - row0), slice(c0 - col0, c1 - col0))
-            rgb[inner] = np.asarray(self.image[r0:r1, c0:c1])
+            if self._channels_first:  # (3, h, w) as stored → the (h, w, 3) training takes
+                rgb[inner] = np.moveaxis(np.asarray(self.image[:, r0:r1, c0:c1]), 0, -1)
+            else:
+                rgb[inner] = np.asarray(self.image[r0:r1, c0:c1])
             label[inner] = np.asarray(self.label[r0:r1, c0:c1])
         return rgb, label
 

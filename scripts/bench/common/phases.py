@@ -99,7 +99,8 @@ def store_patches(store_path: Path, patch_px: int, stride_px: int):
     Returns
     -------
     origins : ndarray of int64, shape (N, 2)
-    pixels : ndarray of uint8, shape (N, P, P, 3)
+    pixels : ndarray of uint8, shape (N, 3, P, P)
+        Channel first, as the store holds them and as infer.py batches them.
     """
     import numpy as np
 
@@ -108,20 +109,20 @@ def store_patches(store_path: Path, patch_px: int, stride_px: int):
 
     store = SlideStore.open(store_path, mode="r")
     image = store["image"]
-    shape = tuple(int(n) for n in image.shape[:2])
+    shape = tuple(int(n) for n in image.shape[1:])
     origins = patch_origins(shape, patch_px, stride_px)
     origins = origins[tissue_patch_mask(origins, patch_px, store.tissue_mask, shape)]
-    pixels = np.zeros((len(origins), patch_px, patch_px, 3), np.uint8)
+    pixels = np.full((len(origins), 3, patch_px, patch_px), 255, np.uint8)  # glass
     band = store.chunk_px
     for r0 in range(0, shape[0], band):  # one band of rows at a time: each chunk read once
         sel = np.nonzero((origins[:, 0] >= r0) & (origins[:, 0] < r0 + band))[0]
         if sel.size == 0:
             continue
-        rows = np.asarray(image[r0 : min(shape[0], r0 + band + patch_px)])
+        rows = np.asarray(image[:, r0 : min(shape[0], r0 + band + patch_px)])
         for i in sel:
             r, c = int(origins[i, 0]) - r0, int(origins[i, 1])
-            patch = rows[r : r + patch_px, c : c + patch_px]
-            pixels[i, : patch.shape[0], : patch.shape[1]] = patch
+            patch = rows[:, r : r + patch_px, c : c + patch_px]
+            pixels[i, :, : patch.shape[1], : patch.shape[2]] = patch
     return origins, pixels
 
 
@@ -139,11 +140,12 @@ def phase_network(store: str, weights: str, device: str, batch_size: int,
     t0 = time.perf_counter()
     _, pixels = store_patches(Path(store), patch_px, stride_px)
     extract_s = time.perf_counter() - t0
-    patches = torch.from_numpy(pixels).to(dev)  # (N, P, P, 3) uint8, device-resident
+    patches = torch.from_numpy(pixels).to(dev)  # (N, 3, P, P) uint8, device-resident
     dtype = _autocast_dtype(dev)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        x = normalise_rgb(batch.permute(0, 3, 1, 2), card)  # channels-last view, as infer.py
+        # uint8 to channels-last, then normalised in that layout: as infer.py feeds torch
+        x = normalise_rgb(batch.contiguous(memory_format=torch.channels_last), card)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             out = model(x)
         return torch.sigmoid(out[:, 0].float())
