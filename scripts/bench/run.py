@@ -127,16 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     used = (b.data.get("slides") or [{}])[0]
     table = [
         ["(a) torch network alone", a.data.get("patches"), fmt(a.data.get("seconds"), 2),
+         fmt(a.data.get("cpu_s"), 2),
          fmt(mpx / a.data["seconds"], 2) if "seconds" in a.data else "–",
          fmt(a.peak_rss_mib, 0), fmt(a.data["seconds"] / b_s, 2) if "seconds" in a.data
          else "–", ""],
         [f"(a′) {a2.data.get('runtime')} {a2.data.get('precision')} network alone",
-         a2.data.get("patches"), fmt(a2.data.get("seconds"), 2),
+         a2.data.get("patches"), fmt(a2.data.get("seconds"), 2), fmt(a2.data.get("cpu_s"), 2),
          fmt(mpx / a2.data["seconds"], 2) if "seconds" in a2.data else "–",
          fmt(a2.peak_rss_mib, 0), fmt(a2.data["seconds"] / b_s, 2) if "seconds" in a2.data
          else "–", ""],
         [f"(b) wsiseg run ({used.get('runtime', '?')} {used.get('precision', '?')})", patches,
-         fmt(b_s, 2), fmt(mpx / b_s, 2), fmt(b.peak_rss_mib, 0), "1.00", "1.00"],
+         fmt(b_s, 2), fmt(b.data.get("cpu_s"), 2), fmt(mpx / b_s, 2), fmt(b.peak_rss_mib, 0),
+         "1.00", "1.00"],
     ]
     notes = []
     if c is None:
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     elif "seconds" in c.data:
         c_s = c.data["seconds"]
         table.append(["(c) TIAToolbox SemanticSegmentor", c.data["patches"], fmt(c_s, 2),
-                      fmt(mpx / c_s, 2), fmt(c.peak_rss_mib, 0), "", fmt(c_s / b_s, 2)])
+                      fmt(c.data.get("cpu_s"), 2), fmt(mpx / c_s, 2), fmt(c.peak_rss_mib, 0),
+                      "", fmt(c_s / b_s, 2)])
     else:
         reason = c.data.get("skipped") or c.data.get("error") or c.stderr_tail[-500:]
         notes.append(f"(c) TIAToolbox could not run: {reason}")
@@ -154,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"GuideNet {g.patch_px}² patches, stride {g.stride_px}, batch {g.batch_size}, "
         f"device {args.device}, OpenVINO threads "
         f"{args.infer_threads or 'all cores'}.",
-        markdown_table(["run", "patches", "seconds", "working Mpx/s", "peak RSS (MiB)",
-                        "seconds / (b)", "(b) speed-up"], table),
+        markdown_table(["run", "patches", "seconds", "CPU-s", "working Mpx/s",
+                        "peak RSS (MiB)", "seconds / (b)", "(b) speed-up"], table),
     ), (
         "Where (b)'s time goes (wall: share of the run; thread-s: summed over threads, "
         "overlapping the rest):",

@@ -54,13 +54,15 @@ def phase_network(store: str, weights: str, runtime: str, precision: str, batch_
     n = len(patches)
     with torch.inference_mode():
         forward(patches[:batch_size])  # warm-up
-        times = []
+        times, cpu = [], []
         for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), common.process_cpu_s()
             for i in range(0, n, batch_size):
                 forward(patches[i : i + batch_size])
             times.append(time.perf_counter() - t0)
+            cpu.append(common.process_cpu_s() - cpu0)
     return {"patches": n, "seconds": min(times), "all_seconds": times, "load_s": load_s,
+            "cpu_s": cpu[times.index(min(times))],
             "runtime": net.runtime, "precision": net.precision, "batch_size": batch_size,
             "threads": threads, "torch_threads": torch.get_num_threads()}
 

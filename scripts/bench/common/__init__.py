@@ -12,7 +12,14 @@ Not a test module and not part of the package. The scripts beside this folder im
 """
 
 from common.args import add_common_args, default_cache, parse_size, scratch
-from common.phases import ChildResult, fastest, phase_pipeline, run_phase, store_patches
+from common.phases import (
+    ChildResult,
+    fastest,
+    phase_pipeline,
+    process_cpu_s,
+    run_phase,
+    store_patches,
+)
 from common.sampling import MIB, GpuUtilisation, PeakRSS
 from common.slides import generated_slide, guidenet_weights, slide_copies
 from common.tables import (
@@ -47,6 +54,7 @@ __all__ = [
     "parse_size",
     "phase_pipeline",
     "print_report",
+    "process_cpu_s",
     "run_phase",
     "scratch",
     "slide_copies",

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,13 @@ class ChildResult:
     peak_rss_mib: float  # the child's own sample (see PeakRSS), after its imports
     returncode: int
     stderr_tail: str
+
+
+def process_cpu_s(children: bool = False) -> float:
+    """CPU seconds this process has used, all threads, user + system; ``children``: plus its
+    child processes that have ended (e.g. DataLoader workers)."""
+    who = [resource.RUSAGE_SELF] + ([resource.RUSAGE_CHILDREN] if children else [])
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, who))
 
 
 def fastest(results: list[ChildResult]) -> ChildResult:
@@ -154,14 +162,16 @@ def phase_network(store: str, weights: str, device: str, batch_size: int,
     with torch.inference_mode():
         forward(patches[:batch_size])  # warm-up (cuDNN autotuning, allocator, oneDNN)
         _sync(dev)
-        times = []
+        times, cpu = [], []
         for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), process_cpu_s()
             for i in range(0, n, batch_size):
                 forward(patches[i : i + batch_size])
             _sync(dev)
             times.append(time.perf_counter() - t0)
+            cpu.append(process_cpu_s() - cpu0)
     return {"patches": n, "seconds": min(times), "all_seconds": times,
+            "cpu_s": cpu[times.index(min(times))],
             "extract_s": extract_s, "device": str(dev), "autocast": str(dtype),
             "batch_size": batch_size}
 
@@ -215,15 +225,16 @@ def phase_pipeline(slides: list[str], out: str, weights: str, device: str,
     argv = ["run", *slides, "--out", out, "--guidenet", weights, "--device", device]
     gpu = GpuUtilisation() if sample_gpu else contextlib.nullcontext()
     with PeakRSS(children=False) as rss, gpu:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), process_cpu_s()
         status = wsiseg.cli.main(argv)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_s = time.perf_counter() - t0, process_cpu_s() - cpu0
     timer.restore()
     with (Path(out) / "summary.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     stats = [vars(s) for s in timer.results.get("infer (wall)", [])]
     result: dict[str, Any] = {
-        "status": status, "seconds": seconds, "slides": rows, "stages": timer.as_dict(),
+        "status": status, "seconds": seconds, "cpu_s": cpu_s, "slides": rows,
+        "stages": timer.as_dict(),
         "infer_stats": stats, "peak_rss_mib": rss.peak_mib, "start_rss_mib": rss.start_mib,
     }
     if sample_gpu:
@@ -346,7 +357,7 @@ def phase_tiatoolbox(slide: str, out: str, weights: str, device: str, batch_size
         stride_shape=(stride_px, stride_px), save_resolution=resolution[0],
     )
     with PeakRSS() as rss:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), process_cpu_s(children=True)
         # TIAToolbox's WSIReader.open takes a generic tiled TIFF for a plain image
         # (VirtualWSIReader: the whole level 0 in memory, no mpp); open it with OpenSlide,
         # as TIAToolbox opens SVS/NDPI/MRXS scans, so both sides read the same pyramid.
@@ -355,10 +366,12 @@ def phase_tiatoolbox(slide: str, out: str, weights: str, device: str, batch_size
                             save_dir=Path(out), overwrite=True, output_type=output_type,
                             return_probabilities=True, auto_get_mask=True)
         seconds = time.perf_counter() - t0
+        cpu_s = process_cpu_s(children=True) - cpu0  # its DataLoader workers included
     loaders = timer.results.get("get_dataloader", [])
     patches = sum(len(dl.dataset) for dl in loaders)
-    return {"seconds": seconds, "patches": patches, "stages": timer.as_dict(),
-            "version": tiatoolbox.__version__, "workers": workers, "device": str(dev),
+    return {"seconds": seconds, "cpu_s": cpu_s, "patches": patches,
+            "stages": timer.as_dict(), "version": tiatoolbox.__version__, "workers": workers,
+            "device": str(dev),
             "output_type": output_type, "outputs": [str(v) for v in dict(output).values()],
             "simpleitk_stubbed": stubbed,
             "peak_rss_mib": rss.peak_mib}
