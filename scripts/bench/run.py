@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                         "peak RSS (MiB)", "seconds / (b)", "(b) speed-up"], table),
     ), (
         "Where (b)'s time goes (wall: share of the run; thread-s: summed over threads, "
-        "overlapping the rest):",
-        markdown_table(["stage", "calls", "seconds", "share"],
+        "overlapping the rest; CPU-s: what the calling thread computed, the rest of the time "
+        "it waited or was descheduled):",
+        markdown_table(["stage", "calls", "seconds", "CPU-s (calling thread)", "share"],
                        common.stage_rows(b.data["stages"], stats, b_s)),
     )]
     if c is not None and "stages" in c.data:

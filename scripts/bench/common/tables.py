@@ -106,15 +106,16 @@ def print_report(title: str, tables: Sequence[tuple[str, str]], notes: Sequence[
 
 
 def stage_rows(stages: dict, infer_stats: list[dict], total_s: float) -> list[list]:
-    """Where the pipeline's time goes: wall stages, thread-seconds, and the infer breakdown."""
+    """Where the pipeline's time goes: wall stages, thread-seconds, the calling thread's CPU
+    seconds, and the infer breakdown (columns stage, calls, seconds, CPU-s, share)."""
     rows = []
     for label, v in stages.items():
         share = f"{100 * v['seconds'] / total_s:.0f} %" if "(wall)" in label else ""
-        rows.append([label, v["calls"], fmt(v["seconds"], 2), share])
+        rows.append([label, v["calls"], fmt(v["seconds"], 2), fmt(v.get("cpu_s"), 2), share])
     for key in ("forward_s", "read_s", "write_s", "wait_s"):
         total = sum(s[key] for s in infer_stats)
         rows.append([f"infer: {key[:-2]}" + (" (thread-s)" if key in ("read_s", "write_s")
-                                              else ""), "", fmt(total, 2), ""])
+                                              else ""), "", fmt(total, 2), "", ""])
     return rows
 
 

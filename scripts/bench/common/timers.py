@@ -1,4 +1,5 @@
-"""Stage timers: accumulated wall time of the package's functions, wrapped where looked up."""
+"""Stage timers: accumulated wall and CPU time of the package's functions, wrapped where
+looked up."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ class StageTimer:
     """
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    #: CPU seconds of the calling thread inside each stage (threads the stage starts and
+    #: native thread pools, e.g. OpenVINO's, are not counted).
+    cpu_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     spans: dict[str, list[tuple[float, float]]] = field(
         default_factory=lambda: defaultdict(list))
@@ -36,13 +40,14 @@ class StageTimer:
 
         @functools.wraps(original)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             try:
                 result = original(*args, **kwargs)
             finally:
-                t1 = time.perf_counter()
+                t1, cpu1 = time.perf_counter(), time.thread_time()
                 with self._lock:
                     self.seconds[label] += t1 - t0
+                    self.cpu_seconds[label] += cpu1 - cpu0
                     self.calls[label] += 1
                     self.spans[label].append((t0, t1))
             if keep_result:
@@ -59,5 +64,6 @@ class StageTimer:
             setattr(owner, name, original)
 
     def as_dict(self) -> dict[str, dict[str, float]]:
-        return {k: {"seconds": round(v, 4), "calls": self.calls[k]}
+        return {k: {"seconds": round(v, 4), "cpu_s": round(self.cpu_seconds[k], 4),
+                    "calls": self.calls[k]}
                 for k, v in self.seconds.items()}
