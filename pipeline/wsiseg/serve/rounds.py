@@ -176,7 +176,7 @@ def answer_bytes(answer: dict[str, Any]) -> bytes:
 
 
 def _ids_of(store: SlideStore, round_k: int) -> set[str]:
-    return set(rounds.load_round_contours(store, round_k).ids)
+    return set(rounds.load_round_ids(store, round_k))
 
 
 def _open(slide: Slide, mode: str = "r+") -> SlideStore:
