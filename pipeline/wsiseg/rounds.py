@@ -117,6 +117,7 @@ class RoundContours:
     _stamp: list[int] | None = None  # _source's (size, mtime_ns) when the index matched it
     #: float64 (n,): each feature's area on tissue, working px² (NaN: not known)
     covered_px: np.ndarray | None = None
+    _working: np.ndarray | None = None  # working_geometries, once computed
 
     def covered_of(self, store: SlideStore, indices: list[int]) -> np.ndarray:
         """The area on tissue (working px²) of these features: recorded in the index, or
@@ -135,8 +136,12 @@ class RoundContours:
         return dict(zip(self.ids, self.geometries, strict=True))
 
     def working_geometries(self, store: SlideStore) -> np.ndarray:
-        """The features' geometries in working px (one per feature, possibly multi-part)."""
-        return store.frame.transform_geometry(self.geometries, "qupath", "working")
+        """The features' geometries in working px (one per feature, possibly multi-part);
+        transformed once (a round asks twice: comparing the export's AI contours, and
+        re-contouring)."""
+        if self._working is None:
+            self._working = store.frame.transform_geometry(self.geometries, "qupath", "working")
+        return self._working
 
     def feature_texts(self, indices: list[int]) -> list[str]:
         """The Feature JSON texts of these features: byte for byte as written when read
