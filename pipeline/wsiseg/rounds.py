@@ -214,6 +214,24 @@ def load_round_ids(store: SlideStore, round_k: int) -> list[str]:
     return load_round_contours(store, round_k).ids
 
 
+def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> list[str]:
+    """The Feature JSON texts of a round's features whose id is in ``wanted``, in file
+    order, byte for byte as the round's GeoJSON holds them: sliced by the index's byte
+    ranges (one read of the file, no geometry decoded), else parsed and written anew."""
+    geojson = round_geojson_path(store, round_k)
+    index = _index_path(store, round_k)
+    if geojson.exists() and index.exists():
+        data = geojson.read_bytes()
+        st = geojson.stat()
+        with np.load(index, allow_pickle=False) as z:
+            if z["geojson"].tolist() == [len(data), st.st_mtime_ns]:
+                ids, off = z["ids"].tolist(), z["offsets"]
+                return [data[off[i] : off[i + 1] - 1].decode()
+                        for i, feature_id in enumerate(ids) if feature_id in wanted]
+    contours = load_round_contours(store, round_k)
+    return contours.feature_texts([i for i, f in enumerate(contours.ids) if f in wanted])
+
+
 def _index_path(store: SlideStore, round_k: int) -> Path:
     return store.path / "rounds" / f"r{round_k}.index.npz"
 
