@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import shapely
 
+import wsiseg.outputs
 from wsiseg import rounds
-from wsiseg.outputs import measurements, tissue_covered_px
-from wsiseg.qupath import read_annotations, write_annotations
+from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
+from wsiseg.qupath import annotation_features, read_annotations, write_annotations
 from wsiseg.refine import randomwalk_refiner, refine_round
 from wsiseg.slide.tissue import share_of_mask_covered
 
@@ -94,3 +95,14 @@ def test_the_ids_of_a_round_read_from_the_index_or_the_file(two_rounds):
     assert rounds.load_round_ids(store, 2) == ids
     rounds._index_path(store, 2).unlink()
     assert rounds.load_round_ids(store, 2) == ids
+
+
+def test_polygons_inside_the_slide_are_written_as_if_clipped(two_rounds, monkeypatch):
+    """Clipping to the slide is skipped for polygons inside it: the same bytes."""
+    store, _ = two_rounds
+    polygons, means = round_contours(store)
+    assert polygons
+    fast = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
+    monkeypatch.setattr(wsiseg.outputs, "_clipped", shapely.intersection)
+    clipped = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
+    assert fast == clipped

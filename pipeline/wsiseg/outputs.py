@@ -97,8 +97,7 @@ def annotations_for(
         out.append(
             Annotation(
                 geometry=frame.transform_geometry(
-                    shapely.intersection(frame.transform_geometry(poly, "working", "level0"),
-                                         slide_box),
+                    _clipped(frame.transform_geometry(poly, "working", "level0"), slide_box),
                     "level0", "qupath",
                 ),
                 class_name=cfg.class_name,
@@ -119,6 +118,16 @@ def annotations_for(
             )
         )
     return out
+
+
+def _clipped(geometry: shapely.Geometry, box: shapely.Polygon) -> shapely.Geometry:
+    """``geometry ∩ box``; the geometry itself when its bounds lie within the box (the
+    overlay would give the same polygon and costs ~0.5 s on a tumor of 60 000 vertices)."""
+    x0, y0, x1, y1 = shapely.bounds(geometry)
+    bx0, by0, bx1, by1 = shapely.bounds(box)
+    if bx0 <= x0 and by0 <= y0 and x1 <= bx1 and y1 <= by1:
+        return geometry
+    return shapely.intersection(geometry, box)
 
 
 def published_paths(out_dir: Path, slide_id: str, round_k: int) -> tuple[Path, Path]:
