@@ -97,8 +97,7 @@ def annotations_for(
         out.append(
             Annotation(
                 geometry=frame.transform_geometry(
-                    shapely.intersection(frame.transform_geometry(poly, "working", "level0"),
-                                         slide_box),
+                    _clipped(frame.transform_geometry(poly, "working", "level0"), slide_box),
                     "level0", "qupath",
                 ),
                 class_name=cfg.class_name,
@@ -119,6 +118,16 @@ def annotations_for(
             )
         )
     return out
+
+
+def _clipped(geometry: shapely.Geometry, box: shapely.Polygon) -> shapely.Geometry:
+    """``geometry ∩ box``; the geometry itself when its bounds lie within the box (the
+    overlay would give the same polygon and costs ~0.5 s on a tumor of 60 000 vertices)."""
+    x0, y0, x1, y1 = shapely.bounds(geometry)
+    bx0, by0, bx1, by1 = shapely.bounds(box)
+    if bx0 <= x0 and by0 <= y0 and x1 <= bx1 and y1 <= by1:
+        return geometry
+    return shapely.intersection(geometry, box)
 
 
 def published_paths(out_dir: Path, slide_id: str, round_k: int) -> tuple[Path, Path]:
@@ -163,8 +172,15 @@ def write_thumbnail(
 
 
 def measurements(
-    store: SlideStore, polygons: list[shapely.Polygon], round_k: int
+    store: SlideStore, polygons: list[shapely.Polygon], round_k: int,
+    covered_px: float | None = None,
 ) -> SlideMeasurements:
+    """The slide's figures for a round's ``polygons`` (working px, disjoint).
+
+    ``covered_px``: the polygons' area on tissue (working px², :func:`tissue_covered_px`
+    summed) when the caller knows it — a refine round keeps it per feature in the round's
+    index, so only its new polygons are intersected with the tissue, not the slide's.
+    """
     wf = store.workflow
     tissue = store.tissue_mask
     tissue_mm2 = float(tissue.sum()) * wf.tissue.mask_mpp**2 / 1e6
@@ -172,7 +188,10 @@ def measurements(
     tumor_mm2 = float(sum(areas_mm2))
     # The share of the tissue that is tumor (tumor ∩ tissue / tissue): tumor traced beyond
     # the coarse tissue mask does not count, so the fraction never exceeds 1.
-    fraction = share_of_mask_covered(polygons, tissue, store.frame.working_shape)
+    if covered_px is None:
+        fraction = share_of_mask_covered(polygons, tissue, store.frame.working_shape)
+    else:
+        fraction = _share_of_tissue(store, covered_px)
     return SlideMeasurements(
         round=round_k,
         tissue_mm2=round(tissue_mm2, 4),
@@ -181,6 +200,44 @@ def measurements(
         foci=len(polygons),
         largest_focus_mm2=round(max(areas_mm2, default=0.0), 4),
     )
+
+
+def tissue_covered_px(store: SlideStore, polygons: Sequence[shapely.Geometry]) -> np.ndarray:
+    """float64 (n,): each polygon's area on the tissue mask's pixel boxes, working px² —
+    what :func:`~wsiseg.slide.tissue.share_of_mask_covered` sums, per polygon, with only
+    the mask's pixels under the polygons' bounds read into boxes."""
+    out = np.zeros(len(polygons))
+    if not len(polygons):
+        return out
+    mask = store.tissue_mask
+    h, w = mask.shape
+    rows, cols = store.frame.working_shape
+    sy, sx = rows / h, cols / w
+    geoms = np.asarray(polygons, dtype=object)
+    x0, y0, x1, y1 = shapely.total_bounds(geoms)
+    i0, i1 = max(0, int(y0 // sy)), min(h, int(math.ceil(y1 / sy)) + 1)
+    j0, j1 = max(0, int(x0 // sx)), min(w, int(math.ceil(x1 / sx)) + 1)
+    window = mask[i0:i1, j0:j1]
+    if not window.any():
+        return out
+    # One box per run of mask pixels in a row, their union, as share_of_mask_covered does.
+    padded = np.pad(window, ((0, 0), (1, 1))).astype(np.int8)
+    r, edges = np.nonzero(np.diff(padded, axis=1))
+    starts, ends, runs_row = edges[0::2] + j0, edges[1::2] + j0, r[0::2] + i0
+    inside = shapely.union_all(shapely.box(starts * sx, runs_row * sy, ends * sx,
+                                           (runs_row + 1) * sy))
+    shapely.prepare(inside)
+    return shapely.area(shapely.intersection(geoms, inside)).astype(np.float64)
+
+
+def _share_of_tissue(store: SlideStore, covered_px: float) -> float:
+    """``covered_px`` (working px²) as a share of the tissue mask's area, at most 1."""
+    mask = store.tissue_mask
+    if not mask.any():
+        return 0.0
+    rows, cols = store.frame.working_shape
+    sy, sx = rows / mask.shape[0], cols / mask.shape[1]
+    return min(1.0, float(covered_px) / (float(mask.sum()) * sy * sx))
 
 
 def _strided_read(image, step: int) -> np.ndarray:

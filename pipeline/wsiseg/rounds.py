@@ -6,9 +6,11 @@ Layout inside ``<slide-id>.zarr``:
   ``wsiseg export`` reads them from the store alone.
 - ``rounds/r<k>.index.npz`` — beside it, what the next refine round needs without parsing
   the GeoJSON (whose size grows with the slide): each feature's id, geometry (WKB, QuPath
-  frame), mean tumor probability and byte range in the GeoJSON, so kept features are copied
-  verbatim into the next round's file. Plain arrays, loaded without pickle; an index that
-  does not match its GeoJSON (size, mtime) is ignored and the GeoJSON parsed instead.
+  frame), byte range in the GeoJSON and area on tissue (working px², NaN when not known
+  yet), so kept features are copied verbatim into the next round's file and only new ones
+  are measured. Plain arrays, loaded without pickle (each array read only when used: the
+  server's list of ids reads the ids alone); an index that does not match its GeoJSON
+  (size, mtime) is ignored and the GeoJSON parsed instead.
 - zarr group ``history/r<k>`` — for every box the round changed, the ``refined`` and
   ``scribbles`` pixels from before it (attributes hold the boxes). ``wsiseg undo`` writes
   them back, so the previous round comes back exactly.
@@ -32,7 +34,13 @@ import shapely
 from wsiseg.atomic import atomic_writer
 from wsiseg.errors import WsisegError
 from wsiseg.journal import Transaction
-from wsiseg.outputs import annotations_for, publish_round, published_paths, round_contours
+from wsiseg.outputs import (
+    annotations_for,
+    publish_round,
+    published_paths,
+    round_contours,
+    tissue_covered_px,
+)
 from wsiseg.qupath import (
     Annotation,
     annotation_features,
@@ -107,13 +115,33 @@ class RoundContours:
     _source: Path | None = None
     _offsets: np.ndarray | None = None  # int64 (n + 1): byte ranges in _source
     _stamp: list[int] | None = None  # _source's (size, mtime_ns) when the index matched it
+    #: float64 (n,): each feature's area on tissue, working px² (NaN: not known)
+    covered_px: np.ndarray | None = None
+    _working: np.ndarray | None = None  # working_geometries, once computed
+
+    def covered_of(self, store: SlideStore, indices: list[int]) -> np.ndarray:
+        """The area on tissue (working px²) of these features: recorded in the index, or
+        measured now for those without (a round 0 written before inference had measured)."""
+        known = (np.full(len(self.ids), np.nan) if self.covered_px is None
+                 else self.covered_px)[np.asarray(indices, dtype=np.intp)]
+        missing = np.flatnonzero(~np.isfinite(known))
+        if len(missing):
+            geoms = self.working_geometries(store)[np.asarray(indices, dtype=np.intp)[missing]]
+            parts, owner = shapely.get_parts(geoms, return_index=True)
+            known[missing] = np.bincount(owner, weights=tissue_covered_px(store, parts),
+                                         minlength=len(missing))
+        return known
 
     def by_id(self) -> dict[str, shapely.Geometry]:
         return dict(zip(self.ids, self.geometries, strict=True))
 
     def working_geometries(self, store: SlideStore) -> np.ndarray:
-        """The features' geometries in working px (one per feature, possibly multi-part)."""
-        return store.frame.transform_geometry(self.geometries, "qupath", "working")
+        """The features' geometries in working px (one per feature, possibly multi-part);
+        transformed once (a round asks twice: comparing the export's AI contours, and
+        re-contouring)."""
+        if self._working is None:
+            self._working = store.frame.transform_geometry(self.geometries, "qupath", "working")
+        return self._working
 
     def feature_texts(self, indices: list[int]) -> list[str]:
         """The Feature JSON texts of these features: byte for byte as written when read
@@ -131,7 +159,7 @@ class RoundContours:
 
 def write_round_index(
     store: SlideStore, round_k: int, ids: list[str], geometries: list[shapely.Geometry],
-    offsets: list[int],
+    offsets: list[int], covered_px: Sequence[float] | None = None,
 ) -> None:
     """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc)."""
     geojson = round_geojson_path(store, round_k)
@@ -143,6 +171,8 @@ def write_round_index(
             f, ids=np.asarray(ids, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
             wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8), wkb_end=ends,
             geojson=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
+            covered_px=np.asarray(np.full(len(ids), np.nan) if covered_px is None
+                                  else covered_px, dtype=np.float64),
         )
 
 
@@ -161,12 +191,45 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
                 wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
                 starts = np.concatenate([[0], ends[:-1]])
                 geoms = shapely.from_wkb([wkb[a:b] for a, b in zip(starts, ends, strict=True)])
+                covered = z["covered_px"] if "covered_px" in z.files else None
                 return RoundContours(ids=z["ids"].tolist(), geometries=np.asarray(geoms),
-                                     _source=geojson, _offsets=z["offsets"], _stamp=stamp)
+                                     _source=geojson, _offsets=z["offsets"], _stamp=stamp,
+                                     covered_px=covered)
     ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
     return RoundContours(ids=[a.id for a in ours],
                          geometries=np.asarray([a.geometry for a in ours], dtype=object),
                          _annotations=ours)
+
+
+def load_round_ids(store: SlideStore, round_k: int) -> list[str]:
+    """A round's feature ids: the index's ids alone (no geometry decoded) when it matches
+    its GeoJSON, else those :func:`load_round_contours` parses."""
+    geojson = round_geojson_path(store, round_k)
+    index = _index_path(store, round_k)
+    if geojson.exists() and index.exists():
+        with np.load(index, allow_pickle=False) as z:
+            st = geojson.stat()
+            if z["geojson"].tolist() == [st.st_size, st.st_mtime_ns]:
+                return z["ids"].tolist()
+    return load_round_contours(store, round_k).ids
+
+
+def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> list[str]:
+    """The Feature JSON texts of a round's features whose id is in ``wanted``, in file
+    order, byte for byte as the round's GeoJSON holds them: sliced by the index's byte
+    ranges (one read of the file, no geometry decoded), else parsed and written anew."""
+    geojson = round_geojson_path(store, round_k)
+    index = _index_path(store, round_k)
+    if geojson.exists() and index.exists():
+        data = geojson.read_bytes()
+        st = geojson.stat()
+        with np.load(index, allow_pickle=False) as z:
+            if z["geojson"].tolist() == [len(data), st.st_mtime_ns]:
+                ids, off = z["ids"].tolist(), z["offsets"]
+                return [data[off[i] : off[i + 1] - 1].decode()
+                        for i, feature_id in enumerate(ids) if feature_id in wanted]
+    contours = load_round_contours(store, round_k)
+    return contours.feature_texts([i for i, f in enumerate(contours.ids) if f in wanted])
 
 
 def _index_path(store: SlideStore, round_k: int) -> Path:
@@ -237,30 +300,37 @@ def write_round_geojson(
     polygons: list[shapely.Polygon] | None = None,
     kept: tuple[RoundContours, list[int]] | None = None,
     means: Sequence[float] | None = None,
+    covered_px: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Path, list[shapely.Polygon]]:
     """Write round k's contours into the store (``rounds/r<k>.geojson``, the record, and its
     index) and publish them as ``<slide-id>.r<k>.geojson`` and ``<slide-id>.geojson`` (the
     latest). ``kept``: features of the previous round that this round keeps, copied byte for
     byte (a refine round's cost then follows the changed regions, not the slide);
     ``polygons`` are then only the new ones, ``means`` their mean probabilities (NaN: measure
-    it). Without ``polygons`` the whole of ``refined`` is contoured."""
+    it). Without ``polygons`` the whole of ``refined`` is contoured. ``covered_px``: the
+    kept features' and the new polygons' areas on tissue (working px²), recorded in the
+    index for the next round's measurements."""
     if polygons is None:
         polygons, means = round_contours(store)
     annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    texts, ids, geoms = [], [], []
+    texts, ids, geoms, covered = [], [], [], []
+    kept_covered, new_covered = covered_px if covered_px is not None else (None, None)
     if kept is not None:
         previous, indices = kept
         texts += previous.feature_texts(indices)
         ids += [previous.ids[i] for i in indices]
         geoms += [previous.geometries[i] for i in indices]
+        covered += (list(kept_covered) if kept_covered is not None
+                    else [np.nan] * len(indices))
     for index, feature_id, text in annotation_features(annotations):
         texts.append(text)
         ids.append(feature_id)
         geoms.append(annotations[index].geometry)
+        covered.append(new_covered[index] if new_covered is not None else np.nan)
     record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
     offsets = write_feature_collection(record, texts)
-    write_round_index(store, round_k, ids, geoms, offsets)
+    write_round_index(store, round_k, ids, geoms, offsets, covered)
     return publish_round(record, out_dir, slide_id, round_k), polygons
 
 

@@ -151,7 +151,8 @@ def running(app):
         sock.close()
 
 
-def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int) -> list[dict]:
+def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
+                      contours: str = "all") -> list[dict]:
     import httpx
 
     timer = StageTimer()
@@ -168,7 +169,8 @@ def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int) 
                     break
                 before = dict(timer.seconds)
                 t0 = time.perf_counter()
-                r = http.post(f"{url}/slides/{slide_id}/scribbles", content=body,
+                r = http.post(f"{url}/slides/{slide_id}/scribbles?contours={contours}",
+                              content=body,
                               headers={"Content-Type": "application/geo+json"})
                 total = time.perf_counter() - t0
                 if r.status_code == 422:  # e.g. a stroke mostly off tissue: drawn again
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refiners", default="refinenet,randomwalk")
     parser.add_argument("--strokes", type=int, default=50)
     parser.add_argument("--tiles", type=int, default=200)
+    parser.add_argument("--answer", choices=("all", "changed"), default="all",
+                        help="the answer's contours: the slide's whole (the default answer) "
+                             "or only the features a round added (?contours=changed)")
     parser.add_argument("--area-factor", type=int, default=1,
                         help="also a slide of this many times the area (a square: 4, 16), "
                              "with the first workflow")
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: "
                                    f"{args.strokes} strokes")
                         rows = strokes_over_http(url, "slide", store, truth, args.strokes,
-                                                 args.seed)
+                                                 args.seed, args.answer)
                         if refiner == args.refiners.split(",")[0] and not big:
                             tiles = tiles_per_second(url, "slide", store, args.tiles,
                                                      args.seed)

@@ -13,7 +13,7 @@ import shapely
 from wsiseg import rounds
 from wsiseg.errors import WsisegError
 from wsiseg.journal import Transaction
-from wsiseg.outputs import measurements
+from wsiseg.outputs import measurements, tissue_covered_px
 from wsiseg.refine.refiners import Refiner
 from wsiseg.refine.scribbles import ai_counts, load_scribbles, rasterize_new
 from wsiseg.refine.windows import affected_windows, blend_windows, box_slices, window_regions
@@ -136,10 +136,14 @@ def _apply_round(store, round_k, rasters, windows, regions, refiner, latest, out
         store["refined"][box_slices(region)] = blended
     previous = latest.working_geometries(store)
     kept, fresh, means = rounds.recontour(store, previous, [r for r, _ in regions])
+    # areas on tissue: the kept features' from the index, only the new polygons' measured
+    covered = (latest.covered_of(store, kept), tissue_covered_px(store, fresh))
     latest_geojson, _ = rounds.write_round_geojson(store, out_dir, slide_id, round_k, fresh,
-                                                   kept=(latest, kept), means=means)
+                                                   kept=(latest, kept), means=means,
+                                                   covered_px=covered)
     polygons = [p for g in previous[kept] for p in shapely.get_parts(g)] + fresh
-    m = measurements(store, polygons, round_k)
+    m = measurements(store, polygons, round_k,
+                     covered_px=float(covered[0].sum() + covered[1].sum()))
     entry = {
         "round": round_k, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": "refine",
         "windows": len(windows), "regions": [list(r) for r, _ in regions],

@@ -5,7 +5,7 @@ Data routes (token-guarded, see :mod:`wsiseg.serve.guard`)::
     GET  /slides                              the slides: id, source, size, rounds, tumor area
     GET  /slides/{id}                         one of them
     GET  /slides/{id}/contours[?round=K]      the bytes of <id>.geojson / <id>.r<K>.geojson
-    POST /slides/{id}/scribbles               a QuPath export → one refine round
+    POST /slides/{id}/scribbles[?contours=changed]  a QuPath export → one refine round
     POST /slides/{id}/undo                    back to the previous round
     GET  /slides/{id}/history                 the rounds, with timings
     GET  /slides/{id}/thumbnail               <id>.png of the run
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -135,12 +135,17 @@ def create_app(state: ServerState) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {
                   GEOJSON: {"schema": {"type": "object"}},
                   "application/json": {"schema": {"type": "object"}}}}})
-    async def scribbles(slide_id: str, request: Request) -> Response:
+    async def scribbles(
+        slide_id: str, request: Request,
+        contours: Annotated[Literal["all", "changed"], Query(
+            description="the answer's contours: all of the latest round's, or only the "
+                        "features it added (the removed ones are in `changed`)")] = "all",
+    ) -> Response:
         slide = slide_or_404(slide_id)
         body = await request.body()
         answer = await state.queues.run(
             slide.id, lambda queued_s: serve_round(slide, body, state.choice, state.scratch,
-                                                   queued_s))
+                                                   queued_s, contours))
         return Response(answer_bytes(answer), media_type="application/json")
 
     @app.post("/slides/{slide_id}/undo", summary="Back to the previous round")

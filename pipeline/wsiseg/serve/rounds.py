@@ -76,8 +76,12 @@ class Scratch:
 
 def serve_round(
     slide: Slide, body: bytes, choice: RefinerChoice, scratch: Scratch, queued_s: float,
+    contours: str = "all",
 ) -> dict[str, Any]:
-    """One refine round from a POSTed QuPath export (on the slide's queue)."""
+    """One refine round from a POSTed QuPath export (on the slide's queue). ``contours``:
+    ``"all"`` answers the latest contours whole; ``"changed"`` only the features the round
+    added (the removed ones are listed in ``changed``), so that the answer, and the
+    client's parsing of it, follow the change and not the slide."""
     t0 = time.perf_counter()
     store = _open(slide)
     refiner, kind, runtime = choice.get(store.workflow)
@@ -112,7 +116,7 @@ def serve_round(
     }
     if result.new_pixels == 0:
         answer["message"] = f"nothing new to refine (round {result.round} stays current)"
-    answer |= _contours_answer(slide, store, old_ids, result.round)
+    answer |= _contours_answer(slide, store, old_ids, result.round, contours == "changed")
     answer["timings"] = {
         "queued_s": round(queued_s, 4), "network_s": round(network_s[0], 4),
         "round_s": round(round_s, 4), "refine_round_s": round(result.seconds, 4),
@@ -150,14 +154,21 @@ def history(slide: Slide) -> list[dict[str, Any]]:
 
 def _contours_answer(
     slide: Slide, store: SlideStore, old_ids: set[str], current: int,
+    only_added: bool = False,
 ) -> dict[str, Any]:
-    """The latest contours (as ``<slide>.geojson`` holds them) and which features changed
-    from ``old_ids`` (the feature ids of the round before) to round ``current``."""
-    text = slide.round_file(None).read_text(encoding="utf-8")
+    """The latest contours (as ``<slide>.geojson`` holds them; ``only_added``: only the
+    features new in round ``current``, their text as the file holds it) and which features
+    changed from ``old_ids`` (the feature ids of the round before) to round ``current``."""
     new_ids = _ids_of(store, current)
+    added = new_ids - old_ids
+    if only_added:
+        texts = rounds.round_feature_texts(store, current, added)
+        text = '{"type":"FeatureCollection","features":[' + ",".join(texts) + "]}"
+    else:
+        text = slide.round_file(None).read_text(encoding="utf-8")
     return {
         "contours": RawJSON(text),
-        "changed": {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids)},
+        "changed": {"added": sorted(added), "removed": sorted(old_ids - new_ids)},
     }
 
 
@@ -176,7 +187,7 @@ def answer_bytes(answer: dict[str, Any]) -> bytes:
 
 
 def _ids_of(store: SlideStore, round_k: int) -> set[str]:
-    return set(rounds.load_round_contours(store, round_k).ids)
+    return set(rounds.load_round_ids(store, round_k))
 
 
 def _open(slide: Slide, mode: str = "r+") -> SlideStore:

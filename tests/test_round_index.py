@@ -1,0 +1,108 @@
+"""The round index lets a refine round write and measure only what changed (issue 16).
+
+A round copies kept features' bytes from the previous file and keeps each feature's area on
+tissue in the index, so it intersects only its new polygons with the tissue: the file must
+be the one the full writer gives for the same features, and the measurements the ones
+measured from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import shapely
+
+import wsiseg.outputs
+from wsiseg import rounds
+from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
+from wsiseg.qupath import annotation_features, read_annotations, write_annotations
+from wsiseg.refine import randomwalk_refiner, refine_round
+from wsiseg.slide.tissue import share_of_mask_covered
+
+from conftest import CMU_SVS, real
+from storekit import blobs, feature, run_store, write_export
+
+SLIDE_ID = "cmu"
+
+
+@pytest.fixture()
+def two_rounds(tmp_path, small_workflow):
+    """Round 0 of the real SVS, then two refine rounds of one small stroke each."""
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, blobs)
+    from scipy import ndimage
+
+    rr, cc = np.nonzero(ndimage.binary_erosion(store.tissue_mask, iterations=2))
+    rows, cols = store.frame.working_shape
+    sy, sx = rows / store.tissue_mask.shape[0], cols / store.tissue_mask.shape[1]
+    for k, pick in enumerate([0, len(rr) // 2]):
+        x, y = (cc[pick] + 0.5) * sx, (rr[pick] + 0.5) * sy
+        box = store.frame.transform_geometry(shapely.box(x - 6, y - 6, x + 6, y + 6),
+                                             "working", "qupath")
+        export = write_export(tmp_path / f"s{k}.geojson", [feature(box, "Tumor")])
+        refine_round(store, export, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+    assert len(store.attrs["rounds"]) == 3
+    return store, out
+
+
+def test_a_round_file_is_the_full_writers_output_byte_for_byte(two_rounds, tmp_path):
+    """Kept features are copied from the previous file, new ones serialised: the result is
+    what writing all the round's features anew gives."""
+    store, out = two_rounds
+    for k in (1, 2):
+        record = rounds.round_geojson_path(store, k)
+        annotations = read_annotations(record)
+        assert annotations
+        write_annotations(tmp_path / f"full{k}.geojson", annotations)
+        assert (tmp_path / f"full{k}.geojson").read_bytes() == record.read_bytes()
+        assert (out / f"{SLIDE_ID}.r{k}.geojson").read_bytes() == record.read_bytes()
+
+
+def test_measurements_from_the_index_equal_those_measured_from_scratch(two_rounds):
+    store, _ = two_rounds
+    latest = rounds.load_round_contours(store, 2)
+    assert latest.covered_px is not None and np.isfinite(latest.covered_px).all()
+    polygons = rounds.polygons_of_round(store, 2)
+    scratch = measurements(store, polygons, 2)
+    recorded = store.attrs["measurements"]
+    for key in ("tumor_mm2", "tumor_fraction", "foci", "largest_focus_mm2", "tissue_mm2"):
+        assert recorded[key] == pytest.approx(getattr(scratch, key), abs=2e-4), key
+    # per feature, the index holds what the whole-slide sum is made of
+    whole = share_of_mask_covered(polygons, store.tissue_mask, store.frame.working_shape)
+    per_feature = tissue_covered_px(store, polygons).sum()
+    mask = store.tissue_mask
+    rows, cols = store.frame.working_shape
+    tissue_px = mask.sum() * (rows / mask.shape[0]) * (cols / mask.shape[1])
+    assert per_feature / tissue_px == pytest.approx(whole, rel=1e-9, abs=1e-12)
+
+
+def test_an_index_without_areas_on_tissue_is_measured_once(two_rounds):
+    """Round 0 (written before any refine round) and older indexes have no areas on tissue:
+    they are measured when a round needs them."""
+    store, _ = two_rounds
+    latest = rounds.load_round_contours(store, 2)
+    everything = list(range(len(latest.ids)))
+    recorded = latest.covered_of(store, everything)
+    forgotten = dataclasses.replace(latest, covered_px=None)
+    assert np.allclose(forgotten.covered_of(store, everything), recorded, rtol=1e-9)
+
+
+def test_the_ids_of_a_round_read_from_the_index_or_the_file(two_rounds):
+    store, _ = two_rounds
+    ids = rounds.load_round_contours(store, 2).ids
+    assert rounds.load_round_ids(store, 2) == ids
+    rounds._index_path(store, 2).unlink()
+    assert rounds.load_round_ids(store, 2) == ids
+
+
+def test_polygons_inside_the_slide_are_written_as_if_clipped(two_rounds, monkeypatch):
+    """Clipping to the slide is skipped for polygons inside it: the same bytes."""
+    store, _ = two_rounds
+    polygons, means = round_contours(store)
+    assert polygons
+    fast = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
+    monkeypatch.setattr(wsiseg.outputs, "_clipped", shapely.intersection)
+    clipped = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
+    assert fast == clipped
