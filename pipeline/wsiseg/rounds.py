@@ -5,12 +5,7 @@ Layout inside ``<slide-id>.zarr``:
 - ``rounds/r<k>.geojson`` — the round's contours exactly as exported (QuPath frame);
   ``wsiseg export`` reads them from the store alone.
 - ``rounds/r<k>.index.npz`` — beside it, what the next refine round needs without parsing
-  the GeoJSON (whose size grows with the slide): each feature's id, geometry (WKB, QuPath
-  frame), byte range in the GeoJSON and area on tissue (working px², NaN when not known
-  yet), so kept features are copied verbatim into the next round's file and only new ones
-  are measured. Plain arrays, loaded without pickle (each array read only when used: the
-  server's list of ids reads the ids alone); an index that does not match its GeoJSON
-  (size, mtime) is ignored and the GeoJSON parsed instead.
+  the GeoJSON (:mod:`wsiseg.round_index`, whose names are re-exported here).
 - zarr group ``history/r<k>`` — for every box the round changed, the ``refined`` and
   ``scribbles`` pixels from before it (attributes hold the boxes). ``wsiseg undo`` writes
   them back, so the previous round comes back exactly.
@@ -31,22 +26,18 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from wsiseg.atomic import atomic_writer
 from wsiseg.errors import WsisegError
 from wsiseg.journal import Transaction
-from wsiseg.outputs import (
-    annotations_for,
-    publish_round,
-    published_paths,
-    round_contours,
-    tissue_covered_px,
-)
-from wsiseg.qupath import (
-    Annotation,
-    annotation_features,
-    is_wsiseg_feature,
-    read_annotations,
-    write_feature_collection,
+from wsiseg.outputs import annotations_for, publish_round, published_paths, round_contours
+from wsiseg.qupath import annotation_features, write_feature_collection
+from wsiseg.round_index import (
+    RoundContours,
+    _index_path,
+    load_round_contours,
+    load_round_ids,  # noqa: F401 (re-exported: refine, serve and the tests use rounds.*)
+    round_feature_texts,  # noqa: F401
+    round_geojson_path,
+    write_round_index,
 )
 from wsiseg.store import SlideStore, StoreLock
 
@@ -58,10 +49,6 @@ class Backup:
     region: tuple[int, int, int, int]  # (row0, col0, rows, cols), working px
     refined: np.ndarray | None
     scribbles: np.ndarray
-
-
-def round_geojson_path(store: SlideStore, round_k: int) -> Path:
-    return store.path / "rounds" / f"r{round_k}.geojson"
 
 
 def save_backup(store: SlideStore, round_k: int, backups: list[Backup]) -> None:
@@ -101,141 +88,6 @@ def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
     return [p for g in contours.working_geometries(store) for p in shapely.get_parts(g)]
 
 
-@dataclass
-class RoundContours:
-    """A round's exported contours, as the next refine round uses them.
-
-    ``geometries`` are in QuPath-frame level-0 px (as exported, before QuPath's 0.01 px
-    snap), one per feature. ``feature_texts`` gives features' JSON back.
-    """
-
-    ids: list[str]
-    geometries: np.ndarray  # of shapely geometries
-    _annotations: list[Annotation] | None = None  # when parsed from the GeoJSON (no index)
-    _source: Path | None = None
-    _offsets: np.ndarray | None = None  # int64 (n + 1): byte ranges in _source
-    _stamp: list[int] | None = None  # _source's (size, mtime_ns) when the index matched it
-    #: float64 (n,): each feature's area on tissue, working px² (NaN: not known)
-    covered_px: np.ndarray | None = None
-    _working: np.ndarray | None = None  # working_geometries, once computed
-
-    def covered_of(self, store: SlideStore, indices: list[int]) -> np.ndarray:
-        """The area on tissue (working px²) of these features: recorded in the index, or
-        measured now for those without (a round 0 written before inference had measured)."""
-        known = (np.full(len(self.ids), np.nan) if self.covered_px is None
-                 else self.covered_px)[np.asarray(indices, dtype=np.intp)]
-        missing = np.flatnonzero(~np.isfinite(known))
-        if len(missing):
-            geoms = self.working_geometries(store)[np.asarray(indices, dtype=np.intp)[missing]]
-            parts, owner = shapely.get_parts(geoms, return_index=True)
-            known[missing] = np.bincount(owner, weights=tissue_covered_px(store, parts),
-                                         minlength=len(missing))
-        return known
-
-    def by_id(self) -> dict[str, shapely.Geometry]:
-        return dict(zip(self.ids, self.geometries, strict=True))
-
-    def working_geometries(self, store: SlideStore) -> np.ndarray:
-        """The features' geometries in working px (one per feature, possibly multi-part);
-        transformed once (a round asks twice: comparing the export's AI contours, and
-        re-contouring)."""
-        if self._working is None:
-            self._working = store.frame.transform_geometry(self.geometries, "qupath", "working")
-        return self._working
-
-    def feature_texts(self, indices: list[int]) -> list[str]:
-        """The Feature JSON texts of these features: byte for byte as written when read
-        through the index, written anew from the parsed annotations otherwise."""
-        if self._annotations is not None:
-            chosen = [self._annotations[i] for i in indices]
-            return [text for _, _, text in annotation_features(chosen)]
-        data = self._source.read_bytes()  # one read; only the kept features are sliced
-        st = self._source.stat()
-        if [len(data), st.st_mtime_ns] != self._stamp:
-            raise WsisegError(f"{self._source}: changed since its contours were read")
-        off = self._offsets
-        return [data[off[i] : off[i + 1] - 1].decode() for i in indices]
-
-
-def write_round_index(
-    store: SlideStore, round_k: int, ids: list[str], geometries: list[shapely.Geometry],
-    offsets: list[int], covered_px: Sequence[float] | None = None,
-) -> None:
-    """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc)."""
-    geojson = round_geojson_path(store, round_k)
-    st = geojson.stat()
-    wkb = [shapely.to_wkb(g) for g in geometries]
-    ends = np.cumsum([len(b) for b in wkb], dtype=np.int64)
-    with atomic_writer(_index_path(store, round_k)) as f:
-        np.savez(
-            f, ids=np.asarray(ids, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
-            wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8), wkb_end=ends,
-            geojson=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
-            covered_px=np.asarray(np.full(len(ids), np.nan) if covered_px is None
-                                  else covered_px, dtype=np.float64),
-        )
-
-
-def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
-    """A round's contours from its index, or parsed from its GeoJSON when the index is
-    missing or does not match the file."""
-    geojson = round_geojson_path(store, round_k)
-    if not geojson.exists():
-        raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({geojson.name})")
-    index = _index_path(store, round_k)
-    if index.exists():
-        with np.load(index, allow_pickle=False) as z:
-            st = geojson.stat()
-            stamp = [st.st_size, st.st_mtime_ns]
-            if z["geojson"].tolist() == stamp:
-                wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
-                starts = np.concatenate([[0], ends[:-1]])
-                geoms = shapely.from_wkb([wkb[a:b] for a, b in zip(starts, ends, strict=True)])
-                covered = z["covered_px"] if "covered_px" in z.files else None
-                return RoundContours(ids=z["ids"].tolist(), geometries=np.asarray(geoms),
-                                     _source=geojson, _offsets=z["offsets"], _stamp=stamp,
-                                     covered_px=covered)
-    ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
-    return RoundContours(ids=[a.id for a in ours],
-                         geometries=np.asarray([a.geometry for a in ours], dtype=object),
-                         _annotations=ours)
-
-
-def load_round_ids(store: SlideStore, round_k: int) -> list[str]:
-    """A round's feature ids: the index's ids alone (no geometry decoded) when it matches
-    its GeoJSON, else those :func:`load_round_contours` parses."""
-    geojson = round_geojson_path(store, round_k)
-    index = _index_path(store, round_k)
-    if geojson.exists() and index.exists():
-        with np.load(index, allow_pickle=False) as z:
-            st = geojson.stat()
-            if z["geojson"].tolist() == [st.st_size, st.st_mtime_ns]:
-                return z["ids"].tolist()
-    return load_round_contours(store, round_k).ids
-
-
-def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> list[str]:
-    """The Feature JSON texts of a round's features whose id is in ``wanted``, in file
-    order, byte for byte as the round's GeoJSON holds them: sliced by the index's byte
-    ranges (one read of the file, no geometry decoded), else parsed and written anew."""
-    geojson = round_geojson_path(store, round_k)
-    index = _index_path(store, round_k)
-    if geojson.exists() and index.exists():
-        data = geojson.read_bytes()
-        st = geojson.stat()
-        with np.load(index, allow_pickle=False) as z:
-            if z["geojson"].tolist() == [len(data), st.st_mtime_ns]:
-                ids, off = z["ids"].tolist(), z["offsets"]
-                return [data[off[i] : off[i + 1] - 1].decode()
-                        for i, feature_id in enumerate(ids) if feature_id in wanted]
-    contours = load_round_contours(store, round_k)
-    return contours.feature_texts([i for i, f in enumerate(contours.ids) if f in wanted])
-
-
-def _index_path(store: SlideStore, round_k: int) -> Path:
-    return store.path / "rounds" / f"r{round_k}.index.npz"
-
-
 #: Features within this many working px of a changed region are replaced (see recontour).
 REPLACE_PX = 2
 #: ... and the components within this many px traced again: one more than the polygons' 1 px.
@@ -260,6 +112,15 @@ def recontour(
       each replaced feature's component (1 px from its polygon), changed or not;
     - a feature outside the first margin whose component reached the second one is traced
       again as well: the traced polygon covering most of it replaces it.
+
+    Cost: every chunk of a touched component is read and traced, and the component is
+    merged, simplified and later written whole, so a stroke touching a large tumor pays for
+    all of it (on the 67-Mpx bench slide one tumor has 60 000 vertices and 9 000 holes: a
+    few seconds, GEOS's topology-preserving simplification and overlays most of it). Making
+    this follow the change needs simplification that is local by construction (vertices on
+    the chunk grid kept, so a chunk's simplified outline depends on its pixels alone), the
+    outline spliced chunk by chunk without GEOS overlays, and the feature's text spliced
+    likewise; issue 16 keeps it open (docs/benchmarks.md §7).
     """
     if not regions:
         return list(range(len(previous))), [], np.zeros(0)
