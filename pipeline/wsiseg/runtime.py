@@ -44,6 +44,7 @@ thread setting (a cohort worker sets both from its share of the cores).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -227,32 +228,29 @@ def _openvino_network(model: Any, card: ModelCard, precision: str, threads: int,
             requests[kind] = core.compile_model(graph, "CPU", config).create_infer_request()
         return requests[kind]
 
-    def infer(kind: str, array: np.ndarray) -> np.ndarray:
+    def infer(kind: str, x: Any) -> Any:
+        """``x`` (numpy or torch) through the ``kind`` model; the result is of ``x``'s kind."""
+        as_numpy = isinstance(x, np.ndarray)
+        array = x if as_numpy else x.detach().cpu().numpy()
+        if kind == "float":
+            array = np.ascontiguousarray(array, dtype=np.float32)
+        elif array.dtype == np.uint8 and array.ndim == 4 and array.shape[1] == 3:
+            array = np.ascontiguousarray(array)
+        else:
+            raise WsisegError(f"network: expected (N, 3, H, W) uint8 RGB, got "
+                              f"{array.dtype} {tuple(array.shape)}")
         with lock:
             req = request(kind)
             req.infer({0: array}, share_inputs=True)
-            return req.get_output_tensor(0).data.copy()  # the request reuses its buffer
-
-    def run(x: Any) -> Any:
-        as_numpy = isinstance(x, np.ndarray)
-        array = x if as_numpy else x.detach().cpu().numpy()
-        prob = infer("float", np.ascontiguousarray(array, dtype=np.float32))
-        return prob if as_numpy else torch.from_numpy(prob)
-
-    def run_rgb(x: Any) -> Any:
-        as_numpy = isinstance(x, np.ndarray)
-        array = x if as_numpy else x.detach().cpu().numpy()
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
-            raise WsisegError(f"network: expected (N, 3, H, W) uint8 RGB, got "
-                              f"{array.dtype} {tuple(array.shape)}")
-        prob = infer("rgb", np.ascontiguousarray(array))
+            prob = req.get_output_tensor(0).data.copy()  # the request reuses its buffer
         return prob if as_numpy else torch.from_numpy(prob)
 
     rgb_in = card.in_channels == 3  # GuideNet: RGB only, normalised by the card
     # Compiled now (not on first use) so that load time is paid where the caller expects it.
     request("rgb" if rgb_in else "float")
-    return Network(card, "openvino", precision, torch.device("cpu"), digest, run,
-                   run_rgb if rgb_in else None)
+    return Network(card, "openvino", precision, torch.device("cpu"), digest,
+                   functools.partial(infer, "float"),
+                   functools.partial(infer, "rgb") if rgb_in else None)
 
 
 def _with_rgb_input(model: Any, card: ModelCard) -> Any:

@@ -330,7 +330,7 @@ def _run_in_process(
     todo: Sequence[Path], ids: dict[Path, str], wf: Workflow, model: Future, card,
     options: RunOptions, cohort: Cohort,
 ) -> None:
-    """Run ``todo`` one after another with the GuideNet ``model`` is loading (a future)."""
+    """Run ``todo`` one after another; ``model`` is GuideNet still loading (a future)."""
     for path in todo:
         cohort.started(ids[path], "in process")
         row = run_one(path, ids[path], wf, model, card, options)
