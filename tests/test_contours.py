@@ -157,6 +157,31 @@ def test_random_blobs_chunked_equals_unchunked(seed: int) -> None:
     assert shapely.union_all(whole).equals(shapely.union_all(chunked))
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> None:
+    # pieces are joined by cancelling their shared edges, not by an overlay: the result must
+    # be the unchunked outline exactly (same rings, same corners, none left on chunk lines),
+    # also where pixels meet at a corner on a chunk line and a ring would touch itself there
+    rng = np.random.default_rng(100 + seed)
+    shape = (int(rng.integers(30, 90)), int(rng.integers(30, 90)))
+    mask = _random_blobs(rng, shape, fraction=rng.uniform(0.3, 0.7), sigma=rng.uniform(1, 3))
+    mask ^= rng.random(shape) < 0.08
+    checker = (np.add.outer(np.arange(8), np.arange(8)) % 2).astype(bool)
+    mask[8:16, 8:16] = checker  # corner contacts on the chunk lines of chunk_px 4 or 8
+    whole = tumor_polygons(mask, simplify_px=0)
+    for chunk_px in (4, int(rng.integers(5, 16))):
+        chunked = tumor_polygons(mask, simplify_px=0, chunk_px=chunk_px)
+        assert all(p.is_valid for p in chunked)
+        assert len(chunked) == len(whole)
+        for a, b in zip(sorted(whole, key=_key), sorted(chunked, key=_key), strict=True):
+            assert shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0)
+
+
+def _key(polygon: shapely.Polygon) -> tuple[float, float, float]:
+    x0, y0, _, _ = polygon.bounds
+    return (-polygon.area, y0, x0)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_mean_probability_of_each_component_while_tracing(seed: int) -> None:
     """The mean over each component's pixels, however the chunks cut it, and in region mode

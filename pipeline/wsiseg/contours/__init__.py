@@ -9,7 +9,8 @@ is ever in memory. Geometries are in **working pixels** with the frame conventio
 
 Modules: :mod:`~wsiseg.contours.mask` (threshold, probability, block shape),
 :mod:`~wsiseg.contours.trace` (one chunk, pixel edges), :mod:`~wsiseg.contours.merge` (chunks →
-whole components; :func:`tumor_polygons`), :mod:`~wsiseg.contours.simplify` (finishing),
+whole components; :func:`tumor_polygons`), :mod:`~wsiseg.contours.join` (pieces → one
+polygon), :mod:`~wsiseg.contours.simplify` (finishing),
 :mod:`~wsiseg.contours.stream` (:class:`RowStreamTracer`), :mod:`~wsiseg.contours.measure`
 (:func:`polygon_stats`), :mod:`~wsiseg.contours.draw` (:func:`draw_contours`).
 
@@ -36,8 +37,10 @@ How it works
    per chunk and is not needed for exact edges). Instead the labels along the four sides of a
    chunk are kept until the neighbour across that side is processed; tumor pixels facing each
    other across a side join their pieces (union–find via :mod:`scipy.sparse.csgraph`). A group
-   of pieces is unioned with :func:`shapely.union_all`; the chunk-border edges cancel exactly.
-   Only the borders of pending chunks and the polygons themselves are held in memory.
+   of pieces is joined without an overlay (:mod:`~wsiseg.contours.join`): the pieces' shared
+   chunk-border edges cancel exactly, the rest are linked into rings (10× faster than
+   :func:`shapely.union_all` on a 90 000-vertex tumor). Only the borders of pending chunks
+   and the polygons themselves are held in memory.
 6. **Finishing** each whole component: drop it if its pixel area is below ``min_area_px``,
    then simplify (Douglas–Peucker with :func:`shapely.simplify`, ``preserve_topology=True``,
    tolerance ``simplify_px`` ≤ 1 px). The rings of a polygon are simplified as the closed

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from wsiseg.contours.join import join_pieces
 from wsiseg.contours.mask import (
     ArrayLike2D,
     _as_probability,
@@ -142,13 +143,10 @@ class _Merger:
         for gids in groups.values():
             mean = sums[gids].sum() / counts[gids].sum()
             if len(gids) == 1:
-                parts = [self.border_pieces[gids[0]]]
+                out.append(self.border_pieces[gids[0]])
             else:
-                # drop the vertices left where chunk-border edges met (collinear, area-exact)
-                merged = shapely.union_all([self.border_pieces[g] for g in gids])
-                parts = shapely.get_parts(shapely.simplify(merged, 0.0)).tolist()
-            out.extend(parts)
-            means.extend([mean] * len(parts))
+                out.append(join_pieces([self.border_pieces[g] for g in gids], self.block))
+            means.append(mean)
         return out, np.asarray(means, dtype=np.float64)
 
 
