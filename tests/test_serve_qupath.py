@@ -33,8 +33,8 @@ WRITTEN = QUPATH_FIXTURES / "written-0.6"
 SCRIPT = REPO / "scripts" / "qupath" / "wsiseg_live.groovy"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # What the script reads from a round's answer (keep in step with wsiseg_live.groovy).
-ANSWER_KEYS = {"round", "refined", "new_pixels", "windows", "tumor_mm2_before", "tumor_mm2",
-               "changed", "timings", "contours"}
+ANSWER_KEYS = {"round", "previous_round", "refined", "new_pixels", "windows",
+               "tumor_mm2_before", "tumor_mm2", "changed", "timings", "contours"}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_the_script_uses_only_what_the_server_offers():
     """The routes, header and answer fields the Groovy script names exist."""
     script = SCRIPT.read_text()
     for route in ("'/slides'", '"/slides/${slideId}/contours"',
-                  '"/slides/${slideId}/scribbles"'):
+                  '"/slides/${slideId}/scribbles?contours=changed"'):
         assert route in script
     assert "X-Wsiseg-Token" in script and "application/geo+json" in script
     for key in re.findall(r"answer\.(\w+)", script):
@@ -217,3 +217,85 @@ def test_the_live_script_against_a_server(qupath_run, tmp_path):
     assert [h["round"] for h in history] == [0, 1, 2]
     assert history[1]["scribbles"]["tumor"] == 1 and history[1]["scribbles"]["edited_ai"] == 0
     assert history[2]["scribbles"]["non_tumor"] == 1 and history[2]["scribbles"]["tumor"] == 0
+
+
+def _deep_spot(store: SlideStore) -> shapely.Point:
+    """A point deep inside the largest tumor focus (a Stroma disc there makes a hole)."""
+    from scipy import ndimage
+
+    guide = np.asarray(store["guide"][...])
+    depth = ndimage.distance_transform_edt(np.pad(guide >= 128, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(depth), depth.shape)
+    assert depth[y, x] > 25
+    return shapely.Point(x, y)
+
+
+def assert_the_ai_contours_are_the_servers(hierarchy: list[dict], served: dict) -> None:
+    """The script's AI contours (a dump of the stand-in hierarchy) are the served round's:
+    the same ids, and each feature as the server wrote it (class, geometry with its holes,
+    metadata) but for the script's own hash, and locked."""
+    ai = {f["id"]: f for f in hierarchy
+          if f["properties"].get("metadata", {}).get("source") == "wsiseg"}
+    want = {f["id"]: f for f in served["features"]}
+    assert len(ai) == len([f for f in hierarchy if f["id"] in ai])  # no id twice
+    assert ai.keys() == want.keys()
+    for fid, f in ai.items():
+        props = dict(f["properties"])
+        assert props["isLocked"] is True and props["metadata"].pop("wsiseg_roi")
+        assert props == want[fid]["properties"] and f["geometry"] == want[fid]["geometry"]
+
+
+def test_the_live_script_follows_the_change(qupath_run, tmp_path):
+    """wsiseg_live.groovy posts QuPath 0.6's own files with ?contours=changed: the first
+    round imports the whole round (nothing seen yet), the next one follows the answer's
+    change (removed ids gone, added features in); after another client's undo the answer
+    starts from another round, and the script imports the whole round again. Each time the
+    AI contours are the server's full GET /contours."""
+    groovy, env = _groovy()
+    store = SlideStore.open(qupath_run / f"{SLIDE_ID}.zarr")
+    r0 = json.loads((qupath_run / f"{SLIDE_ID}.geojson").read_bytes())
+    first = json.loads((WRITTEN / "scribbles-fc.geojson").read_bytes())["features"]
+    hierarchy = tmp_path / "hierarchy.json"
+    hierarchy.write_text(json.dumps(r0["features"] + first))  # as after import_wsiseg
+    disc = json.loads(export_of(store, [(_deep_spot(store).buffer(12), "Stroma")]))
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(
+        json.loads((WRITTEN / "extras-2d-fc.geojson").read_bytes())["features"]
+        + disc["features"]))
+    third = tmp_path / "third.json"
+    third.write_text(json.dumps(
+        json.loads(export_of(store, [(border_stroke(store, 2), "Tumor")]))["features"]))
+    d = {k: tmp_path / f"{k}.json" for k in ("q1", "s1", "q2", "s2")}
+    steps = [
+        "false", f"dump={d['q1']}", f"get={d['s1']}",
+        f"add={second}", "false", f"dump={d['q2']}", f"get={d['s2']}",
+        "undo", f"add={third}", "false",
+    ]
+    out = tmp_path / "after.json"
+    stub = REPO / "tests" / "fixtures" / "qupath_stub"
+    with live_server(qupath_run, tmp_path / "scratch") as url:
+        run = subprocess.run(
+            [groovy, "-cp", str(stub), str(stub / "run_script.groovy"), str(SCRIPT),
+             str(hierarchy), str(out), url, f"{SLIDE_ID}.svs", ",".join(steps)],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        with client(qupath_run, tmp_path / "scratch2") as api:
+            served = api.get(f"/slides/{SLIDE_ID}/contours").json()
+    rounds = [line for line in run.stdout.splitlines() if f"wsiseg: {SLIDE_ID}: round" in line]
+    assert len(rounds) == 3, run.stdout
+    assert "round 1:" in rounds[0] and "whole round imported" in rounds[0]
+    assert "round 2:" in rounds[1] and "change followed" in rounds[1]
+    assert "--- undo by another client: round 1" in run.stdout
+    assert "round 2:" in rounds[2] and "whole round imported" in rounds[2]
+    assert_the_ai_contours_are_the_servers(json.loads(d["q1"].read_text()),
+                                           json.loads(d["s1"].read_text()))
+    q2, s2 = json.loads(d["q2"].read_text()), json.loads(d["s2"].read_text())
+    assert_the_ai_contours_are_the_servers(q2, s2)
+    after = json.loads(out.read_text())
+    assert_the_ai_contours_are_the_servers(after, served)
+    # The followed round made a hole (the Stroma disc), and the hierarchy has it.
+    assert any(len(p.interiors) for f in s2["features"]
+               for p in shapely.get_parts(shapely.geometry.shape(f["geometry"])))
+    history = SlideStore.open(store.path).attrs["rounds"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert all(h.get("scribbles", {}).get("edited_ai", 0) == 0 for h in history)

@@ -8,8 +8,12 @@
  *
  * LIVE = false: sends the scribbles the server has not seen (new or changed Tumor / Stroma /
  *   other annotations), and the AI contours when one of them was edited or deleted; then
- *   replaces the "Tumor (AI)" annotations with the round's contours (ids kept, locked) and
- *   prints the round.
+ *   updates the "Tumor (AI)" annotations to the round's contours (ids kept, locked) and
+ *   prints the round. The server answers only the round's change (?contours=changed): the
+ *   contours it removed go, the ones it added come, the others stay as they are. The whole
+ *   round is imported instead (GET contours) on the first round, after an edited or deleted
+ *   AI contour, and when the slide moved on since the script last saw it (another client's
+ *   round or an undo).
  * LIVE = true: does the same once, then installs a hierarchy listener, so every annotation
  *   drawn afterwards is sent as soon as the brush is released (debounced by DEBOUNCE_MS).
  *   Running the script again (either setting) removes the listener first; with LIVE = true
@@ -40,6 +44,7 @@ def AI_CLASS = 'Tumor (AI)'             // the workflow's contours.class_name
 def KEY = 'wsiseg.live'   // where the live listener is kept between runs of the script
 def SENT = 'wsiseg_sent'  // metadata on a scribble: the hash of the geometry last sent
 def SEEN = 'wsiseg_roi'   // metadata on an AI contour: the hash of the geometry imported
+def ROUNDS = 'wsiseg.rounds'  // per server and slide: the round last imported, and its ids
 
 // Running the script again removes the listener it installed before.
 def previous = System.getProperties().remove(KEY)
@@ -95,6 +100,11 @@ if (slide == null) {
     return
 }
 def slideId = slide.id
+// What the script last imported for this slide (kept between runs, like the listener):
+// [round: k, ids: the AI contour ids of round k], or null.
+def seenRounds = System.getProperties().computeIfAbsent(ROUNDS,
+        { new java.util.concurrent.ConcurrentHashMap() } as java.util.function.Function)
+def seenKey = SERVER + ' ' + slideId
 
 // ---- helpers ---------------------------------------------------------------------------
 def isAi = { p ->
@@ -107,23 +117,52 @@ def isAi = { p ->
 def hashOf = { p -> Integer.toHexString(p.getROI().getGeometry().norm().toText().hashCode()) }
 def busy = new java.util.concurrent.atomic.AtomicBoolean(false)
 
-/** Import the latest contours: replace every AI contour, keep ids, lock them. */
-def importLatest = {
+/** GeoJSON text → AI contours as the server wrote them (ids kept), locked. */
+def readContours = { String geojson ->
     def tmp = Files.createTempFile('wsiseg-' + slideId + '-', '.geojson')
     try {
-        Files.writeString(tmp, send(request("/slides/${slideId}/contours").GET().build()))
+        Files.writeString(tmp, geojson)
         def objects = PathIO.readObjects(tmp.toFile()).findAll { it.isAnnotation() }
         objects.each {
             it.setLocked(true)
             it.getMetadata().put(SEEN, hashOf(it))
         }
-        def old = hierarchy.getAnnotationObjects().findAll { isAi(it) }
-        hierarchy.removeObjects(old, true)   // true: keep scribbles nested inside a contour
-        hierarchy.addObjects(objects)
-        return objects.size()
+        return objects
     } finally {
         Files.deleteIfExists(tmp)
     }
+}
+def aiIds = {
+    hierarchy.getAnnotationObjects().findAll { isAi(it) }.collect { it.getID().toString() } as Set
+}
+
+/** The AI contours whose id is in `removed` (null: all) go, `added` come in; remember it. */
+def replaceContours = { Set removed, List added, int round ->
+    def old = hierarchy.getAnnotationObjects().findAll {
+        isAi(it) && (removed == null || removed.contains(it.getID().toString()))
+    }
+    hierarchy.removeObjects(old, true)   // true: keep scribbles nested inside a contour
+    hierarchy.addObjects(added)
+    seenRounds.put(seenKey, [round: round, ids: aiIds()])
+}
+
+/** Import the latest contours whole: replace every AI contour. */
+def importLatest = { int round ->
+    replaceContours(null, readContours(send(request("/slides/${slideId}/contours").GET().build())),
+            round)
+    return 'whole round imported'
+}
+
+/** Follow a ?contours=changed answer, when it starts from the round imported here. */
+def followChange = { answer, boolean sentAi, Set localIds ->
+    def seen = seenRounds.get(seenKey)
+    def removed = answer.changed.removed as Set
+    if (sentAi || seen == null || seen.round != answer.previous_round ||
+            !localIds.containsAll(removed))
+        return importLatest(answer.round)
+    replaceContours(removed, readContours(groovy.json.JsonOutput.toJson(answer.contours)),
+            answer.round)
+    return 'change followed'
 }
 
 /** One round: unseen scribbles (+ all AI contours when one was edited or deleted). */
@@ -134,15 +173,19 @@ def sendRound = {
         !isAi(it) && it.getPathClass() != null && it.getROI() != null &&
                 it.getMetadata().get(SENT) != hashOf(it)
     }
-    def served = new groovy.json.JsonSlurper().parseText(
-            send(request("/slides/${slideId}/contours").GET().build()))
-    def servedIds = served.features.collect { it.id } as Set
     def localIds = ai.collect { it.getID().toString() } as Set
+    // The server's contours: those imported here last, when every AI contour here is one of
+    // them; else (first run, another import) the whole round's ids.
+    def seen = seenRounds.get(seenKey)
+    def servedIds = seen != null && seen.ids.containsAll(localIds) ? seen.ids :
+            new groovy.json.JsonSlurper().parseText(send(request("/slides/${slideId}/contours")
+                    .GET().build())).features.collect { it.id } as Set
     boolean edited = ai.any { it.getMetadata().get(SEEN) != hashOf(it) }
     boolean deleted = !localIds.isEmpty() && !servedIds.every { localIds.contains(it) }
     // An export holding some AI contours but not others says the others were deleted: send
     // all of them, or none when none changed.
-    def toSend = scribbles + ((edited || deleted) ? ai : [])
+    boolean sentAi = edited || deleted
+    def toSend = scribbles + (sentAi ? ai : [])
     if (toSend.isEmpty()) {
         println "wsiseg: ${slideId}: nothing new to send"
         return
@@ -150,18 +193,18 @@ def sendRound = {
     def tmp = Files.createTempFile('wsiseg-' + slideId + '-', '.geojson')
     try {
         exportObjectsToGeoJson(toSend, tmp.toString(), 'FEATURE_COLLECTION')
-        def body = send(request("/slides/${slideId}/scribbles")
+        def body = send(request("/slides/${slideId}/scribbles?contours=changed")
                 .header('Content-Type', 'application/geo+json')
                 .POST(HttpRequest.BodyPublishers.ofFile(tmp)).build())
         def answer = new groovy.json.JsonSlurper().parseText(body)
         scribbles.each { it.getMetadata().put(SENT, hashOf(it)) }
         if (answer.refined) {
-            int n = importLatest()
+            def how = followChange(answer, sentAi, localIds)
             println "wsiseg: ${slideId}: round ${answer.round}: ${answer.new_pixels} new px, " +
                     "${answer.windows} window(s), tumor ${answer.tumor_mm2_before} → " +
-                    "${answer.tumor_mm2} mm², ${n} contour(s) " +
-                    "(+${answer.changed.added.size()} −${answer.changed.removed.size()}), " +
-                    "${answer.timings.served_s} s"
+                    "${answer.tumor_mm2} mm², ${aiIds().size()} contour(s) " +
+                    "(+${answer.changed.added.size()} −${answer.changed.removed.size()}, " +
+                    "${how}), ${answer.timings.served_s} s"
         } else {
             println "wsiseg: ${slideId}: ${answer.message}"
         }

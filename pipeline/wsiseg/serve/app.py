@@ -6,7 +6,7 @@ Data routes (token-guarded, see :mod:`wsiseg.serve.guard`)::
     GET  /slides/{id}                         one of them
     GET  /slides/{id}/contours[?round=K]      the bytes of <id>.geojson / <id>.r<K>.geojson
     POST /slides/{id}/scribbles[?contours=changed]  a QuPath export → one refine round
-    POST /slides/{id}/undo                    back to the previous round
+    POST /slides/{id}/undo[?contours=changed]       back to the previous round
     GET  /slides/{id}/history                 the rounds, with timings
     GET  /slides/{id}/thumbnail               <id>.png of the run
     GET  /slides/{id}/{image|heatmap}.dzi     Deep Zoom descriptors, and their tiles at
@@ -52,6 +52,11 @@ from wsiseg.serve.tiles import LAYERS, TileCache, TileSource
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 GEOJSON = "application/geo+json"
+#: ``?contours=``: the answer holds all of the now current round's contours, or only the
+#: features it has that the round before had not (the removed ones are in ``changed``).
+ContoursQuery = Annotated[Literal["all", "changed"], Query(
+    description="the answer's contours: all of the now current round's, or only the "
+                "features it added (the removed ones are in `changed`)")]
 
 
 @dataclass
@@ -135,12 +140,8 @@ def create_app(state: ServerState) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {
                   GEOJSON: {"schema": {"type": "object"}},
                   "application/json": {"schema": {"type": "object"}}}}})
-    async def scribbles(
-        slide_id: str, request: Request,
-        contours: Annotated[Literal["all", "changed"], Query(
-            description="the answer's contours: all of the latest round's, or only the "
-                        "features it added (the removed ones are in `changed`)")] = "all",
-    ) -> Response:
+    async def scribbles(slide_id: str, request: Request,
+                        contours: ContoursQuery = "all") -> Response:
         slide = slide_or_404(slide_id)
         body = await request.body()
         answer = await state.queues.run(
@@ -149,9 +150,10 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(answer_bytes(answer), media_type="application/json")
 
     @app.post("/slides/{slide_id}/undo", summary="Back to the previous round")
-    async def undo(slide_id: str) -> Response:
+    async def undo(slide_id: str, contours: ContoursQuery = "all") -> Response:
         slide = slide_or_404(slide_id)
-        answer = await state.queues.run(slide.id, lambda queued_s: serve_undo(slide, queued_s))
+        answer = await state.queues.run(
+            slide.id, lambda queued_s: serve_undo(slide, queued_s, contours))
         return Response(answer_bytes(answer), media_type="application/json")
 
     @app.get("/slides/{slide_id}/history", summary="The slide's rounds")

@@ -125,8 +125,10 @@ def serve_round(
     return answer
 
 
-def serve_undo(slide: Slide, queued_s: float) -> dict[str, Any]:
-    """Back to the previous round, as ``wsiseg undo`` (on the slide's queue)."""
+def serve_undo(slide: Slide, queued_s: float, contours: str = "all") -> dict[str, Any]:
+    """Back to the previous round, as ``wsiseg undo`` (on the slide's queue). ``contours``
+    as for :func:`serve_round`: ``"changed"`` answers only the features of the round now
+    current that the undone round had not."""
     store = _open(slide)
     previous = _current_round(store)
     old_ids = _ids_of(store, previous)
@@ -137,7 +139,7 @@ def serve_undo(slide: Slide, queued_s: float) -> dict[str, Any]:
     store = _open(slide)
     answer = {"slide": slide.id, "round": current, "previous_round": previous,
               "tumor_mm2": (store.attrs.get("measurements") or {}).get("tumor_mm2")}
-    answer |= _contours_answer(slide, store, old_ids, current)
+    answer |= _contours_answer(slide, store, old_ids, current, contours == "changed")
     answer["timings"] = {"queued_s": round(queued_s, 4)}
     return answer
 

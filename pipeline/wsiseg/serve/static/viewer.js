@@ -1,7 +1,8 @@
 // wsiseg serve: one slide's viewer. OpenSeadragon shows the store's image (Deep Zoom, working
 // pixels); an SVG layer on top draws the AI contours and the stroke being drawn; the heat map
-// is a second tiled image. A stroke is posted as a QuPath-style GeoJSON line on release; the
-// answer's contours replace the drawn ones in place (by feature id).
+// is a second tiled image. A stroke is posted as a QuPath-style GeoJSON line on release, with
+// ?contours=changed: the answer holds only the features the round added and the ids it
+// removed, which the drawn paths follow in place (by feature id); undo likewise.
 "use strict";
 (async () => {
   const NS = "http://www.w3.org/2000/svg";
@@ -72,10 +73,8 @@
       toWorking(xy).map((v) => v.toFixed(2)).join(" ")).join("L") + "Z").join("")).join("");
   }
   const paths = new Map();  // feature id → <path>
-  function showContours(collection, round) {
-    const ids = new Set();
-    for (const f of collection.features) {
-      ids.add(f.id);
+  function addPaths(features) {
+    for (const f of features) {
       if (paths.has(f.id)) continue;  // unchanged contours keep their id and their path
       const path = document.createElementNS(NS, "path");
       path.setAttribute("d", pathOf(f.geometry));
@@ -83,14 +82,37 @@
       layer.appendChild(path);
       paths.set(f.id, path);
     }
-    for (const [id, path] of paths) {
-      if (!ids.has(id)) {
-        path.remove();
-        paths.delete(id);
-      }
+  }
+  function removePaths(ids) {
+    for (const id of ids) {
+      paths.get(id)?.remove();
+      paths.delete(id);
     }
+  }
+  function showRound(round) {
     layer.dataset.round = round;
     layer.dataset.count = paths.size;
+  }
+  // A whole round's contours (GET .../contours): the paths of other ids go.
+  function showContours(collection, round) {
+    const ids = new Set(collection.features.map((f) => f.id));
+    removePaths([...paths.keys()].filter((id) => !ids.has(id)));
+    addPaths(collection.features);
+    showRound(round);
+  }
+  // A ?contours=changed answer: the change from the round shown, or, when the slide moved on
+  // in between (another client's round or undo: the answer starts from another round, or
+  // removes ids not drawn here), the whole round fetched anew.
+  async function followChange(answer) {
+    const removed = answer.changed.removed;
+    if (String(answer.previous_round) === layer.dataset.round &&
+        removed.every((id) => paths.has(id))) {
+      removePaths(removed);
+      addPaths(answer.contours.features);
+      showRound(answer.round);
+    } else {
+      showContours(await wsiseg.api(`${base}/contours`), answer.round);
+    }
   }
 
   // -- heat map --------------------------------------------------------------------------
@@ -138,7 +160,7 @@
   }
 
   async function refreshAfter(answer, what) {
-    showContours(answer.contours, answer.round);
+    await followChange(answer);
     version = (await wsiseg.api(base)).version;
     if (heatBox.checked) showHeat();
     await showHistory();
@@ -203,7 +225,7 @@
     };
     status("refining…");
     try {
-      const answer = await wsiseg.api(`${base}/scribbles`, {
+      const answer = await wsiseg.api(`${base}/scribbles?contours=changed`, {
         method: "POST",
         headers: { "Content-Type": "application/geo+json" },
         body: JSON.stringify({ type: "FeatureCollection", features: [feature] }),
@@ -219,7 +241,7 @@
   document.getElementById("undo").addEventListener("click", async () => {
     status("undoing…");
     try {
-      const answer = await wsiseg.api(`${base}/undo`, {
+      const answer = await wsiseg.api(`${base}/undo?contours=changed`, {
         method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
       });
       await refreshAfter(answer, "undo");
