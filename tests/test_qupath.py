@@ -653,14 +653,20 @@ def test_validate_bounds_ids_and_top_level() -> None:
 
 
 def test_grid_snap_by_rounding_equals_set_precision_and_repairs_what_it_breaks():
+    import re
+
     import shapely.affinity
 
-    from wsiseg.qupath.write import _PRECISION_PX, _snap_to_grid
+    from wsiseg.qupath.write import _PRECISION_PX, _geometry_for_qupath
 
     from conftest import QUPATH_FIXTURES
 
-    def canonical(g):
-        return shapely.to_geojson(shapely.orient_polygons(shapely.normalize(g)))
+    def written(g):
+        # what the writer wrote before its fast paths: GEOS's snap, canonical order, and the
+        # ".0" of integers dropped by a regular expression
+        text = shapely.to_geojson(shapely.orient_polygons(shapely.normalize(
+            shapely.set_precision(g, _PRECISION_PX))))
+        return re.sub(r"(\d)\.0(?=[,\]])", r"\1", text)
 
     shapes = []
     for path in sorted((QUPATH_FIXTURES / "written-0.6").glob("*.geojson")):
@@ -671,15 +677,20 @@ def test_grid_snap_by_rounding_equals_set_precision_and_repairs_what_it_breaks()
             if isinstance(geometry, dict) and geometry.get("type") in ("Polygon", "MultiPolygon"):
                 shapes.append(shapely.from_geojson(json.dumps(geometry)))
     shapes.append(shapely.Polygon([(0, 0), (7, 0), (7, 5), (3, 5), (3, 2), (0, 2)]))
+    shapes.append(shapely.Polygon([(-10, 0), (10.5, 0), (10, -20), (-10, -20)]))
     assert len(shapes) >= 5
     for shape in shapes:
         for scale in (1.0, 4.008, 2 / 3):  # level-0 frames of real slides are not integral
             g = shapely.make_valid(shapely.affinity.scale(shape, scale, scale, origin=(0, 0)))
             if g.geom_type in ("Polygon", "MultiPolygon"):
-                assert canonical(_snap_to_grid(g)) == canonical(shapely.set_precision(g, 0.01))
+                assert _geometry_for_qupath(g, "x") == written(g)
     # A hole 0.004 px inside the shell: rounding alone would make the rings touch along an edge.
     thin = shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)],
                            [[(0.004, 1), (5, 1), (5, 5), (0.004, 5)]])
-    snapped = _snap_to_grid(thin)
-    assert snapped.is_valid and _PRECISION_PX == 0.01
-    assert canonical(snapped) == canonical(shapely.set_precision(thin, 0.01))
+    text = _geometry_for_qupath(thin, "x")
+    assert shapely.from_geojson(text).is_valid and _PRECISION_PX == 0.01
+    assert text == written(thin)
+    # An invalid input (a bow tie) is repaired before the snap, as before.
+    bow_tie = shapely.Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])
+    repaired = shapely.from_geojson(_geometry_for_qupath(bow_tie, "x"))
+    assert repaired.is_valid and repaired.area == 50
