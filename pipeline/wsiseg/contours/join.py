@@ -36,15 +36,32 @@ def join_pieces(pieces: Sequence[shapely.Polygon], block: tuple[int, int]) -> sh
         The component: one shell, its holes, no collinear vertices, every ring starting at
         its smallest (y, x) vertex (so the result depends on the pixels alone).
     """
-    oriented = shapely.orient_polygons(np.asarray(pieces, dtype=object))  # tumor on the left
-    rings = shapely.get_rings(oriented)
+    start, end = _edges(np.asarray(pieces, dtype=object))
+    start, end, unit = _unit_edges_on_grid(start, end, block)
+    keep = _unshared(start, end, unit)
+    return _polygon(start[keep], end[keep])
+
+
+def relinked(polygon: shapely.Polygon) -> shapely.Polygon:
+    """A pixel-edge polygon whose rings pass a pixel corner twice (invalid), re-linked
+    there into rings that touch at the corner: valid, the same pixels. Rings as
+    :func:`join_pieces` makes them."""
+    start, end = _edges(np.asarray([polygon], dtype=object))
+    return _polygon(start, end)
+
+
+def _edges(pieces: NDArray[np.object_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The pieces' ring edges (start and end vertices), each with the tumor on its left."""
+    rings = shapely.get_rings(shapely.orient_polygons(pieces))
     coords, ring_of = shapely.get_coordinates(rings, return_index=True)
     coords = coords.astype(np.int64)
     last = np.r_[ring_of[1:] != ring_of[:-1], True]  # the closing vertex repeats the first
-    start, end = coords[~last], coords[1:][~last[:-1]]
-    start, end, unit = _unit_edges_on_grid(start, end, block)
-    keep = _unshared(start, end, unit)
-    vertices, ring_id = _link(start[keep], end[keep])
+    return coords[~last], coords[1:][~last[:-1]]
+
+
+def _polygon(start: NDArray[np.int64], end: NDArray[np.int64]) -> shapely.Polygon:
+    """The polygon whose rings are the closed outline of these directed edges."""
+    vertices, ring_id = _link(start, end)
     vertices, ring_id = _corners(vertices, ring_id)
     n_rings = int(ring_id[-1]) + 1
     x, y = vertices[:, 0], vertices[:, 1]
@@ -53,7 +70,7 @@ def join_pieces(pieces: Sequence[shapely.Polygon], block: tuple[int, int]) -> sh
     nxt[np.r_[ring_first[1:], len(x)] - 1] = ring_first
     twice_area = np.bincount(ring_id, weights=x * y[nxt] - x[nxt] * y, minlength=n_rings)
     shells = np.flatnonzero(twice_area > 0)
-    if len(shells) != 1:  # would mean pieces that are not one 4-connected component
+    if len(shells) != 1:  # would mean pixels that are not one 4-connected component
         raise AssertionError(f"joined pieces have {len(shells)} shells, expected 1")
     ring_order = np.r_[shells, np.flatnonzero(twice_area < 0)]  # shell first, holes by start
     rank = np.empty(n_rings, dtype=np.int64)

@@ -14,6 +14,8 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from skimage.measure import find_contours
 
+from wsiseg.contours.join import relinked
+
 
 def _trace_block(
     mask: NDArray[np.bool_], row0: int, col0: int
@@ -86,13 +88,5 @@ def _trace_block(
     polygons = shapely.polygons(rings, indices=label_of[order] - 1)
     invalid = ~shapely.is_valid(polygons)
     if invalid.any():  # rings that visit a pixel corner twice (see module docstring)
-        polygons[invalid] = [_single_polygon(shapely.make_valid(p, method="structure"))
-                             for p in polygons[invalid]]
+        polygons[invalid] = [relinked(p) for p in polygons[invalid]]
     return labels, list(polygons)
-
-
-def _single_polygon(geometry: shapely.Geometry) -> shapely.Polygon:
-    parts = [p for p in shapely.get_parts(geometry) if isinstance(p, shapely.Polygon)]
-    if len(parts) != 1:  # would mean a tracing bug: one 4-connected component, one polygon
-        raise AssertionError(f"expected one polygon, got {geometry.geom_type}")
-    return parts[0]
