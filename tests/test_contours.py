@@ -177,6 +177,36 @@ def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> 
             assert shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0)
 
 
+def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> None:
+    import wsiseg.contours.merge as merge
+    from wsiseg.contours.cache import TRACES
+
+    TRACES.clear()
+    traced: list[tuple[int, int]] = []
+    real = merge._trace_block
+
+    def counting(mask, row0, col0):
+        traced.append((row0, col0))
+        return real(mask, row0, col0)
+
+    monkeypatch.setattr(merge, "_trace_block", counting)
+    prob = np.zeros((128, 128), dtype=np.uint8)
+    prob[10:120, 10:120] = 200  # one component over all 16 chunks of 32²
+    prob[40:50, 40:50] = 0
+    first = tumor_polygons_and_means(prob, chunk_px=32, regions=[(60, 60, 4, 4)])
+    assert len(traced) == 16
+    assert tumor_polygons_and_means(prob, chunk_px=32, regions=[(5, 5, 4, 4)])[0] == []
+    traced.clear()
+    prob[70:75, 100:110] = 0  # a new hole in chunk (2, 3) only
+    second = tumor_polygons_and_means(prob, chunk_px=32, regions=[(60, 60, 4, 4)])
+    assert traced == [(64, 96)]
+    fresh = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=1.0)  # no memo
+    assert len(second[0]) == len(fresh[0]) == 1
+    assert shapely.equals_exact(second[0][0], fresh[0][0], 0)
+    assert second[1].tolist() == fresh[1].tolist()
+    assert len(first[0][0].interiors) + 1 == len(second[0][0].interiors)
+
+
 def _key(polygon: shapely.Polygon) -> tuple[float, float, float]:
     x0, y0, _, _ = polygon.bounds
     return (-polygon.area, y0, x0)

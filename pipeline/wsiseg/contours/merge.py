@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from wsiseg.contours.cache import TRACES
 from wsiseg.contours.join import join_pieces
 from wsiseg.contours.mask import (
     ArrayLike2D,
@@ -36,8 +37,9 @@ class _Merger:
     """Chunk-by-chunk tracing with the pieces that meet across chunk sides joined."""
 
     def __init__(self, prob: ArrayLike2D, threshold: float, block: tuple[int, int],
-                 regions: list[tuple[int, int, int, int]]) -> None:
+                 regions: list[tuple[int, int, int, int]], memo: bool = False) -> None:
         self.prob = prob
+        self.memo = memo
         self.threshold = threshold
         self.block = block
         self.regions = regions
@@ -67,17 +69,13 @@ class _Merger:
         r0, c0 = i * bh, j * bw
         r1, c1 = min(r0 + bh, self.prob.shape[0]), min(c0 + bw, self.prob.shape[1])
         values = np.asarray(self.prob[r0:r1, c0:c1])
-        mask = tumor_mask(values, self.threshold)
-        labels, polygons = _trace_block(mask, r0, c0)
+        labels, polygons, sums, counts = self._traced(values, r0, c0)
         offset = self.n_pieces
         self.n_pieces += len(polygons)
         self.done.add((i, j))
         if polygons:
-            flat = labels.ravel()
-            n = len(polygons) + 1
-            self.sums.append(np.bincount(flat, weights=_as_probability(values).ravel(),
-                                         minlength=n)[1:])
-            self.counts.append(np.bincount(flat, minlength=n)[1:])
+            self.sums.append(sums)
+            self.counts.append(counts)
 
         on_border: set[int] = set()
         for side, (di, dj) in _SIDES.items():
@@ -108,6 +106,32 @@ class _Merger:
                     self.in_region.add(offset + label)
             elif label in in_region:
                 self.finished[offset + label] = polygon
+
+    def _traced(self, values: np.ndarray, r0: int, c0: int) -> tuple[
+            NDArray[np.integer], list[shapely.Polygon], NDArray[np.float64], NDArray[np.int64]]:
+        """One chunk's labels, pieces, and per piece the probability's sum and pixel count
+        (from :data:`TRACES` when ``memo``: the same pixels at the same place again)."""
+        key = TRACES.key(values, r0, c0, self.threshold) if self.memo else b""
+        hit = TRACES.get(key) if self.memo else None
+        if hit is not None:
+            labels, polygons, sums, counts = hit
+            return (np.zeros(values.shape, np.uint8) if labels is None else labels,
+                    polygons, sums, counts)
+        labels, polygons = _trace_block(tumor_mask(values, self.threshold), r0, c0)
+        sums = counts = np.zeros(0)
+        if polygons:
+            flat = labels.ravel()
+            n = len(polygons) + 1
+            sums = np.bincount(flat, weights=_as_probability(values).ravel(), minlength=n)[1:]
+            counts = np.bincount(flat, minlength=n)[1:]
+            if n <= np.iinfo(np.uint16).max:
+                labels = labels.astype(np.uint16)
+        if self.memo:  # a chunk without tumor is kept without its (zero) labels
+            kept = labels if polygons else None
+            size = (kept.nbytes if kept is not None else 0) + 16 * len(polygons) + 256
+            size += int(shapely.get_num_coordinates(polygons).sum()) * 16 if polygons else 0
+            TRACES.put(key, (kept, polygons, sums, counts), size)
+        return labels, polygons, sums, counts
 
     def _components(self) -> NDArray[np.intp]:
         n = self.n_pieces + 1
@@ -230,7 +254,10 @@ def tumor_polygons_and_means(
     Notes
     -----
     Memory: one block of pixels (plus its labels and float copy for ``find_contours``), the
-    labels along the sides of chunks not yet met, and the polygons; never O(H × W).
+    labels along the sides of chunks not yet met, and the polygons; never O(H × W). With
+    ``region`` or ``regions`` (a refine round) each chunk's trace is also kept in the
+    process's bounded memo (:mod:`~wsiseg.contours.cache`, 256 MiB), keyed by its pixels,
+    so the next round traces only the chunks that changed.
     """
     shape = tuple(prob.shape)
     if len(shape) != 2:
@@ -255,7 +282,9 @@ def tumor_polygons_and_means(
     if not boxes:
         return [], np.zeros(0)
 
-    merger = _Merger(prob, threshold, _block_shape(prob, chunk_px), boxes)
+    # regions: a refine round, whose unchanged chunks were traced by the rounds before
+    merger = _Merger(prob, threshold, _block_shape(prob, chunk_px), boxes,
+                     memo=region is not None or regions is not None)
     todo = set().union(*(merger.chunks_in(*box) for box in boxes))
     while todo:
         for i, j in sorted(todo):  # raster order keeps few chunk sides pending
