@@ -272,11 +272,51 @@ def test_simplified_polygons_stay_within_one_pixel(seed: int) -> None:
     assert len(simple) == len(exact)
     assert sum(len(p.exterior.coords) for p in simple) < sum(len(p.exterior.coords) for p in exact)
     for s in simple:
-        (e,) = [e for e in exact if e.representative_point().within(s) or s.contains(e.centroid)
-                and abs(e.area - s.area) <= e.length]
+        e = max(exact, key=lambda e: shapely.intersection(e, s).area)  # its component
         assert s.is_valid
         assert abs(s.area - e.area) <= e.length * 1.0
         assert shapely.hausdorff_distance(s, e, densify=0.05) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_simplification_by_chunk_is_valid_close_and_local(seed: int) -> None:
+    # runs are simplified chunk by chunk with their vertices on chunk lines kept: every
+    # polygon valid and within the tolerance of its exact outline, even with corner contacts
+    # on chunk lines, and a change in one chunk moves no vertex outside it
+    rng = np.random.default_rng(300 + seed)
+    shape = (int(rng.integers(50, 120)), int(rng.integers(50, 120)))
+    mask = _random_blobs(rng, shape, fraction=rng.uniform(0.2, 0.7), sigma=rng.uniform(1.5, 5))
+    mask ^= rng.random(shape) < 0.03
+    mask[16:24, 16:24] = (np.add.outer(np.arange(8), np.arange(8)) % 2).astype(bool)
+    chunk = int(rng.choice([8, 16, 24]))
+    exact = tumor_polygons(mask, simplify_px=0, chunk_px=chunk)
+    simple = tumor_polygons(mask, simplify_px=1.0, chunk_px=chunk)
+    assert len(simple) == len(exact)
+    assert all(p.is_valid and p.area > 0 for p in simple)
+    for p in simple:
+        e = max(exact, key=lambda e: shapely.intersection(e, p).area)
+        assert shapely.hausdorff_distance(p, e, densify=0.05) <= 1.0 + 1e-9
+
+    changed = mask.copy()
+    r0, c0 = chunk * int(rng.integers(1, 3)), chunk * int(rng.integers(1, 3))
+    changed[r0 + 2:r0 + chunk - 2, c0 + 2:c0 + chunk - 2] ^= True  # inside one chunk
+    after = tumor_polygons(changed, simplify_px=1.0, chunk_px=chunk)
+
+    def vertices_outside(polygons):
+        xy = shapely.get_coordinates(np.asarray(polygons, dtype=object))
+        out = ~((xy[:, 0] >= c0) & (xy[:, 0] <= c0 + chunk) & (xy[:, 1] >= r0)
+                & (xy[:, 1] <= r0 + chunk))
+        return {tuple(v) for v in xy[out]}
+
+    # unless the change splits or joins components (which then group their runs anew),
+    # no vertex outside the changed chunk moves
+    before_labels, after_labels = ndi.label(mask)[0], ndi.label(changed)[0]
+    outside = (before_labels > 0) & ~((np.arange(shape[0])[:, None] // chunk == r0 // chunk)
+                                      & (np.arange(shape[1])[None, :] // chunk == c0 // chunk))
+    pairs = {(int(p), int(q)) for p, q in zip(before_labels[outside], after_labels[outside],
+                                              strict=True)}
+    if len(pairs) == len({p for p, _ in pairs}) == len({q for _, q in pairs}):
+        assert vertices_outside(after) == vertices_outside(simple)
 
 
 def test_min_area_drops_small_fragments() -> None:

@@ -298,7 +298,7 @@ def _finished(merger: _Merger, simplify_px: float, min_area_px: float
               ) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
     """The merger's whole components, finished and sorted by area, largest first."""
     exact, means = merger.whole_components()
-    polygons, owner = _finish(exact, simplify_px, min_area_px)
+    polygons, owner = _finish(exact, simplify_px, min_area_px, merger.block, merger.memo)
     out = np.asarray(polygons, dtype=object)
     if len(out) == 0:
         return [], np.zeros(0)

@@ -1,19 +1,42 @@
-"""Finishing whole components: small ones dropped, outlines simplified within tolerance, valid.
+"""Finishing whole components: small ones dropped, outlines simplified chunk by chunk, valid.
 
-See the package docstring (step 6) for why rings are simplified as lines.
+Douglas–Peucker with topology preserved (GEOS's ``TopologyPreservingSimplifier``), but local:
+each ring is cut into *runs* at its vertices on the chunk grid lines and at the corners where
+two rings touch (those vertices are kept), and a polygon's runs inside one chunk are
+simplified together, as the lines of one MultiLineString (GEOS keeps a line's end points and
+keeps the lines from crossing). So a chunk's simplified outline is a function of that
+chunk's outline alone: a refine round simplifies only the chunks it changed (the others come
+from the memo of :mod:`~wsiseg.contours.cache`), however large the tumor it touches, and a
+from-scratch run gives the very same polygons.
+
+Why the result is valid without a check of the whole polygon: a simplified segment joins two
+vertices of one run, and every vertex of a run but its ends lies strictly inside the run's
+chunk, so a segment lies inside the chunk but for an end on a grid line. Segments of
+different chunks therefore meet only at kept vertices, where their rings met before; within
+a chunk GEOS keeps the lines apart. The one way out — a run whose two ends lie on the same
+grid line shrinking to the chord between them, along the line — is closed by also keeping
+the run's vertex farthest from that line. A closed run (a ring inside one
+chunk) that would collapse below a triangle is kept exact.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import shapely
 from numpy.typing import NDArray
 
+from wsiseg.contours.cache import TRACES
+
 
 def _finish(
-    exact: list[shapely.Polygon], simplify_px: float, min_area_px: float
+    exact: list[shapely.Polygon], simplify_px: float, min_area_px: float,
+    block: tuple[int, int], memo: bool = False,
 ) -> tuple[list[shapely.Polygon], NDArray[np.intp]]:
-    """Whole components → dropped below ``min_area_px``, simplified, valid (vectorised).
+    """Whole components → dropped below ``min_area_px``, simplified by ``simplify_px`` on the
+    chunk grid of ``block`` (rows, cols). ``memo``: look each chunk's simplified runs up in
+    (and add them to) :data:`~wsiseg.contours.cache.TRACES`.
 
     Returns the polygons and, for each, the index in ``exact`` of the component it came from.
     """
@@ -22,51 +45,205 @@ def _finish(
     polygons = polygons[source]
     if simplify_px <= 0 or len(polygons) == 0:
         return polygons.tolist(), source
-    simple, ok = _simplify_rings(polygons, simplify_px)
-    out, owner = simple[ok].tolist(), source[ok].tolist()
-    for k in np.flatnonzero(~ok):  # rare: a ring collapsed or the rings crossed
-        fallback = shapely.simplify(polygons[k], simplify_px / 2.0, preserve_topology=True)
-        if not fallback.is_valid:
-            fallback = shapely.make_valid(fallback, method="structure")
-        parts = [p for p in shapely.get_parts(fallback)
-                 if isinstance(p, shapely.Polygon) and p.area > 0]
-        out.extend(parts)
-        owner.extend([source[k]] * len(parts))
-    return out, np.asarray(owner, dtype=np.intp)
+    return _simplified(polygons, simplify_px, block, memo).tolist(), source
 
 
-def _simplify_rings(
-    polygons: NDArray[np.object_], tolerance_px: float
-) -> tuple[NDArray[np.object_], NDArray[np.bool_]]:
-    """Topology-preserving Douglas–Peucker, at most ``tolerance_px`` (Hausdorff) from the input.
+def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple[int, int],
+                memo: bool) -> NDArray[np.object_]:
+    """Pixel-edge polygons (integer vertices) simplified run by run; see the module."""
+    rings, ring_poly = shapely.get_rings(polygons, return_index=True)
+    coords, vertex_ring = shapely.get_coordinates(rings, return_index=True)
+    open_ = np.r_[vertex_ring[1:] != vertex_ring[:-1], True]  # drop each closing vertex
+    xy, vertex_ring = _with_grid_crossings(coords[~open_].astype(np.int64),
+                                           vertex_ring[~open_], block)
+    n_rings = len(rings)
+    ring_start = np.searchsorted(vertex_ring, np.arange(n_rings))
+    ring_len = np.diff(np.r_[ring_start, len(xy)])
 
-    GEOS simplifies a polygon's rings and may then drop a ring's start point when it lies
-    within the tolerance of its new neighbours' chord, which can put the outline up to twice
-    the tolerance away there. Simplifying each polygon's rings as the closed lines of one
-    MultiLineString keeps their start points and still keeps the lines from crossing. Returns
-    the rebuilt polygons and whether each is usable (no ring collapsed, valid); the caller
-    falls back to the polygon simplifier at half the tolerance (twice half is the tolerance)
-    for the others.
-    """
-    rings, ring_owner = shapely.get_rings(polygons, return_index=True)
-    coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
-    lines = shapely.multilinestrings(shapely.linestrings(coords, indices=coord_ring),
-                                     indices=ring_owner)
-    lines = shapely.simplify(lines, tolerance_px, preserve_topology=True)
-    parts, part_owner = shapely.get_parts(lines, return_index=True)
-    n_polygons = len(polygons)
-    ok = np.bincount(part_owner, minlength=n_polygons) == np.bincount(ring_owner,
-                                                                      minlength=n_polygons)
-    sizes = shapely.get_num_coordinates(parts)
-    ok &= np.bincount(part_owner, weights=sizes < 4, minlength=n_polygons) == 0
-    keep = ok[part_owner]
-    coords, coord_part = shapely.get_coordinates(parts[keep], return_index=True)
-    simple = np.full(n_polygons, None, dtype=object)
-    if keep.any():
-        new_rings = shapely.linearrings(coords, indices=coord_part)
-        simple[ok] = shapely.polygons(new_rings, indices=_dense(part_owner[keep]))
-        ok[ok] = shapely.is_valid(simple[ok]) & (shapely.area(simple[ok]) > 0)
-    return simple, ok
+    width = int(xy.max()) + 2
+    cell = xy[:, 1] * width + xy[:, 0]
+    kept = _on_grid(xy, block) | _touching(cell + ring_poly[vertex_ring] * width * width)
+    order = _rotated(cell, kept, vertex_ring, ring_start, ring_len)
+    xy, kept = xy[order], kept[order]  # each ring from its first kept (else top-left) vertex
+    is_start = np.zeros(len(xy), dtype=bool)
+    is_start[ring_start] = True
+    cut = kept | is_start
+    cut[_farthest_on_chords(xy, cut, vertex_ring, ring_start, ring_len, block)] = True
+
+    run_first = np.flatnonzero(cut)
+    run_ring = vertex_ring[run_first]
+    run_last = np.r_[run_first[1:], len(xy)]  # exclusive
+    ring_end = ring_start + ring_len
+    closing = np.where(run_last == ring_end[run_ring], ring_start[run_ring], run_last)
+    run_size = run_last - run_first + 1  # with the vertex that closes it (next run's first)
+    # a run's chunk: where its second vertex lies (strictly inside: it is no kept vertex),
+    # or for a run of one segment its midpoint; a segment along a grid line is in no chunk
+    # (it cannot change, and no simplified segment of either side can cross it)
+    a, b = xy[run_first], xy[closing]
+    twice_inside = np.where((run_size > 2)[:, None], 2 * xy[np.minimum(run_first + 1,
+                                                                        len(xy) - 1)], a + b)
+    step = np.array([block[1], block[0]])
+    chunk_xy = twice_inside // (2 * step)
+    n_cols = -(-width // block[1]) + 1
+    run_cell = (ring_poly[run_ring] * (-(-width // block[0]) + 1) + chunk_xy[:, 1]
+                ) * n_cols + chunk_xy[:, 0]
+    along_line = (run_size <= 2) & (((a[:, 0] == b[:, 0]) & (a[:, 0] % block[1] == 0))
+                                    | ((a[:, 1] == b[:, 1]) & (a[:, 1] % block[0] == 0)))
+
+    simple: list = [None] * len(run_first)
+    movable = np.flatnonzero(~along_line)
+    for r in np.flatnonzero(along_line).tolist():
+        simple[r] = xy[[run_first[r], closing[r]]]
+    # by chunk, and within one by where each run starts and heads: GEOS's result depends on
+    # the order of the lines, which must not depend on how the polygon's rings were listed
+    second = np.where((run_size > 2)[:, None], xy[np.minimum(run_first + 1, len(xy) - 1)], b)
+    groups = movable[np.lexsort((second[movable, 0], second[movable, 1], a[movable, 0],
+                                 a[movable, 1], run_cell[movable]))]
+    bounds = np.flatnonzero(np.diff(run_cell[groups])) + 1
+    lines = [np.vstack([xy[run_first[r]:run_last[r]], xy[closing[r]][None]])
+             for r in groups.tolist()]
+    for runs, members in zip(np.split(groups, bounds), _split_list(lines, bounds), strict=True):
+        if not len(runs):
+            continue
+        for r, line in zip(runs.tolist(), _chunk_simplified(members, tolerance_px, memo),
+                           strict=True):
+            simple[r] = line
+
+    # rings again: each run without its last vertex (the next run's first), in ring order
+    pieces = [s[:-1] for s in simple]
+    ring_xy = np.concatenate(pieces)
+    ring_id = np.repeat(run_ring, [len(p) for p in pieces])
+    ring_xy, ring_id = _without_collinear(ring_xy, ring_id)
+    counts = np.bincount(ring_id, minlength=n_rings)
+    out = polygons.copy()
+    good = np.bincount(ring_poly, weights=counts < 3, minlength=len(polygons)) == 0
+    first = np.searchsorted(ring_id, np.arange(n_rings))
+    closed = np.r_[np.arange(len(ring_xy)), first[counts > 0]]
+    closed_ring = ring_id[closed]
+    keep_ring = good[ring_poly[closed_ring]]
+    idx = np.argsort(closed_ring[keep_ring], kind="stable")
+    if keep_ring.any():
+        chosen = closed[keep_ring][idx]
+        linear = shapely.linearrings(ring_xy[chosen].astype(np.float64),
+                                     indices=_dense(closed_ring[keep_ring][idx]))
+        out[good] = shapely.polygons(linear, indices=_dense(ring_poly[good[ring_poly]]))
+    return out
+
+
+def _with_grid_crossings(xy: NDArray[np.int64], vertex_ring: NDArray[np.intp],
+                         block: tuple[int, int]) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
+    """Each ring with a vertex added where an edge crosses a grid line (pixel-edge rings
+    have only axis-parallel edges), so that no run reaches into two chunks."""
+    idx = np.arange(len(xy))
+    ring_first = np.searchsorted(vertex_ring, vertex_ring)
+    ring_last = np.searchsorted(vertex_ring, vertex_ring, side="right") - 1
+    nxt = xy[np.where(idx == ring_last, ring_first, idx + 1)]
+    lo, hi = np.minimum(xy, nxt), np.maximum(xy, nxt)
+    step = np.array([block[1], block[0]])  # (x, y) spacing of the lines
+    crossings = np.maximum((hi - 1) // step - lo // step, 0).sum(axis=1)  # one axis moves
+    if not crossings.any():
+        return xy, vertex_ring
+    owner = np.repeat(idx, crossings + 1)
+    k = np.arange(len(owner)) - np.repeat(np.cumsum(crossings + 1) - crossings - 1,
+                                          crossings + 1)  # 0: the vertex, 1..n: crossings
+    direction = np.sign(nxt - xy)[owner]
+    start = xy[owner]
+    # the k-th line after the start in the direction of travel
+    first_line = np.where(direction > 0, (start // step + 1) * step,
+                          ((start - 1) // step) * step)
+    line = first_line + (k[:, None] - 1) * step * direction
+    out = np.where((k[:, None] > 0) & (direction != 0), line, start)
+    return out, vertex_ring[owner]
+
+
+def _on_grid(xy: NDArray[np.int64], block: tuple[int, int]) -> NDArray[np.bool_]:
+    return (xy[:, 0] % block[1] == 0) | (xy[:, 1] % block[0] == 0)
+
+
+def _touching(key: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """Vertices that another ring of the same polygon (``key``: polygon and vertex) passes."""
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return counts[inverse] > 1
+
+
+def _rotated(cell: NDArray[np.int64], kept: NDArray[np.bool_], vertex_ring: NDArray[np.intp],
+             ring_start: NDArray[np.intp], ring_len: NDArray[np.intp]) -> NDArray[np.intp]:
+    """Vertex order with each ring starting at its first kept vertex, or at its smallest
+    (y, x) vertex when none is kept (a ring inside one chunk: the start DP keeps)."""
+    position = np.arange(len(cell)) - ring_start[vertex_ring]
+    big = np.int64(1) << 24  # > any ring length
+    first_kept = np.minimum.reduceat(np.where(kept, position, big), ring_start)
+    top_left = np.minimum.reduceat(cell * big + position, ring_start) % big
+    offset = np.where(first_kept < big, first_kept, top_left)
+    return ring_start[vertex_ring] + (position + offset[vertex_ring]) % ring_len[vertex_ring]
+
+
+def _farthest_on_chords(xy, cut, vertex_ring, ring_start, ring_len, block) -> list[int]:
+    """For each run whose two ends lie on one grid line, its vertex farthest from the line
+    (the first such): kept too, so that the run cannot shrink onto the line."""
+    first = np.flatnonzero(cut)
+    last = np.r_[first[1:], len(xy)]
+    ring = vertex_ring[first]
+    end = np.where(last == ring_start[ring] + ring_len[ring], ring_start[ring], last)
+    a, b = xy[first], xy[end]
+    same_col = (a[:, 0] == b[:, 0]) & (a[:, 0] % block[1] == 0)
+    same_row = (a[:, 1] == b[:, 1]) & (a[:, 1] % block[0] == 0)
+    same = (a == b).all(axis=1)
+    # (a run whose ends coincide is a closed line, kept from collapsing by _chunk_simplified)
+    bad = np.flatnonzero((same_col | same_row) & ~same & (last - first >= 2))
+    out = []
+    for r in bad.tolist():
+        inner = xy[first[r] + 1:last[r]]
+        axis = 0 if same_col[r] else 1
+        distance = np.abs(inner[:, axis] - a[r, axis])
+        out.append(int(first[r]) + 1 + int(np.argmax(distance)))
+    return out
+
+
+def _split_list(items: list, bounds: NDArray[np.intp]) -> list[list]:
+    edges = [0, *bounds.tolist(), len(items)]
+    return [items[i:j] for i, j in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _chunk_simplified(lines: list[NDArray[np.int64]], tolerance_px: float,
+                      memo: bool) -> list[NDArray[np.int64]]:
+    """One polygon's runs inside one chunk, simplified together (topology preserved); a
+    closed run that would fall below a triangle stays as it is."""
+    key = b""
+    if memo:
+        digest = hashlib.blake2b(np.float64(tolerance_px).tobytes(), digest_size=20)
+        digest.update(np.asarray([len(line) for line in lines], dtype=np.int64).tobytes())
+        for line in lines:
+            digest.update(line.tobytes())
+        key = b"runs" + digest.digest()
+        hit = TRACES.get(key)
+        if hit is not None:
+            return hit
+    collection = shapely.multilinestrings([shapely.linestrings(line) for line in lines])
+    parts = shapely.get_parts(shapely.simplify(collection, tolerance_px,
+                                               preserve_topology=True))
+    out = []
+    for line, part in zip(lines, parts, strict=True):
+        simple = shapely.get_coordinates(part).astype(np.int64)
+        closed = (line[0] == line[-1]).all()
+        out.append(line if closed and len(simple) < 4 else simple)
+    if memo:
+        TRACES.put(key, out, sum(line.nbytes for line in out) + 64 * len(out))
+    return out
+
+
+def _without_collinear(xy: NDArray[np.int64], ring_id: NDArray[np.intp]
+                       ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
+    """Drop vertices where the ring goes straight on (exact: integer coordinates); such
+    vertices are left where a straight stretch crossed a grid line."""
+    idx = np.arange(len(xy))
+    first = np.searchsorted(ring_id, ring_id)
+    last = np.searchsorted(ring_id, ring_id, side="right") - 1
+    d_in = xy - xy[np.where(idx == first, last, idx - 1)]
+    d_out = xy[np.where(idx == last, first, idx + 1)] - xy
+    cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
+    straight = (cross == 0) & ((d_in * d_out).sum(axis=1) > 0)
+    return xy[~straight], ring_id[~straight]
 
 
 def _dense(sorted_ids: NDArray[np.intp]) -> NDArray[np.intp]:
