@@ -259,7 +259,8 @@ def test_a_deleted_contour_becomes_non_tumor(cmu_run, tmp_path):
     scribbles = load_scribbles(export, store)
     assert scribbles.counts["deleted_ai"] == 1 and scribbles.counts["edited_ai"] == 0
     assert [label for _, label in scribbles.edits] == [-1]
-    assert scribbles.edits[0][0].area == pytest.approx(gone.area, rel=1e-6)
+    # (the file's vertices are rounded to QuPath's 0.01 level-0 px grid, the index's are not)
+    assert scribbles.edits[0][0].area == pytest.approx(gone.area, rel=1e-5)
     # the same contour deleted, the ids replaced
     again = back_from_qupath(features[:2] + features[3:], new_ids=True)
     same = load_scribbles(write_export(tmp_path / "d2.geojson", again), store)
