@@ -200,11 +200,28 @@ def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> No
     prob[70:75, 100:110] = 0  # a new hole in chunk (2, 3) only
     second = tumor_polygons_and_means(prob, chunk_px=32, regions=[(60, 60, 4, 4)])
     assert traced == [(64, 96)]
-    fresh = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=1.0)  # no memo
+    TRACES.clear()
+    fresh = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=1.0)  # whole map: no memo
+    assert len(TRACES) == 0
     assert len(second[0]) == len(fresh[0]) == 1
     assert shapely.equals_exact(second[0][0], fresh[0][0], 0)
     assert second[1].tolist() == fresh[1].tolist()
     assert len(first[0][0].interiors) + 1 == len(second[0][0].interiors)
+
+
+def test_mean_of_a_component_does_not_depend_on_the_order_its_chunks_are_met() -> None:
+    """A refine round meets a component's chunks from its windows outward, a whole-map
+    trace in raster order; the float sums of the pieces must give the same mean to the bit."""
+    from wsiseg.contours.cache import TRACES
+
+    for seed in range(8):
+        prob = np.random.default_rng(seed).uniform(0.5, 1.0, (96, 96))  # one component, 9 chunks
+        TRACES.clear()
+        whole = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=0)[1]
+        TRACES.clear()
+        corner = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=0,
+                                          regions=[(90, 90, 1, 1)])[1]
+        assert whole.tolist() == corner.tolist()
 
 
 def _key(polygon: shapely.Polygon) -> tuple[float, float, float]:

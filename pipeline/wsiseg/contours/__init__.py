@@ -42,13 +42,13 @@ How it works
    :func:`shapely.union_all` on a 90 000-vertex tumor). Only the borders of pending chunks
    and the polygons themselves are held in memory.
 6. **Finishing** each whole component: drop it if its pixel area is below ``min_area_px``,
-   then simplify (Douglas–Peucker with :func:`shapely.simplify`, ``preserve_topology=True``,
-   tolerance ``simplify_px`` ≤ 1 px). The rings of a polygon are simplified as the closed
-   lines of one MultiLineString, because GEOS may drop a polygon ring's start point after
-   simplifying it, which can put the outline up to twice the tolerance away; as lines the
-   start points stay and the result is within the tolerance (Hausdorff) of the exact outline.
-   A polygon whose rebuilt rings collapse or turn invalid (rare: 1-px necks) falls back to
-   the polygon simplifier at half the tolerance, and :func:`shapely.make_valid`.
+   then simplify (Douglas–Peucker, GEOS's topology-preserving simplifier, tolerance
+   ``simplify_px`` ≤ 1 px) *chunk by chunk* (:mod:`~wsiseg.contours.simplify`): the vertices
+   on chunk grid lines and where rings touch are kept, and each chunk's stretches of outline
+   are simplified together. The result is valid by construction, within the tolerance of the
+   exact outline, and a chunk's simplified outline depends on its pixels only, so a refine
+   round re-simplifies (and re-traces, :mod:`~wsiseg.contours.cache`) only the chunks it
+   changed, however large the tumor.
 
 Speed (one core of a shared machine, CPU time, 8192² uint8 zarr array in 512² chunks, 20 %
 tumor): ~20 Mpx/s with simplification (~25 Mpx/s exact) for ~1300 blobs of ~100 px;

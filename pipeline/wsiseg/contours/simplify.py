@@ -161,7 +161,8 @@ def _on_grid(xy: NDArray[np.int64], block: tuple[int, int]) -> NDArray[np.bool_]
 
 
 def _touching(key: NDArray[np.int64]) -> NDArray[np.bool_]:
-    """Vertices that another ring of the same polygon (``key``: polygon and vertex) passes."""
+    """Vertices that a polygon's rings pass more than once (``key``: polygon and vertex):
+    where two rings touch, or one ring passes a corner twice."""
     _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     return counts[inverse] > 1
 
@@ -172,6 +173,10 @@ def _rotated(cell: NDArray[np.int64], kept: NDArray[np.bool_], vertex_ring: NDAr
     (y, x) vertex when none is kept (a ring inside one chunk: the start DP keeps)."""
     position = np.arange(len(cell)) - ring_start[vertex_ring]
     big = np.int64(1) << 24  # > any ring length
+    # cell * big + position must fit in int64: maps up to ~740 000 px a side
+    if ring_len.max() >= big or cell.max() >= np.iinfo(np.int64).max // big - 1:
+        raise ValueError("contour too large to simplify: a ring of ≥ 2**24 vertices, "
+                         "or a map over ~740 000 px a side")
     first_kept = np.minimum.reduceat(np.where(kept, position, big), ring_start)
     top_left = np.minimum.reduceat(cell * big + position, ring_start) % big
     offset = np.where(first_kept < big, first_kept, top_left)
@@ -228,7 +233,8 @@ def _chunk_simplified(lines: list[NDArray[np.int64]], tolerance_px: float,
         closed = (line[0] == line[-1]).all()
         out.append(line if closed and len(simple) < 4 else simple)
     if memo:
-        TRACES.put(key, out, sum(line.nbytes for line in out) + 64 * len(out))
+        # an entry's objects (key, list, arrays) ≈ 300 B + 120 B a line besides the data
+        TRACES.put(key, out, sum(line.nbytes for line in out) + 120 * len(out) + 300)
     return out
 
 
