@@ -6,7 +6,9 @@ slide's ground truth blurred (σ = 8 working px) and squeezed into [0.3, 0.7] pl
 ``refine.py`` does: a GuideNet pass would cost minutes and change nothing here). A server —
 the app ``wsiseg serve`` runs (:func:`wsiseg.serve.main.build_app`), on uvicorn, on a
 loopback port, in this process — is started once per refiner (RefineNet with random weights
-from ``wsiseg models init``, and the random walker) and warmed by one stroke.
+from ``wsiseg models init``, and the random walker), the slide opened as a client opens it
+(GET its contours: the server traces it once in the background to warm its trace memo, and
+the strokes wait for that; the table's last column), and warmed by one stroke.
 
 Then ``--strokes`` correction strokes are posted one after another over HTTP, each drawn by
 the interactive evaluation's simulator (:func:`wsiseg.evaluate.interactive.
@@ -191,6 +193,18 @@ def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
     return out[1:]
 
 
+def open_slide(url: str, slide_id: str, app) -> float:
+    """What a client does first (GET the contours), then the seconds until the server's
+    background warm-up of the slide's trace memo has finished (strokes wait for it, as a
+    pathologist looking at the slide would)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    httpx.get(f"{url}/slides/{slide_id}/contours", timeout=600).raise_for_status()
+    app.app.state.wsiseg.warmer.wait(slide_id)  # app: the guard around the FastAPI app
+    return time.perf_counter() - t0
+
+
 def tiles_per_second(url: str, slide_id: str, store, n: int, seed: int) -> dict[str, float]:
     import httpx
 
@@ -235,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from wsiseg.config import load_workflow
+    from wsiseg.contours.cache import TRACES
     from wsiseg.nets import init_weights
     from wsiseg.serve.main import ServeOptions, build_app
 
@@ -262,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                     (work / "scratch").mkdir(exist_ok=True)
                     app, _, _ = build_app(options, work / "scratch")
                     with running(app) as url:
-                        common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: "
-                                   f"{args.strokes} strokes")
+                        TRACES.clear()  # each row starts cold, as a new server does
+                        warm_s = open_slide(url, "slide", app)
+                        common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: opened, "
+                                   f"traces warmed in {warm_s:.1f} s; {args.strokes} strokes")
                         rows = strokes_over_http(url, "slide", store, truth, args.strokes,
                                                  args.seed, args.answer)
                         if refiner == args.refiners.split(",")[0] and not big:
@@ -277,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                         wf_name, fmt(mpx, 1), refiner, len(rows),
                         fmt(np.percentile(totals, 50), 3), fmt(np.percentile(totals, 95), 3),
                         *(fmt(p50[k], 3) for k in COLUMNS),
-                        fmt(np.median([r["windows"] for r in rows]), 0)])
+                        fmt(np.median([r["windows"] for r in rows]), 0), fmt(warm_s, 1)])
     common.print_report("wsiseg serve: strokes over HTTP", [
         ("Seconds from sending a stroke to its answer; stage columns are medians.",
          markdown_table(["workflow", "working Mpx", "refiner", "strokes", "p50 s", "p95 s",
-                         *(f"{k} p50" for k in COLUMNS), "windows p50"], rows_out)),
+                         *(f"{k} p50" for k in COLUMNS), "windows p50", "warm-up s"],
+                        rows_out)),
         ("Deep Zoom tiles per second (one client, sequential; cold: read from the store, "
          "warm: the tile cache).",
          markdown_table(["workflow", "image cold", "image warm", "heat map cold",

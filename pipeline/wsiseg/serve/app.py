@@ -48,6 +48,7 @@ from wsiseg.serve.rounds import (
     serve_undo,
 )
 from wsiseg.serve.tiles import LAYERS, TileCache, TileSource
+from wsiseg.serve.warm import TraceWarmer
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -70,6 +71,7 @@ class ServerState:
     tiles: TileCache = field(default_factory=TileCache)
     sources: dict[tuple[str, str], TileSource] = field(default_factory=dict)
     sources_lock: threading.Lock = field(default_factory=threading.Lock)
+    warmer: TraceWarmer = field(default_factory=TraceWarmer)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -128,6 +130,7 @@ def create_app(state: ServerState) -> FastAPI:
         round: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,  # noqa: A002
     ) -> Response:
         slide = slide_or_404(slide_id)
+        state.warmer.warm(slide)  # a client opening the slide: its strokes will follow
         known = {int(r["round"]) for r in history(slide)}
         if round is not None and round not in known:
             raise HTTPException(404, f"slide {slide_id!r} has no round {round}")
@@ -223,7 +226,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/view/{slide_id}", include_in_schema=False)
     def viewer(slide_id: str) -> Response:
-        return Response(page.viewer_html(slide_or_404(slide_id).id), media_type="text/html")
+        slide = slide_or_404(slide_id)
+        state.warmer.warm(slide)
+        return Response(page.viewer_html(slide.id), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
