@@ -157,17 +157,26 @@ def test_random_blobs_chunked_equals_unchunked(seed: int) -> None:
     assert shapely.union_all(whole).equals(shapely.union_all(chunked))
 
 
+def _blobs_with_corner_contacts(rng: np.random.Generator, side: tuple[int, int],
+                                fraction: tuple[float, float], sigma: tuple[float, float],
+                                noise: float, at: int) -> np.ndarray:
+    """Random blobs with speckle, and an 8×8 checkerboard at (``at``, ``at``): pixels that
+    meet only at corners, on chunk lines when ``at`` is a multiple of the chunk size."""
+    shape = (int(rng.integers(*side)), int(rng.integers(*side)))
+    mask = _random_blobs(rng, shape, fraction=rng.uniform(*fraction), sigma=rng.uniform(*sigma))
+    mask ^= rng.random(shape) < noise
+    mask[at:at + 8, at:at + 8] = (np.add.outer(np.arange(8), np.arange(8)) % 2).astype(bool)
+    return mask
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> None:
     # pieces are joined by cancelling their shared edges, not by an overlay: the result must
     # be the unchunked outline exactly (same rings, same corners, none left on chunk lines),
     # also where pixels meet at a corner on a chunk line and a ring would touch itself there
     rng = np.random.default_rng(100 + seed)
-    shape = (int(rng.integers(30, 90)), int(rng.integers(30, 90)))
-    mask = _random_blobs(rng, shape, fraction=rng.uniform(0.3, 0.7), sigma=rng.uniform(1, 3))
-    mask ^= rng.random(shape) < 0.08
-    checker = (np.add.outer(np.arange(8), np.arange(8)) % 2).astype(bool)
-    mask[8:16, 8:16] = checker  # corner contacts on the chunk lines of chunk_px 4 or 8
+    # corner contacts on the chunk lines of chunk_px 4 or 8
+    mask = _blobs_with_corner_contacts(rng, (30, 90), (0.3, 0.7), (1, 3), 0.08, at=8)
     whole = tumor_polygons(mask, simplify_px=0)
     for chunk_px in (4, int(rng.integers(5, 16))):
         chunked = tumor_polygons(mask, simplify_px=0, chunk_px=chunk_px)
@@ -301,10 +310,8 @@ def test_simplification_by_chunk_is_valid_close_and_local(seed: int) -> None:
     # polygon valid and within the tolerance of its exact outline, even with corner contacts
     # on chunk lines, and a change in one chunk moves no vertex outside it
     rng = np.random.default_rng(300 + seed)
-    shape = (int(rng.integers(50, 120)), int(rng.integers(50, 120)))
-    mask = _random_blobs(rng, shape, fraction=rng.uniform(0.2, 0.7), sigma=rng.uniform(1.5, 5))
-    mask ^= rng.random(shape) < 0.03
-    mask[16:24, 16:24] = (np.add.outer(np.arange(8), np.arange(8)) % 2).astype(bool)
+    mask = _blobs_with_corner_contacts(rng, (50, 120), (0.2, 0.7), (1.5, 5), 0.03, at=16)
+    shape = mask.shape
     chunk = int(rng.choice([8, 16, 24]))
     exact = tumor_polygons(mask, simplify_px=0, chunk_px=chunk)
     simple = tumor_polygons(mask, simplify_px=1.0, chunk_px=chunk)
