@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from wsiseg.contours.cache import TRACES
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL = SHARED / "data" / "real"
@@ -21,6 +23,15 @@ QUPATH_FIXTURES = SHARED / "fixtures" / "qupath"
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("WSISEG_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_memo():
+    """The trace memo is the process's: each test starts and ends with it empty, so none
+    finds another's traces (which would hide a trace it should have made)."""
+    TRACES.clear()
+    yield
+    TRACES.clear()
 
 
 def real(path: Path) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import shapely
 from scipy import ndimage as ndi
 
+import wsiseg.contours.merge as merge
 from wsiseg.contours import (
     RowStreamTracer,
     draw_contours,
@@ -19,6 +20,8 @@ from wsiseg.contours import (
     tumor_polygons_and_means,
     uint8_threshold,
 )
+from wsiseg.contours.cache import TRACES
+from wsiseg.contours.simplify import _rotated
 
 
 def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
@@ -187,9 +190,6 @@ def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> 
 
 
 def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> None:
-    import wsiseg.contours.merge as merge
-    from wsiseg.contours.cache import TRACES
-
     TRACES.clear()
     traced: list[tuple[int, int]] = []
     real = merge._trace_block
@@ -221,8 +221,6 @@ def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> No
 def test_mean_of_a_component_does_not_depend_on_the_order_its_chunks_are_met() -> None:
     """A refine round meets a component's chunks from its windows outward, a whole-map
     trace in raster order; the float sums of the pieces must give the same mean to the bit."""
-    from wsiseg.contours.cache import TRACES
-
     for seed in range(8):
         prob = np.random.default_rng(seed).uniform(0.5, 1.0, (96, 96))  # one component, 9 chunks
         TRACES.clear()
@@ -475,3 +473,15 @@ def test_draw_contours_changes_pixels_along_the_outline_only() -> None:
     outline = shapely.affinity.scale(polygon, 0.5, 0.5, origin=(0, 0)).boundary
     distances = shapely.distance(outline, shapely.points(xx + 0.5, yy + 0.5))
     assert distances.max() <= 2.0  # within the line width of the outline
+
+
+def test_ring_sizes_beyond_the_rotation_key_are_refused() -> None:
+    """The start of each ring is found with one int64 key per vertex (cell × 2**24 +
+    position): a ring of up to 2**24 vertices fits, one more does not."""
+    one = np.zeros(1, dtype=np.intp)
+    cell, kept = np.array([5], dtype=np.int64), np.array([True])
+    assert _rotated(cell, kept, one, one, np.array([2**24])).tolist() == [0]
+    with pytest.raises(ValueError, match="more than 2\\*\\*24 vertices"):
+        _rotated(cell, kept, one, one, np.array([2**24 + 1]))
+    with pytest.raises(ValueError, match="740 000 px"):
+        _rotated(np.array([2**39], dtype=np.int64), kept, one, one, np.array([1]))

@@ -195,8 +195,9 @@ def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
 
 def open_slide(url: str, slide_id: str, app) -> float:
     """What a client does first (GET the contours), then the seconds until the server's
-    background warm-up of the slide's trace memo has finished (strokes wait for it, as a
-    pathologist looking at the slide would)."""
+    background warm-up of the slide's trace memo has finished. The strokes wait for it, as
+    they do in the viewer or QuPath's live mode while the pathologist looks at the slide; a
+    one-shot QuPath run posts its first round at once, beside the warm-up (not measured)."""
     import httpx
 
     t0 = time.perf_counter()

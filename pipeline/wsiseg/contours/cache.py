@@ -30,6 +30,9 @@ class TraceMemo:
         self._entries: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        #: How many entries were dropped to stay within the budget, ever: a warm-up done
+        #: before the count last moved may have lost some of its entries.
+        self.evictions = 0
 
     @staticmethod
     def key(values: np.ndarray, row0: int, col0: int, threshold: float) -> bytes:
@@ -59,6 +62,7 @@ class TraceMemo:
             while self._bytes > self.budget_bytes:
                 _, (_, size) = self._entries.popitem(last=False)
                 self._bytes -= size
+                self.evictions += 1
 
     def clear(self) -> None:
         with self._lock:
@@ -67,6 +71,11 @@ class TraceMemo:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """The estimated size of what the memo holds, in bytes."""
+        return self._bytes
 
 
 #: The process's memo, used when tracing regions (refine rounds), not whole maps.

@@ -172,11 +172,11 @@ def _rotated(cell: NDArray[np.int64], kept: NDArray[np.bool_], vertex_ring: NDAr
     """Vertex order with each ring starting at its first kept vertex, or at its smallest
     (y, x) vertex when none is kept (a ring inside one chunk: the start DP keeps)."""
     position = np.arange(len(cell)) - ring_start[vertex_ring]
-    big = np.int64(1) << 24  # > any ring length
+    big = np.int64(1) << 24  # > any position in a ring
     # cell * big + position must fit in int64: maps up to ~740 000 px a side
-    if ring_len.max() >= big or cell.max() >= np.iinfo(np.int64).max // big - 1:
-        raise ValueError("contour too large to simplify: a ring of ≥ 2**24 vertices, "
-                         "or a map over ~740 000 px a side")
+    if ring_len.max() > big or cell.max() >= np.iinfo(np.int64).max // big - 1:
+        raise ValueError("contour too large to simplify: a ring of more than 2**24 "
+                         "vertices, or a map over ~740 000 px a side")
     first_kept = np.minimum.reduceat(np.where(kept, position, big), ring_start)
     top_left = np.minimum.reduceat(cell * big + position, ring_start) % big
     offset = np.where(first_kept < big, first_kept, top_left)

@@ -12,8 +12,8 @@ Modules, one concept each:
 - :mod:`~wsiseg.serve.queue` — one round at a time per slide, in arrival order;
 - :mod:`~wsiseg.serve.rounds` — a served round / undo and what it answers;
 - :mod:`~wsiseg.serve.tiles` — Deep Zoom tiles of the image and of the tumor probability;
-- :mod:`~wsiseg.serve.warm` — a slide's contours traced once in the background when a client
-  opens it, so its first stroke re-traces only the chunks it changed;
+- :mod:`~wsiseg.serve.warm` — the slide a client opened last traced once in the background,
+  so the strokes that follow re-trace only the chunks they change;
 - :mod:`~wsiseg.serve.guard` — token, host check and body size limit (ASGI middleware);
 - :mod:`~wsiseg.serve.app` — the FastAPI routes; :mod:`~wsiseg.serve.main` — start-up.
 """

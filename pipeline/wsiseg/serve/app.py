@@ -79,6 +79,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.queues.close()  # lets a round in progress finish
+        state.warmer.close()
 
     app = FastAPI(title="wsiseg serve", version=__version__, docs_url=None, redoc_url=None,
                   lifespan=lifespan,
@@ -130,7 +131,7 @@ def create_app(state: ServerState) -> FastAPI:
         round: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,  # noqa: A002
     ) -> Response:
         slide = slide_or_404(slide_id)
-        state.warmer.warm(slide)  # a client opening the slide: its strokes will follow
+        state.warmer.warm(slide)  # a client opening the slide: strokes will follow
         known = {int(r["round"]) for r in history(slide)}
         if round is not None and round not in known:
             raise HTTPException(404, f"slide {slide_id!r} has no round {round}")
@@ -226,8 +227,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/view/{slide_id}", include_in_schema=False)
     def viewer(slide_id: str) -> Response:
+        # the page holds no slide data; its script fetches the contours (and so warms them)
         slide = slide_or_404(slide_id)
-        state.warmer.warm(slide)
         return Response(page.viewer_html(slide.id), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
