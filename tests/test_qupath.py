@@ -27,6 +27,7 @@ from wsiseg.qupath import (
     read_annotations_report,
     write_annotations,
 )
+from wsiseg.qupath.snap import PRECISION_PX, geometry_json
 
 from qupath_rules import validate_feature_collection
 
@@ -657,15 +658,13 @@ def test_grid_snap_by_rounding_equals_set_precision_and_repairs_what_it_breaks()
 
     import shapely.affinity
 
-    from wsiseg.qupath.write import _PRECISION_PX, _geometry_for_qupath
-
     from conftest import QUPATH_FIXTURES
 
     def written(g):
         # what the writer wrote before its fast paths: GEOS's snap, canonical order, and the
         # ".0" of integers dropped by a regular expression
         text = shapely.to_geojson(shapely.orient_polygons(shapely.normalize(
-            shapely.set_precision(g, _PRECISION_PX))))
+            shapely.set_precision(g, PRECISION_PX))))
         return re.sub(r"(\d)\.0(?=[,\]])", r"\1", text)
 
     shapes = []
@@ -683,14 +682,14 @@ def test_grid_snap_by_rounding_equals_set_precision_and_repairs_what_it_breaks()
         for scale in (1.0, 4.008, 2 / 3):  # level-0 frames of real slides are not integral
             g = shapely.make_valid(shapely.affinity.scale(shape, scale, scale, origin=(0, 0)))
             if g.geom_type in ("Polygon", "MultiPolygon"):
-                assert _geometry_for_qupath(g, "x") == written(g)
+                assert geometry_json(g, "x") == written(g)
     # A hole 0.004 px inside the shell: rounding alone would make the rings touch along an edge.
     thin = shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)],
                            [[(0.004, 1), (5, 1), (5, 5), (0.004, 5)]])
-    text = _geometry_for_qupath(thin, "x")
-    assert shapely.from_geojson(text).is_valid and _PRECISION_PX == 0.01
+    text = geometry_json(thin, "x")
+    assert shapely.from_geojson(text).is_valid and PRECISION_PX == 0.01
     assert text == written(thin)
     # An invalid input (a bow tie) is repaired before the snap, as before.
     bow_tie = shapely.Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])
-    repaired = shapely.from_geojson(_geometry_for_qupath(bow_tie, "x"))
+    repaired = shapely.from_geojson(geometry_json(bow_tie, "x"))
     assert repaired.is_valid and repaired.area == 50

@@ -105,6 +105,9 @@ def annotations_for(
                 # Refine rounds keep earlier features as they were: new names carry the round.
                 name=f"tumor_{k:04d}" if round_k == 0 else f"tumor_r{round_k}_{k:04d}",
                 locked=True,
+                # traced outlines are valid by construction; affine maps and the clip to
+                # the slide keep them so
+                valid_geometry=True,
                 measurements={
                     "Area µm^2": round(area_um2, 2),
                     MEAN_PROBABILITY: round(mean, 4),

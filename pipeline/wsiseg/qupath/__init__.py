@@ -7,7 +7,8 @@ All coordinates are level-0 pixels in **QuPath's** frame; the caller converts wi
 
 Modules: :mod:`~wsiseg.qupath.classes` (class table, labels, annotations),
 :mod:`~wsiseg.qupath.read` (the reader) on :mod:`~wsiseg.qupath.containers` (files → features)
-and :mod:`~wsiseg.qupath.geometry` (GeoJSON → shapely), :mod:`~wsiseg.qupath.write` (the writer).
+and :mod:`~wsiseg.qupath.geometry` (GeoJSON → shapely), :mod:`~wsiseg.qupath.write` (the writer)
+on :mod:`~wsiseg.qupath.snap` (one geometry snapped to QuPath's grid, valid).
 """
 
 from wsiseg.qupath.classes import (

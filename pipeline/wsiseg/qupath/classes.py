@@ -72,6 +72,11 @@ class Annotation:
         The feature's UUID string.
     color : (int, int, int) or None
         The class colour (RGB) as read, or to write.
+    valid_geometry : bool
+        To write: the maker vouches that ``geometry`` is valid (wsiseg's traced contours are,
+        by construction), so the writer proves that snapping it to QuPath's grid keeps it
+        valid by a clearance bound instead of GEOS's validity check
+        (:func:`wsiseg.qupath.snap.proven_rounding`). Never set by the reader.
     """
 
     geometry: shapely.Geometry
@@ -82,6 +87,7 @@ class Annotation:
     metadata: Mapping[str, str] = field(default_factory=dict)
     id: str | None = None
     color: tuple[int, int, int] | None = None
+    valid_geometry: bool = False
 
 
 def is_wsiseg_feature(a: Annotation, *, ai_class_name: str | None = None) -> bool:

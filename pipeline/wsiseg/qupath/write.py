@@ -11,14 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import shapely
-
 from wsiseg.atomic import atomic_write_bytes
 from wsiseg.qupath.classes import _DERIVED_DELIMITER, QUPATH_CLASS_COLORS, Annotation
-from wsiseg.qupath.geometry import _polygonal
-
-_PRECISION_PX = 0.01  # QuPath ≥ 0.6 snaps imported vertices to this grid (§2.4)
+from wsiseg.qupath.snap import geometry_json
 
 
 def write_annotations(
@@ -112,7 +107,7 @@ def _feature_json(
 ) -> tuple[str, str] | None:
     """(id, Feature JSON text), or None when the annotation has no area to write."""
     where = f"annotation {index}"
-    geometry = _geometry_for_qupath(annotation.geometry, where)
+    geometry = geometry_json(annotation.geometry, where, annotation.valid_geometry)
     if geometry is None:
         return None
     props: dict[str, Any] = {"objectType": "annotation"}
@@ -175,54 +170,3 @@ def _measurements_json(measurements: Mapping[str, float], where: str) -> dict[st
             raise ValueError(f"{where}: measurement {key!r} is not finite: {value!r}")
         out[str(key)] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return out
-
-
-def _geometry_for_qupath(geometry: shapely.Geometry, where: str) -> str | None:
-    """GeoJSON geometry text by the writer checklist of §4.1, or None when no area is left."""
-    if geometry is None or geometry.is_empty:
-        return None
-    if not np.isfinite(shapely.get_coordinates(geometry)).all():
-        raise ValueError(f"{where}: geometry has non-finite coordinates")
-    # QuPath ≥ 0.6 snaps to this grid and rejects what the snap makes invalid; do it first.
-    # Fast path, one validity check (~0.3 s on a 60 000-vertex tumor, which a refine round
-    # writes again whenever a stroke touches it): a polygonal geometry whose rounding is
-    # valid is written as rounded. Otherwise the repair: the polygonal part of the valid
-    # input, snapped by GEOS (set_precision's default mode returns valid geometry).
-    snapped = _rounded(geometry) if geometry.geom_type in _POLYGONAL else None
-    if snapped is None or not snapped.is_valid:
-        polygonal = _polygonal(shapely.make_valid(geometry) if not geometry.is_valid
-                               else geometry)
-        if polygonal is None:
-            return None
-        snapped = shapely.set_precision(polygonal, _PRECISION_PX)
-        if snapped.geom_type not in _POLYGONAL:
-            snapped = _polygonal(snapped)
-    if snapped is None or not snapped.area > 0:
-        return None
-    # Canonical vertex order (a re-export writes the same bytes), then RFC 7946's right-hand
-    # rule; QuPath itself ignores orientation.
-    snapped = shapely.orient_polygons(shapely.normalize(snapped))
-    # GEOS writes the shortest decimal of each snapped coordinate, i.e. ≤ 2 decimals; drop the
-    # ".0" of integers, as QuPath does (pixel-edge contours are mostly integers).
-    return _without_dot_zero(shapely.to_geojson(snapped))
-
-
-_POLYGONAL = ("Polygon", "MultiPolygon")
-
-
-def _rounded(polygonal: shapely.Geometry) -> shapely.Geometry:
-    """``polygonal`` with each coordinate rounded half up to the :data:`_PRECISION_PX` grid,
-    as GEOS rounds: where that stays valid (it did for all of 9,620 real and rescaled
-    contours tried) the output is ``shapely.set_precision``'s, without its snap-rounding
-    overlay (2–3× the cost)."""
-    steps = 1.0 / _PRECISION_PX
-    return shapely.remove_repeated_points(
-        shapely.transform(polygonal, lambda xy: np.floor(xy * steps + 0.5) / steps), 0.0)
-
-
-def _without_dot_zero(text: str) -> str:
-    """GeoJSON text without the ".0" of integral coordinates (GEOS writes the shortest
-    decimal, so ".0" before "," or "]" only ends an integer)."""
-    return text.replace(".0,", ",").replace(".0]", "]")
-
-

@@ -1,0 +1,111 @@
+"""Tests of wsiseg.qupath.snap: geometry snapped to QuPath's 0.01-px grid, valid, and the
+clearance bound that lets traced contours skip GEOS's validity check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+import shapely.affinity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
+
+from wsiseg.contours import tumor_polygons
+from wsiseg.qupath.snap import PRECISION_PX, geometry_json, proven_rounding
+
+SQUARE = [(0, 0), (10, 0), (10, 10), (0, 10)]
+
+
+def _traced(seed: int, scale: float, offset: float) -> list[shapely.Polygon]:
+    """Traced tumor outlines (holes, rings touching at corners) in a level-0-like frame."""
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.standard_normal((160, 160)), 2.5)
+    mask = field >= np.quantile(field, 0.5)
+    polygons = tumor_polygons(mask, chunk_px=48, simplify_px=1.0)
+    return [shapely.affinity.affine_transform(p, [scale, 0, 0, scale, offset, -offset])
+            for p in polygons]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("scale", [1.0, 4.008, 2 / 3, 0.2503])
+def test_traced_contours_vouched_valid_are_written_valid_as_when_checked(seed, scale):
+    polygons = _traced(seed, scale, 1234.567)
+    assert polygons and any(len(p.interiors) for p in polygons)
+    for polygon in polygons:
+        vouched = shapely.from_geojson(geometry_json(polygon, "x", valid=True))
+        checked = shapely.from_geojson(geometry_json(polygon, "x"))
+        assert vouched.is_valid
+        # the same but for the vertices added where rings touch (each within 0.01 px)
+        assert shapely.hausdorff_distance(vouched, checked) <= PRECISION_PX
+        assert vouched.area == pytest.approx(checked.area, abs=PRECISION_PX * polygon.length)
+
+
+def test_a_vouched_traced_contour_is_not_checked_by_geos(monkeypatch):
+    polygon = max(_traced(0, 4.008, 0.5), key=lambda p: len(p.interiors))
+    assert proven_rounding(polygon) is not None
+    calls = []
+    real = shapely.is_valid
+    monkeypatch.setattr(shapely, "is_valid", lambda g, **kw: calls.append(g) or real(g, **kw))
+    geometry_json(polygon, "x", valid=True)
+    assert calls == []
+    geometry_json(polygon, "x")
+    assert len(calls) == 1  # unvouched: the rounding is checked
+
+
+@pytest.mark.parametrize("polygon", [
+    # a hole 0.004 px inside the shell: rounding makes the rings touch along an edge
+    shapely.Polygon(SQUARE, [[(0.004, 1), (5, 1), (5, 5), (0.004, 5)]]),
+    # a hole touching a shell edge 0.005 px from its corner
+    shapely.Polygon(SQUARE, [[(0.005, 0), (7, 2), (3, 2)]]),
+    # a segment shorter than twice the largest move
+    shapely.Polygon([(0, 0), (10, 0), (10, 10), (10.005, 10.005), (0, 10)]),
+    # two parts 0.01 px apart
+    shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(1.01, 0, 2, 1)]),
+    # a hole vertex 0.001 px off a shell edge: near, not on it
+    shapely.Polygon(SQUARE, [[(5, 0.001), (7, 2), (3, 2)]]),
+])
+def test_near_contacts_are_not_proven_and_the_writer_still_writes_valid_geometry(polygon):
+    assert polygon.is_valid
+    assert proven_rounding(polygon) is None
+    written = shapely.from_geojson(geometry_json(polygon, "x", valid=True))
+    assert written.is_valid and written.area == pytest.approx(polygon.area, abs=0.2)
+
+
+@pytest.mark.parametrize("touch", [
+    [(0, 0), (4, 2), (2, 4)],  # a hole at the shell's corner: a vertex of both rings
+    [(5, 0), (7, 2), (3, 2)],  # a hole touching the middle of a shell edge
+    [(5.003, 0), (7.006, 2.001), (3.004, 2.007)],  # the same off the grid
+])
+def test_rings_touching_at_a_point_keep_their_topology(touch):
+    touching = shapely.Polygon(SQUARE, [touch])
+    assert touching.is_valid
+    snapped = proven_rounding(shapely.affinity.translate(touching, 0.0031, 100.0047))
+    assert snapped is not None and snapped.is_valid
+    assert len(snapped.interiors) == 1
+    assert snapped.area == pytest.approx(touching.area, abs=0.1)
+    shell, hole = snapped.exterior, snapped.interiors[0]
+    assert shell.intersection(hole).geom_type == "Point"  # still one touch, at a vertex
+    assert set(hole.coords) & set(shell.coords)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gap=st.one_of(st.just(0.0), st.floats(0.0005, 0.05)), x=st.floats(-50, 50),
+       y=st.floats(-50, 50), tilt=st.floats(-0.3, 0.3), scale=st.floats(0.3, 5.0),
+       angle=st.floats(0, 90))
+def test_whenever_the_bound_holds_the_rounded_geometry_is_valid(gap, x, y, tilt, scale, angle):
+    """A shell and a hole (and a second part) ``gap`` apart or touching at a point, tilted,
+    rotated and moved off the grid: the bound may refuse, but what it gives is valid."""
+    hole = [(gap, 3), (5, 1 + tilt), (5, 5), (2, 5 - tilt)]
+    polygon = shapely.Polygon(SQUARE, [hole])
+    other = shapely.Polygon([(10 + gap, 5), (12, tilt), (12, 13)])
+    for geometry in (polygon, shapely.MultiPolygon([polygon, other])):
+        g = shapely.affinity.rotate(
+            shapely.affinity.affine_transform(geometry, [scale, 0, 0, scale, x, y]), angle)
+        if not g.is_valid:
+            continue
+        snapped = proven_rounding(g)
+        if snapped is not None:
+            assert snapped.is_valid
+            assert snapped.area == pytest.approx(g.area, abs=PRECISION_PX * g.length)
+            assert gap == 0 or gap * scale > 2 * PRECISION_PX / np.sqrt(2)
