@@ -148,11 +148,12 @@ def _mostly_covered(features: np.ndarray, polygons: list[shapely.Polygon]) -> np
     if not polygons or len(features) == 0:
         return out
     traced = np.asarray(polygons, dtype=object)
-    pairs = shapely.STRtree(traced).query(features, predicate="intersects")
-    if pairs.shape[1] == 0:
+    # the traced polygons (a large tumor among them) are the ones prepared, once each
+    polygon, feature = shapely.STRtree(features).query(traced, predicate="intersects")
+    if len(feature) == 0:
         return out
-    inside = shapely.area(shapely.intersection(features[pairs[0]], traced[pairs[1]]))
-    covered = np.bincount(pairs[0], weights=inside, minlength=len(features))
+    inside = shapely.area(shapely.intersection(features[feature], traced[polygon]))
+    covered = np.bincount(feature, weights=inside, minlength=len(features))
     return covered >= 0.5 * shapely.area(features)
 
 

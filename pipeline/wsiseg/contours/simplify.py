@@ -100,8 +100,13 @@ def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple
     groups = movable[np.lexsort((second[movable, 0], second[movable, 1], a[movable, 0],
                                  a[movable, 1], run_cell[movable]))]
     bounds = np.flatnonzero(np.diff(run_cell[groups])) + 1
-    lines = [np.vstack([xy[run_first[r]:run_last[r]], xy[closing[r]][None]])
-             for r in groups.tolist()]
+    # each run's vertices and the one closing it, as views of one gathered array
+    sizes = run_size[groups]
+    ends = np.cumsum(sizes)
+    at = np.arange(ends[-1] if len(ends) else 0) + np.repeat(run_first[groups] - ends + sizes,
+                                                             sizes)
+    at[ends - 1] = closing[groups]
+    lines = np.split(xy[at], ends[:-1])
     for runs, members in zip(np.split(groups, bounds), _split_list(lines, bounds), strict=True):
         if not len(runs):
             continue
