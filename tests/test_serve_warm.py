@@ -173,3 +173,25 @@ def test_the_server_stops_its_warm_up_when_it_shuts_down(synth_slides, tmp_path,
     assert tracing.started == [SLIDE_ID]  # the viewer page itself starts nothing
     warmer.warm(_Slide("b"))  # after shutdown: nothing starts
     assert not _warm_threads() and tracing.started == [SLIDE_ID]
+
+
+def test_the_server_freezes_its_startup_objects_before_it_listens(synth_slides, tmp_path,
+                                                                   monkeypatch):
+    """Modules and models are never garbage: out of the collector's sight before the first
+    stroke, so the full collections a round's bulk of geometries triggers do not walk them."""
+    import gc
+
+    import uvicorn
+
+    from wsiseg.serve.main import ServeOptions, serve
+
+    run = make_run(synth_slides[0], tmp_path / "run")
+    frozen_when_listening: list[int] = []
+    monkeypatch.setattr(uvicorn, "run",
+                        lambda *a, **k: frozen_when_listening.append(gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        assert serve(ServeOptions(paths=[run], refiner="randomwalk", port=0)) == 0
+    finally:
+        gc.unfreeze()  # the test process's objects are the collector's again
+    assert frozen_when_listening and frozen_when_listening[0] > 10_000

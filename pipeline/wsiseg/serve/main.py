@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,18 @@ def build_app(options: ServeOptions, scratch_dir: Path):
     return guarded, token, registry
 
 
+def freeze_startup_objects() -> None:
+    """Put everything loaded so far out of the garbage collector's sight.
+
+    The modules and models (about 190 000 objects) live as long as the server. A round
+    creates geometries in bulk (shapely's are tracked), which triggers full collections,
+    and each walked them all: the writer's check of a 60 000-vertex tumor took 0.30 s
+    instead of 0.13 s, a warm stroke on it 0.86 s instead of 0.70 s.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def serve(options: ServeOptions) -> int:
     import uvicorn
 
@@ -50,6 +63,7 @@ def serve(options: ServeOptions) -> int:
         raise UsageError("wsiseg serve needs --refinenet WEIGHTS or --refiner randomwalk")
     with tempfile.TemporaryDirectory(prefix="wsiseg-serve-") as scratch:
         app, token, registry = build_app(options, Path(scratch))
+        freeze_startup_objects()
         host = f"[{options.host}]" if ":" in options.host else options.host
         url = f"http://{host}:{options.port}/"
         print(f"wsiseg serve: {len(registry.slides)} slide(s) on {url}", flush=True)
