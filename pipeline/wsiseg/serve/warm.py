@@ -3,7 +3,7 @@
 A round re-traces every chunk of each tumor component a stroke touches, except the chunks
 whose pixels the process's memo (:mod:`wsiseg.contours.cache`) already holds. The memo fills
 as rounds run, so without this the first stroke on a large tumor pays for all of it (2.8 s
-instead of 1.3 s for the 60 000-vertex tumor of the 67-Mpx bench slide, docs/benchmarks.md
+instead of 0.7 s for the 60 000-vertex tumor of the 67-Mpx bench slide, docs/benchmarks.md
 §7). When a client fetches a slide's contours (the viewer on loading; the QuPath script on
 its first run for the image), the slide's current map is traced once on a background
 thread, so the strokes that follow find their chunks traced. The viewer and the QuPath
