@@ -17,6 +17,10 @@ from wsiseg.qupath.snap import PRECISION_PX, geometry_json, proven_rounding
 SQUARE = [(0, 0), (10, 0), (10, 10), (0, 10)]
 
 
+def _far(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(1e6 + x, 1e6 + y) for x, y in ring]
+
+
 def _traced(seed: int, scale: float, offset: float) -> list[shapely.Polygon]:
     """Traced tumor outlines (holes, rings touching at corners) in a level-0-like frame."""
     rng = np.random.default_rng(seed)
@@ -64,6 +68,12 @@ def test_a_vouched_traced_contour_is_not_checked_by_geos(monkeypatch):
     shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(1.01, 0, 2, 1)]),
     # a hole vertex 0.001 px off a shell edge: near, not on it
     shapely.Polygon(SQUARE, [[(5, 0.001), (7, 2), (3, 2)]]),
+    # at 1e6 px, a hole 5e-5 px above the shell's edge at two vertices (within float error
+    # of it): joining both would cut the interior (found by the second reader)
+    shapely.Polygon(_far(SQUARE), [_far([(3, 5e-5), (3, 5), (7, 5), (7, 5e-5)])]),
+    shapely.Polygon(_far(SQUARE), [_far([(3, 5e-5), (5, 5), (7, 5e-5)])]),
+    # the same with one real touch and one within float error
+    shapely.Polygon(_far(SQUARE), [_far([(3, 0), (5, 5), (7, 5e-5)])]),
 ])
 def test_near_contacts_are_not_proven_and_the_writer_still_writes_valid_geometry(polygon):
     assert polygon.is_valid

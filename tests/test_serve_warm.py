@@ -195,3 +195,38 @@ def test_the_server_freezes_its_startup_objects_before_it_listens(synth_slides, 
     finally:
         gc.unfreeze()  # the test process's objects are the collector's again
     assert frozen_when_listening and frozen_when_listening[0] > 10_000
+
+
+def test_reopening_the_slide_being_warmed_drops_the_one_waiting(tracing):
+    """A, then B, then A again while A warms: A is the slide opened last, B is not warmed
+    (it would only evict A's traces). Found by the second reader."""
+    warmer = warm.TraceWarmer(memo=TraceMemo())
+    tracing.release.clear()
+    warmer.warm(_Slide("a"))
+    _until(lambda: tracing.started == ["a"])
+    warmer.warm(_Slide("b"))
+    warmer.warm(_Slide("a"))
+    tracing.release.set()
+    assert warmer.wait("a", 30)
+    assert not warmer.wait("b", 1)
+    assert tracing.started == ["a"]
+    warmer.close()
+
+
+def test_a_warm_up_that_raises_does_not_leave_the_slide_marked_as_being_warmed(
+        tracing, monkeypatch):
+    warmer = warm.TraceWarmer(memo=TraceMemo())
+    calls = []
+
+    def broken(slide):
+        calls.append(slide.id)
+        if len(calls) == 1:
+            raise RuntimeError("not from _trace_all's own handling")
+        return True
+
+    monkeypatch.setattr(warm, "_trace_all", broken)
+    warmer.warm(_Slide("a"))
+    assert not warmer.wait("a", 30)  # returns: the slide is no longer being warmed
+    warmer.warm(_Slide("a"))  # and the thread still warms
+    assert warmer.wait("a", 30) and calls == ["a", "a"]
+    warmer.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import socket
 import sys
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.seed)
                             tile_rows.append([wf_name, *(fmt(tiles[k], 0) for k in (
                                 "image cold", "image warm", "heatmap cold", "heatmap warm"))])
+                    gc.unfreeze()  # the next row's server freezes its own start-up
                     totals = np.array([r["total"] for r in rows])
                     for r in sorted(rows, key=lambda r: -r["total"])[:3]:  # what the p95 is
                         common.log("  slow stroke: " + ", ".join(

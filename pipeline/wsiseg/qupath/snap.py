@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 import shapely
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from wsiseg.qupath.geometry import _polygonal
 
@@ -115,7 +117,9 @@ def proven_rounding(polygonal: shapely.Geometry, step: float = PRECISION_PX
     parts = shapely.get_parts(polygonal)
     rings, part_of_ring = shapely.get_rings(parts, return_index=True)
     xy, ring = shapely.get_coordinates(rings, return_index=True)
-    reach = 2 * step / math.sqrt(2) * (1 + 1e-9)  # 2m, and room for floating point
+    # 2m, m from the largest move per axis: step / 2, and the float error of rounding
+    scale = max(1.0, float(np.abs(xy).max())) if len(xy) else 1.0
+    reach = 2 * math.sqrt(2) * (step / 2 + 4 * float(np.spacing(scale)))
     first = np.flatnonzero(ring[1:] == ring[:-1])  # segment k: xy[first[k]] → xy[first[k] + 1]
     start, end = xy[first], xy[first + 1]
     if len(first) == 0 or (np.hypot(*(end - start).T) <= reach).any():
@@ -124,7 +128,7 @@ def proven_rounding(polygonal: shapely.Geometry, step: float = PRECISION_PX
         shapely.points(start), predicate="dwithin", distance=reach)
     near = ~_is_end(start[vertex], start[segment], end[segment])
     if near.any():
-        noded = _noded(xy, ring, first, start[vertex[near]], segment[near], reach)
+        noded = _noded(xy, ring, first, vertex[near], segment[near], reach)
         if noded is None:
             return None
         xy, ring = noded
@@ -143,15 +147,22 @@ def _is_end(at: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return (at == start).all(axis=1) | (at == end).all(axis=1)
 
 
-def _noded(xy: np.ndarray, ring: np.ndarray, first: np.ndarray, at: np.ndarray,
+def _noded(xy: np.ndarray, ring: np.ndarray, first: np.ndarray, vertex: np.ndarray,
            segment: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """Coordinates and ring ids with each vertex ``at`` that lies on ``segment`` (to
-    rounding error, away from its ends) inserted into it; None when one of them is only
-    near it, or a piece or a vertex near a piece breaks the bound."""
+    """Coordinates and ring ids with each ``vertex`` (the start of that segment) that lies on
+    ``segment`` (to rounding error, away from its ends) inserted into it; None when one of
+    them is only near it, when the touches would link rings in a cycle, or when a piece or
+    a vertex near a piece breaks the bound."""
+    at, at_ring, on_ring = xy[first[vertex]], ring[first[vertex]], ring[first[segment]]
     start, end = xy[first[segment]], xy[first[segment] + 1]
     on = shapely.distance(shapely.points(at), _segments(start, end))
     ends_apart = np.minimum(np.hypot(*(at - start).T), np.hypot(*(at - end).T)) > reach
     if not ((on <= 1e-10 * max(1.0, float(np.abs(xy).max()))) & ends_apart).all():
+        return None
+    # a vertex within float error of a segment may be a touch or a gap: joining a gap is
+    # harmless unless it closes a cycle of touching rings (which cuts the interior)
+    if (at_ring == on_ring).any() or not _touches_form_a_forest(
+            xy[first], ring[first], at, on_ring):
         return None
     along = end - start
     t = ((at - start) * along).sum(axis=1) / (along * along).sum(axis=1)
@@ -171,6 +182,32 @@ def _noded(xy: np.ndarray, ring: np.ndarray, first: np.ndarray, at: np.ndarray,
     if not _is_end(noded[vertex], a[piece], b[piece]).all():
         return None
     return noded, noded_ring
+
+
+def _touches_form_a_forest(xy: np.ndarray, ring: np.ndarray, at: np.ndarray,
+                           at_ring: np.ndarray) -> bool:
+    """Whether the places where rings meet — each vertex ``xy`` of ring ``ring`` shared with
+    another ring, and each ``at`` put on ring ``at_ring`` — link no rings in a cycle (those
+    of a valid polygon do not: a cycle would cut its interior in two)."""
+    places, rings = np.concatenate([xy, at]), np.r_[ring, at_ring].astype(np.int64)
+    order = np.lexsort((places[:, 1], places[:, 0]))
+    ordered = places[order]
+    place = np.empty(len(places), dtype=np.int64)
+    place[order] = np.cumsum(np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]) - 1
+    n = int(rings.max()) + 1
+    key = np.unique(place * n + rings)  # each ring once per place
+    links = np.column_stack([key // n, key % n])
+    links = links[np.bincount(links[:, 0])[links[:, 0]] > 1]  # places of several rings
+    if len(links) == 0:
+        return True
+    # the graph of rings and places, each ring linked to the places on it: a forest iff
+    # links = nodes − components
+    ring_node = np.unique(links[:, 1], return_inverse=True)[1].ravel()
+    place_node = np.unique(links[:, 0], return_inverse=True)[1].ravel()
+    n_rings, n_nodes = ring_node.max() + 1, ring_node.max() + 1 + place_node.max() + 1
+    graph = coo_matrix((np.ones(len(links)), (ring_node, n_rings + place_node)),
+                       shape=(n_nodes, n_nodes))
+    return len(links) == n_nodes - connected_components(graph, directed=False)[0]
 
 
 def _without_dot_zero(text: str) -> str:

@@ -19,6 +19,7 @@ Page routes (open; they hold no slide data): ``/`` the slide list, ``/view/{id}`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -78,8 +79,9 @@ def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        state.queues.close()  # lets a round in progress finish
-        state.warmer.close()
+        # off the event loop: both wait for work in progress (a round, a warm-up) to end
+        await asyncio.to_thread(state.queues.close)
+        await asyncio.to_thread(state.warmer.close)
 
     app = FastAPI(title="wsiseg serve", version=__version__, docs_url=None, redoc_url=None,
                   lifespan=lifespan,

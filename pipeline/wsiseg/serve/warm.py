@@ -63,7 +63,10 @@ class TraceWarmer:
             return
         try:
             with self._changed:
-                if self._closed or slide.id == self._current:
+                if self._closed:
+                    return
+                if slide.id == self._current:  # being warmed, and again the one opened last
+                    self._waiting = None
                     return
                 if self._warmed.get(slide.id) == self._memo.evictions:
                     return  # warmed, and nothing was evicted since
@@ -78,8 +81,9 @@ class TraceWarmer:
             log.warning("cannot warm the traces of slide %s", slide.id, exc_info=True)
 
     def wait(self, slide_id: str, timeout_s: float | None = None) -> bool:
-        """Whether ``slide_id`` is warm: waits up to ``timeout_s`` while it is being warmed
-        or waits to be; False at once when it is neither and was not warmed."""
+        """Whether a warm-up of ``slide_id`` has finished: waits up to ``timeout_s`` while
+        it is being warmed or waits to be; False at once when it is neither and was never
+        warmed. (The memo may have dropped some of its entries since.)"""
         def settled() -> bool:
             waiting = self._waiting is not None and self._waiting.id == slide_id
             return not waiting and self._current != slide_id
@@ -107,12 +111,17 @@ class TraceWarmer:
                 slide, self._waiting = self._waiting, None
                 assert slide is not None
                 self._current = slide.id
-            warmed = _trace_all(slide)
-            with self._changed:
-                if warmed:
-                    self._warmed[slide.id] = self._memo.evictions
-                self._current = None
-                self._changed.notify_all()
+            warmed = False
+            try:
+                warmed = _trace_all(slide)
+            except Exception:  # noqa: BLE001 — a bug here must not stop the warm-ups
+                log.warning("warming the traces of slide %s failed", slide.id, exc_info=True)
+            finally:  # whatever happens, the slide is no longer being warmed
+                with self._changed:
+                    if warmed:
+                        self._warmed[slide.id] = self._memo.evictions
+                    self._current = None
+                    self._changed.notify_all()
 
 
 def _trace_all(slide: Slide) -> bool:
