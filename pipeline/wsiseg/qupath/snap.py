@@ -105,7 +105,9 @@ def proven_rounding(polygonal: shapely.Geometry, step: float = PRECISION_PX
     A vertex lying on another segment, away from its ends (rings touching at a point that is
     a vertex of one of them only; simplified outlines have a few), is first made a vertex of
     that segment too: the same point set, the touch then at a shared vertex, which rounding
-    keeps as one.
+    keeps as one. "On" is up to float error, so a join may close a gap of ~1e-10 × the
+    coordinates; one join between two rings is harmless, two would cut the interior, so
+    joins are refused when they and the touches already there link rings in a cycle.
 
     Parameters
     ----------
