@@ -190,7 +190,6 @@ def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> 
 
 
 def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> None:
-    TRACES.clear()
     traced: list[tuple[int, int]] = []
     real = merge._trace_block
 

@@ -32,7 +32,6 @@ def test_the_first_stroke_after_opening_traces_only_the_chunks_it_changed(
     refined = store["refined"]
     before = np.asarray(refined[...])
     body = export_of(store, [(border_stroke(store, 0, length_px=120.0), "Tumor")])
-    TRACES.clear()  # the memo is the process's: other tests may have traced these pixels
     traced: list[tuple[int, int]] = []
     real = merge._trace_block
 

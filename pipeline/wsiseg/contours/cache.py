@@ -72,11 +72,6 @@ class TraceMemo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def bytes(self) -> int:
-        """The estimated size of what the memo holds, in bytes."""
-        return self._bytes
-
 
 #: The process's memo, used when tracing regions (refine rounds), not whole maps.
 TRACES = TraceMemo()

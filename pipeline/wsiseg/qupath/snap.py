@@ -130,7 +130,7 @@ def proven_rounding(polygonal: shapely.Geometry, step: float = PRECISION_PX
         shapely.points(start), predicate="dwithin", distance=reach)
     near = ~_is_end(start[vertex], start[segment], end[segment])
     if near.any():
-        noded = _noded(xy, ring, first, vertex[near], segment[near], reach)
+        noded = _noded(xy, ring, first, vertex[near], segment[near], reach, scale)
         if noded is None:
             return None
         xy, ring = noded
@@ -150,16 +150,18 @@ def _is_end(at: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
 
 
 def _noded(xy: np.ndarray, ring: np.ndarray, first: np.ndarray, vertex: np.ndarray,
-           segment: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray] | None:
+           segment: np.ndarray, reach: float, scale: float
+           ) -> tuple[np.ndarray, np.ndarray] | None:
     """Coordinates and ring ids with each ``vertex`` (the start of that segment) that lies on
     ``segment`` (to rounding error, away from its ends) inserted into it; None when one of
     them is only near it, when the touches would link rings in a cycle, or when a piece or
-    a vertex near a piece breaks the bound."""
+    a vertex near a piece breaks the bound. ``scale``: the coordinates' largest magnitude
+    (at least 1), which sets the float error of "on"."""
     at, at_ring, on_ring = xy[first[vertex]], ring[first[vertex]], ring[first[segment]]
     start, end = xy[first[segment]], xy[first[segment] + 1]
     on = shapely.distance(shapely.points(at), _segments(start, end))
     ends_apart = np.minimum(np.hypot(*(at - start).T), np.hypot(*(at - end).T)) > reach
-    if not ((on <= 1e-10 * max(1.0, float(np.abs(xy).max()))) & ends_apart).all():
+    if not ((on <= 1e-10 * scale) & ends_apart).all():
         return None
     # a vertex within float error of a segment may be a touch or a gap: joining a gap is
     # harmless unless it closes a cycle of touching rings (which cuts the interior)

@@ -114,7 +114,7 @@ class TraceWarmer:
             warmed = False
             try:
                 warmed = _trace_all(slide)
-            except Exception:  # noqa: BLE001 — a bug here must not stop the warm-ups
+            except Exception:  # noqa: BLE001 — not this thread's to report: log it whole
                 log.warning("warming the traces of slide %s failed", slide.id, exc_info=True)
             finally:  # whatever happens, the slide is no longer being warmed
                 with self._changed:
@@ -125,7 +125,8 @@ class TraceWarmer:
 
 
 def _trace_all(slide: Slide) -> bool:
-    """Trace ``slide``'s current ``refined`` map as a round would; whether it was."""
+    """Trace ``slide``'s current ``refined`` map as a round would; whether it was (False:
+    the store could not be read; other errors are raised)."""
     try:
         store = slide.open("r")
         rows, cols = store.frame.working_shape
@@ -134,6 +135,4 @@ def _trace_all(slide: Slide) -> bool:
         return True
     except WsisegError as exc:  # a store being written, gone, or bad: its round will say so
         log.info("warming the traces of slide %s failed: %s", slide.id, exc)
-    except Exception:  # noqa: BLE001 — not this thread's to report; log it whole
-        log.warning("warming the traces of slide %s failed", slide.id, exc_info=True)
     return False
