@@ -116,3 +116,69 @@ def test_partial_alpha_composites_premultiplied_colour_over_white():
     np.testing.assert_array_equal(_rgba_over_white(rgba), want)
     rgba[..., 3] = 255
     np.testing.assert_array_equal(_rgba_over_white(rgba[:, ::2]), rgba[:, ::2, :3])
+
+
+def _openslide_pixels(path, level0_xy, level, size):
+    """What OpenSlide itself returns for the read, composited over white."""
+    import openslide
+
+    from wsiseg.slide.reader import _rgba_over_white
+
+    with openslide.OpenSlide(str(path)) as slide:
+        return _rgba_over_white(np.asarray(slide.read_region(level0_xy, level, size)))
+
+
+_REGIONS = [((0, 0), (500, 400)), ((137, 251), (700, 333)), ((-50, -20), (300, 200)),
+            ((2100, 2900), (300, 200)), ((5000, 5000), (10, 10))]
+
+
+def test_svs_tiles_are_cut_by_tifffile_with_openslides_very_pixels(monkeypatch):
+    path = real(CMU_SVS)
+    reader = open_slide(path)
+    want = {r: _openslide_pixels(path, *r[:1], 0, r[1]) for r in _REGIONS}
+
+    def no_openslide(*args, **kwargs):
+        raise AssertionError("OpenSlide was asked for an SVS region")
+
+    monkeypatch.setattr(reader._slide, "read_region", no_openslide)
+    for (xy, size), pixels in want.items():
+        got = reader.read_region(xy, 0, size)
+        assert got.shape == (size[1], size[0], 3) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, pixels)
+
+
+def test_generated_tiff_levels_read_as_openslide_reads_them(synth_slides):
+    path = synth_slides[0].slide_path
+    reader = open_slide(path)
+    assert reader.info.vendor == "generic-tiff"
+    for level, ds in enumerate(reader.info.level_downsamples):
+        for x, y in [(0, 0), (333, 517), (-7, 9)]:
+            level0_xy = (round(x * ds), round(y * ds))
+            np.testing.assert_array_equal(reader.read_region(level0_xy, level, (301, 203)),
+                                          _openslide_pixels(path, level0_xy, level, (301, 203)))
+
+
+def test_a_level_position_between_pixels_is_left_to_openslide():
+    from wsiseg.slide.tiff_tiles import level_origin
+
+    # what resample asks for level pixel (1000, 2000): (round(1000 ds), round(2000 ds))
+    assert level_origin((4000, 8001), 4.000337) == (1000, 2000)
+    assert level_origin((4001, 8001), 4.000337) is None
+    assert level_origin((4002, 8000), 4.0) is None  # half-way between level pixels
+    assert level_origin((17, 3), 1.0) == (17, 3)
+
+
+def test_a_tile_cut_short_is_refused_as_openslide_refuses_it(tmp_path):
+    import tifffile
+
+    source = real(CMU_SVS)
+    with tifffile.TiffFile(source) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    data = bytearray(source.read_bytes())
+    data[offset + 100: offset + count] = b"\xff\xd9" + bytes(count - 102)  # EOI, then nothing
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(bytes(data))
+    reader = open_slide(broken)
+    reader.read_region((0, 0), 0, (200, 200))  # tiles before the broken one still read
+    with pytest.raises(SlideError, match=r"broken\.svs: read failed"):
+        reader.read_region((0, 0), 0, (2220, 2967))
