@@ -182,3 +182,15 @@ def test_a_tile_cut_short_is_refused_as_openslide_refuses_it(tmp_path):
     reader.read_region((0, 0), 0, (200, 200))  # tiles before the broken one still read
     with pytest.raises(SlideError, match=r"broken\.svs: read failed"):
         reader.read_region((0, 0), 0, (2220, 2967))
+
+
+def test_threads_sharing_one_reader_get_the_pixels_of_serial_reads(synth_slides):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = open_slide(synth_slides[1].slide_path)
+    boxes = [((x, y), (517, 389)) for x in range(0, 4000, 611) for y in range(0, 3000, 701)]
+    serial = [reader.read_region(xy, 0, size) for xy, size in boxes]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda box: reader.read_region(box[0], 0, box[1]), boxes))
+    for a, b in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(a, b)
