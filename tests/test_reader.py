@@ -161,11 +161,35 @@ def test_generated_tiff_levels_read_as_openslide_reads_them(synth_slides):
 def test_a_level_position_between_pixels_is_left_to_openslide():
     from wsiseg.slide.tiff_tiles import level_origin
 
-    # what resample asks for level pixel (1000, 2000): (round(1000 ds), round(2000 ds))
-    assert level_origin((4000, 8001), 4.000337) == (1000, 2000)
-    assert level_origin((4001, 8001), 4.000337) is None
-    assert level_origin((4002, 8000), 4.0) is None  # half-way between level pixels
-    assert level_origin((17, 3), 1.0) == (17, 3)
+    assert level_origin((4000, 8000), 4.0) == (1000, 2000)
+    assert level_origin((4002, 8000), 4.0) is None  # between level pixels
+    assert level_origin((4000, 8001), 4.000337) is None  # a fractional downsample: OpenSlide
+    assert level_origin((17, -3), 1.0) == (17, -3)
+
+
+def test_reads_past_the_edge_are_white_and_keep_the_fast_path(monkeypatch):
+    reader = open_slide(real(CMU_SVS))
+    for xy in [(2221, 0), (0, 2968), (5000, 5000), (-300, -300)]:
+        assert (reader.read_region(xy, 0, (10, 10)) == 255).all()
+    monkeypatch.setattr(reader._slide, "read_region", lambda *a: 1 / 0)  # OpenSlide not asked
+    assert reader.read_region((2210, 2960), 0, (20, 20))[:7, :10].min() < 255
+
+
+def test_a_tile_outside_the_file_is_refused(tmp_path, synth_slides):
+    import tifffile
+
+    source = synth_slides[0].slide_path
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        tag = tif.pages[0].tags["TileOffsets"]
+        offsets = list(tif.pages[0].dataoffsets)
+    offsets[3] = len(data) + 10
+    packed = np.asarray(offsets, dtype="<u4" if tag.dtype == 4 else "<u8").tobytes()
+    data[tag.valueoffset: tag.valueoffset + len(packed)] = packed
+    broken = tmp_path / "far.tiff"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(SlideError, match=r"far\.tiff: read failed"):
+        open_slide(broken).read_region((0, 0), 0, (1000, 300))
 
 
 def test_a_tile_cut_short_is_refused_as_openslide_refuses_it(tmp_path):

@@ -6,8 +6,13 @@ machine that costs ~2.4 ms per 256² JPEG tile, of which ~1.4 ms is compositing,
 For the slides wsiseg reads most (Aperio SVS and generic tiled TIFF, 8-bit RGB or YCbCr
 tiles), a region is therefore cut from the tiles tifffile decodes: the very pixels OpenSlide
 returns (bit-identical on the real SVS and the generated slides, ``tests/test_reader.py``),
-at a fraction of the cycles. Everything else (metadata, other vendors, associated images)
-stays with OpenSlide.
+at a fraction of the cycles. Everything else (metadata, other vendors, associated images,
+levels of a fractional downsample) stays with OpenSlide.
+
+Damaged files: a tile outside the file, cut short, or that libjpeg cannot decode is refused
+(the reader then asks OpenSlide, which raises). Damage that libjpeg only warns about, e.g.
+entropy-coded data garbled in the middle of a tile with its end marker intact, is decoded as
+libjpeg decodes it (imagecodecs drops the warning), where OpenSlide refuses the tile.
 """
 
 from __future__ import annotations
@@ -110,51 +115,63 @@ class TiledLevels:
                      min(-(-(y0 + height) // tile_h), -(-page.imagelength // tile_h)))
         cols = range(max(x0, 0) // tile_w,
                      min(-(-(x0 + width) // tile_w), across))
-        indices = [r * across + c for r in rows for c in cols]
-        if not indices:
-            return out
         fh = self._tif.filehandle
-        offsets = [page.dataoffsets[k] for k in indices]
-        counts = [page.databytecounts[k] for k in indices]
         decode = self._decoders[level]
-        for data, index in fh.read_segments(offsets, counts, indices, lock=fh.lock):
-            if not data:  # a tile the file does not hold (offset 0): left white, as OpenSlide
-                continue
-            if data[-2:] != _EOI:
-                # libjpeg only warns on data cut short and imagecodecs drops the warning,
-                # where OpenSlide refuses the tile: refuse it too (the caller asks OpenSlide)
-                raise ValueError(f"level {level} tile {index} does not end with a JPEG "
-                                 f"end-of-image marker (cut short?)")
-            tile, (_, _, top, left, _), _ = decode(data, index, jpegtables=page.jpegtables)
-            # the part of this tile inside both the level and the region
+        for index in (r * across + c for r in rows for c in cols):
+            top, left = (index // across) * tile_h, (index % across) * tile_w
+            # the part of this tile inside the level and the region (empty past their edges)
             t0, l0 = max(top, y0), max(left, x0)
             t1 = min(top + tile_h, y0 + height, page.imagelength)
             l1 = min(left + tile_w, x0 + width, page.imagewidth)
-            out[t0 - y0:t1 - y0, l0 - x0:l1 - x0] = tile[0, t0 - top:t1 - top,
-                                                         l0 - left:l1 - left, :3]
+            if t1 <= t0 or l1 <= l0:
+                continue
+            tile = self._tile(page, fh, decode, index)
+            if tile is not None:
+                out[t0 - y0:t1 - y0, l0 - x0:l1 - x0] = tile[t0 - top:t1 - top,
+                                                             l0 - left:l1 - left, :3]
         return out
+
+    @staticmethod
+    def _tile(page: Any, fh: Any, decode: Callable[..., Any], index: int
+              ) -> NDArray[np.uint8] | None:
+        """Tile ``index`` of ``page`` decoded, ``None`` where the file holds none (byte count
+        0: transparent in OpenSlide, white here); anything else not a whole JPEG raises."""
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0:
+            return None
+        if offset == 0 or offset + count > fh.size:
+            raise ValueError(f"tile {index} lies outside the file (offset {offset}, "
+                             f"{count} bytes)")
+        with fh.lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        if len(data) != count or data[-2:] != _EOI:
+            # libjpeg only warns on data cut short and imagecodecs drops the warning,
+            # where OpenSlide refuses the tile: refuse it too (the caller asks OpenSlide)
+            raise ValueError(f"tile {index} does not end with a JPEG end-of-image marker "
+                             f"(cut short?)")
+        tile, _, _ = decode(data, index, jpegtables=page.jpegtables)
+        return tile[0]
 
     def close(self) -> None:
         self._tif.close()
 
 
 def level_origin(level0_xy: tuple[int, int], downsample: float) -> tuple[int, int] | None:
-    """The level pixel that ``level0_xy`` names, or ``None`` if it names none.
+    """The level pixel that ``level0_xy`` names, or ``None`` if the read is OpenSlide's.
 
-    ``level0_xy`` names level pixel ``p`` when it is ``p × downsample`` to the level-0
-    pixel (within half a level-0 pixel), as :mod:`wsiseg.slide.resample` computes it. Any
-    other position lies between level pixels: OpenSlide then interpolates (cairo), which a
-    tile cut does not reproduce, so such a read goes to OpenSlide. Where the downsample is
-    not an integer (an SVS level of 1/4.0003 the size), OpenSlide would shift the named pixel
-    by under half a level-0 pixel; the cut returns the named pixel itself.
+    Only levels whose downsample is a whole number are cut here, at level-0 positions that
+    are multiples of it: OpenSlide reads exactly those level pixels. Any other position, and
+    any level of a fractional downsample (an SVS level of 1/4.0003 the size), lies between
+    level pixels, where OpenSlide interpolates (cairo) and a tile cut would differ by up to
+    a few grey levels; those reads stay with OpenSlide.
     """
-    if downsample == 1.0:
-        return level0_xy
-    x, y = round(level0_xy[0] / downsample), round(level0_xy[1] / downsample)
-    if (abs(x * downsample - level0_xy[0]) <= 0.5 + 1e-9
-            and abs(y * downsample - level0_xy[1]) <= 0.5 + 1e-9):
-        return x, y
-    return None
+    factor = round(downsample)
+    if factor < 1 or abs(downsample - factor) > 1e-9:
+        return None
+    if level0_xy[0] % factor or level0_xy[1] % factor:
+        return None
+    return level0_xy[0] // factor, level0_xy[1] // factor
 
 
 def _decodable(page: Any) -> bool:
