@@ -163,8 +163,39 @@ def test_a_level_position_between_pixels_is_left_to_openslide():
 
     assert level_origin((4000, 8000), 4.0) == (1000, 2000)
     assert level_origin((4002, 8000), 4.0) is None  # between level pixels
-    assert level_origin((4000, 8001), 4.000337) is None  # a fractional downsample: OpenSlide
+    # a fractional downsample: what source_box asks for level pixel (1000, 2000)
+    assert level_origin((4000, 8001), 4.000337) == (1000, 2000)
+    assert level_origin((4001, 8001), 4.000337) is None
     assert level_origin((17, -3), 1.0) == (17, -3)
+
+
+def test_a_fractional_level_is_cut_on_its_own_pixel_grid(tmp_path):
+    import tifffile
+
+    from wsiseg.slide.resample import source_box
+
+    rng = np.random.default_rng(3)
+    sizes = [(4001, 3001), (1000, 750)]  # downsample 4.00117: an SVS-like level 1
+    levels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    path = tmp_path / "fractional.svs"
+    with tifffile.TiffWriter(path) as tif:
+        for (w, h), pixels in zip(sizes, levels, strict=True):
+            tif.write(pixels, tile=(256, 256), photometric="rgb", compression="jpeg",
+                      metadata=None, description=f"Aperio Image Library v12.0.15\r\n"
+                      f"4001x3001 [0,0 {w}x{h}] (256x256) JPEG/RGB Q=70|AppMag = 20|MPP = 0.5")
+    reader = open_slide(path)
+    assert reader.info.vendor == "aperio" and reader.info.level_downsamples[1] != 4
+    with tifffile.TiffFile(path) as tif:
+        decoded = tif.pages[1].asarray()  # the level's own pixels
+    for box in [(0, 0, 100, 80), (37, 91, 120, 200), (700, 900, 50, 90)]:
+        level, level0_xy, size, (row, col), _ = source_box(reader.info, 8.0, box)
+        assert level == 1
+        got = reader.read_region(level0_xy, level, size)
+        want = np.full_like(got, 255)
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + size[1], 750), min(col + size[0], 1000)
+        want[r0 - row:r1 - row, c0 - col:c1 - col] = decoded[r0:r1, c0:c1]
+        np.testing.assert_array_equal(got, want)
 
 
 def test_reads_past_the_edge_are_white_and_keep_the_fast_path(monkeypatch):

@@ -6,8 +6,9 @@ machine that costs ~2.4 ms per 256² JPEG tile, of which ~1.4 ms is compositing,
 For the slides wsiseg reads most (Aperio SVS and generic tiled TIFF, 8-bit RGB or YCbCr
 tiles), a region is therefore cut from the tiles tifffile decodes: the very pixels OpenSlide
 returns (bit-identical on the real SVS and the generated slides, ``tests/test_reader.py``),
-at a fraction of the cycles. Everything else (metadata, other vendors, associated images,
-levels of a fractional downsample) stays with OpenSlide.
+at a fraction of the cycles. Everything else (metadata, other vendors, associated images)
+stays with OpenSlide. On a level of a fractional downsample the cut is exact on the level's
+pixel grid where OpenSlide interpolates a sub-pixel shift (:func:`level_origin`).
 
 Damaged files: a tile outside the file, cut short, or that libjpeg cannot decode is refused
 (the reader then asks OpenSlide, which raises). Damage that libjpeg only warns about, e.g.
@@ -158,20 +159,23 @@ class TiledLevels:
 
 
 def level_origin(level0_xy: tuple[int, int], downsample: float) -> tuple[int, int] | None:
-    """The level pixel that ``level0_xy`` names, or ``None`` if the read is OpenSlide's.
+    """The level pixel that ``level0_xy`` names, or ``None`` if it names none.
 
-    Only levels whose downsample is a whole number are cut here, at level-0 positions that
-    are multiples of it: OpenSlide reads exactly those level pixels. Any other position, and
-    any level of a fractional downsample (an SVS level of 1/4.0003 the size), lies between
-    level pixels, where OpenSlide interpolates (cairo) and a tile cut would differ by up to
-    a few grey levels; those reads stay with OpenSlide.
+    ``level0_xy`` names level pixel ``p`` when it is ``p × downsample`` to the nearest
+    level-0 pixel, as :func:`wsiseg.slide.resample.source_box` computes it. Where the
+    downsample is a whole number that is a multiple of it, and OpenSlide reads the very same
+    pixels. Where it is not (level 1 of a 40× SVS is 1/4.0003 the size), OpenSlide places the
+    read ``p × downsample − level0_xy`` (under 0.13 level px) off the pixel grid and
+    interpolates (cairo); the cut returns pixel ``p`` itself, the grid the resampler assumes.
+    Any other position lies between level pixels and is left to OpenSlide.
     """
-    factor = round(downsample)
-    if factor < 1 or abs(downsample - factor) > 1e-9:
-        return None
-    if level0_xy[0] % factor or level0_xy[1] % factor:
-        return None
-    return level0_xy[0] // factor, level0_xy[1] // factor
+    if downsample == 1.0:
+        return level0_xy
+    x, y = round(level0_xy[0] / downsample), round(level0_xy[1] / downsample)
+    if (abs(x * downsample - level0_xy[0]) <= 0.5 + 1e-9
+            and abs(y * downsample - level0_xy[1]) <= 0.5 + 1e-9):
+        return x, y
+    return None
 
 
 def _decodable(page: Any) -> bool:
