@@ -70,14 +70,18 @@ class TiledLevels:
             log.debug("%s: tifffile cannot parse it (%s); OpenSlide reads every level", path, exc)
             return None
         by_size: dict[tuple[int, int], list[Any]] = {}
-        for page in tif.pages:
-            if page.is_tiled:
-                by_size.setdefault((page.imagewidth, page.imagelength), []).append(page)
         pages = {}
-        for level, size in enumerate(level_dimensions):
-            candidates = by_size.get(tuple(size), [])
-            if len(candidates) == 1 and _decodable(candidates[0]):
-                pages[level] = candidates[0]
+        try:
+            for page in tif.pages:
+                if page.is_tiled:
+                    by_size.setdefault((page.imagewidth, page.imagelength), []).append(page)
+            for level, size in enumerate(level_dimensions):
+                candidates = by_size.get(tuple(size), [])
+                if len(candidates) == 1 and _decodable(candidates[0]):
+                    pages[level] = candidates[0]
+        except Exception as exc:  # noqa: BLE001 - a malformed page: OpenSlide reads it all
+            log.debug("%s: tifffile cannot list its pages (%s)", path, exc)
+            pages = {}
         if not pages:
             tif.close()
             return None
@@ -163,10 +167,11 @@ def level_origin(level0_xy: tuple[int, int], downsample: float) -> tuple[int, in
 
     ``level0_xy`` names level pixel ``p`` when it is ``p × downsample`` to the nearest
     level-0 pixel, as :func:`wsiseg.slide.resample.source_box` computes it. Where the
-    downsample is a whole number that is a multiple of it, and OpenSlide reads the very same
-    pixels. Where it is not (level 1 of a 40× SVS is 1/4.0003 the size), OpenSlide places the
-    read ``p × downsample − level0_xy`` (under 0.13 level px) off the pixel grid and
-    interpolates (cairo); the cut returns pixel ``p`` itself, the grid the resampler assumes.
+    downsample is a whole number, such a position is a multiple of it and OpenSlide reads the
+    very same pixels. Where it is not (level 1 of a 40× SVS is 1/4.0003 the size), OpenSlide
+    places the read ``p × downsample − level0_xy`` (under 0.13 level px) off the pixel grid
+    and interpolates (cairo); the cut returns pixel ``p`` itself, the grid the resampler
+    assumes.
     Any other position lies between level pixels and is left to OpenSlide.
     """
     if downsample == 1.0:
