@@ -135,7 +135,7 @@ _REGIONS = [((0, 0), (500, 400)), ((137, 251), (700, 333)), ((-50, -20), (300, 2
 def test_svs_tiles_are_cut_by_tifffile_with_openslides_very_pixels(monkeypatch):
     path = real(CMU_SVS)
     reader = open_slide(path)
-    want = {r: _openslide_pixels(path, *r[:1], 0, r[1]) for r in _REGIONS}
+    want = {r: _openslide_pixels(path, r[0], 0, r[1]) for r in _REGIONS}
 
     def no_openslide(*args, **kwargs):
         raise AssertionError("OpenSlide was asked for an SVS region")

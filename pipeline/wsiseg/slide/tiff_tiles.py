@@ -1,7 +1,7 @@
 """Reading regions of a tiled TIFF's pyramid levels with tifffile, beside OpenSlide.
 
 OpenSlide paints every tile of a region through cairo in premultiplied ARGB; on a 2-core
-machine that costs ~2.4 ms per 256² JPEG tile, of which ~1.4 ms is compositing, against
+machine that costs ~2.9 ms per 256² JPEG tile, of which ~1.6 ms is compositing, against
 ~0.35 ms to decode the same tile with imagecodecs' libjpeg-turbo (docs/benchmarks.md §8).
 For the slides wsiseg reads most (Aperio SVS and generic tiled TIFF, 8-bit RGB or YCbCr
 tiles), a region is therefore cut from the tiles tifffile decodes: the very pixels OpenSlide
@@ -120,8 +120,6 @@ class TiledLevels:
                      min(-(-(y0 + height) // tile_h), -(-page.imagelength // tile_h)))
         cols = range(max(x0, 0) // tile_w,
                      min(-(-(x0 + width) // tile_w), across))
-        fh = self._tif.filehandle
-        decode = self._decoders[level]
         for index in (r * across + c for r in rows for c in cols):
             top, left = (index // across) * tile_h, (index % across) * tile_w
             # the part of this tile inside the level and the region (empty past their edges)
@@ -130,17 +128,16 @@ class TiledLevels:
             l1 = min(left + tile_w, x0 + width, page.imagewidth)
             if t1 <= t0 or l1 <= l0:
                 continue
-            tile = self._tile(page, fh, decode, index)
+            tile = self._tile(level, index)
             if tile is not None:
                 out[t0 - y0:t1 - y0, l0 - x0:l1 - x0] = tile[t0 - top:t1 - top,
                                                              l0 - left:l1 - left, :3]
         return out
 
-    @staticmethod
-    def _tile(page: Any, fh: Any, decode: Callable[..., Any], index: int
-              ) -> NDArray[np.uint8] | None:
-        """Tile ``index`` of ``page`` decoded, ``None`` where the file holds none (byte count
+    def _tile(self, level: int, index: int) -> NDArray[np.uint8] | None:
+        """Tile ``index`` of ``level`` decoded, ``None`` where the file holds none (byte count
         0: transparent in OpenSlide, white here); anything else not a whole JPEG raises."""
+        page, fh = self._pages[level], self._tif.filehandle
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         if count == 0:
             return None
@@ -155,7 +152,7 @@ class TiledLevels:
             # where OpenSlide refuses the tile: refuse it too (the caller asks OpenSlide)
             raise ValueError(f"tile {index} does not end with a JPEG end-of-image marker "
                              f"(cut short?)")
-        tile, _, _ = decode(data, index, jpegtables=page.jpegtables)
+        tile, _, _ = self._decoders[level](data, index, jpegtables=page.jpegtables)
         return tile[0]
 
     def close(self) -> None:
@@ -171,11 +168,8 @@ def level_origin(level0_xy: tuple[int, int], downsample: float) -> tuple[int, in
     very same pixels. Where it is not (level 1 of a 40× SVS is 1/4.0003 the size), OpenSlide
     places the read ``p × downsample − level0_xy`` (under 0.13 level px) off the pixel grid
     and interpolates (cairo); the cut returns pixel ``p`` itself, the grid the resampler
-    assumes.
-    Any other position lies between level pixels and is left to OpenSlide.
+    assumes. Any other position lies between level pixels and is left to OpenSlide.
     """
-    if downsample == 1.0:
-        return level0_xy
     x, y = round(level0_xy[0] / downsample), round(level0_xy[1] / downsample)
     if (abs(x * downsample - level0_xy[0]) <= 0.5 + 1e-9
             and abs(y * downsample - level0_xy[1]) <= 0.5 + 1e-9):
