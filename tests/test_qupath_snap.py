@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
 from wsiseg.contours import tumor_polygons
-from wsiseg.qupath.snap import PRECISION_PX, geometry_json, proven_rounding
+from wsiseg.qupath import snap
+from wsiseg.qupath.snap import PRECISION_PX, geometry_json, lattice_rounding, proven_rounding
 
 SQUARE = [(0, 0), (10, 0), (10, 10), (0, 10)]
 
@@ -119,3 +120,91 @@ def test_whenever_the_bound_holds_the_rounded_geometry_is_valid(gap, x, y, tilt,
             assert snapped.is_valid
             assert snapped.area == pytest.approx(g.area, abs=PRECISION_PX * g.length)
             assert gap == 0 or gap * scale > 2 * PRECISION_PX / np.sqrt(2)
+
+
+# ---------------------------------------------------------------- the lattice form of the bound
+
+
+def _same(a: shapely.Geometry, b: shapely.Geometry) -> bool:
+    return shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("scale", [1.0, 2.0, 4.008, 7.9145, 2 / 3])
+def test_traced_contours_on_their_lattice_round_as_the_search_proves(seed, scale):
+    polygons = _traced(seed, scale, 1234.567)
+    grid = (scale, 1234.567, -1234.567)
+    for polygon in polygons:
+        by_lattice = lattice_rounding(polygon, grid)
+        assert by_lattice is not None and by_lattice.is_valid
+        by_search = proven_rounding(polygon)
+        assert by_search is not None and _same(by_lattice, by_search)
+
+
+def test_a_vouched_contour_on_its_lattice_needs_no_search_and_no_geos_check(monkeypatch):
+    polygon = max(_traced(0, 7.9145, 0.5), key=lambda p: len(p.interiors))
+    expected = geometry_json(polygon, "x", valid=True)
+    calls = []
+    real = shapely.is_valid
+    monkeypatch.setattr(shapely, "is_valid", lambda g, **kw: calls.append(g) or real(g, **kw))
+    monkeypatch.setattr(snap, "proven_rounding", lambda g: calls.append(g))
+    assert geometry_json(polygon, "x", valid=True, grid=(7.9145, 0.5, -0.5)) == expected
+    assert calls == []
+
+
+@pytest.mark.parametrize("touch", [
+    [(0, 0), (4, 2), (2, 4)],  # a hole at the shell's corner: a vertex of both rings
+    [(5, 0), (7, 2), (3, 2)],  # a hole touching the middle of a shell edge
+    [(10, 3), (6, 9), (6, 4)],  # ... of a vertical edge, off its lattice midpoint
+])
+@pytest.mark.parametrize("spacing", [1.0, 3.7, 0.2503])
+def test_lattice_touches_are_noded_and_keep_their_topology(touch, spacing):
+    grid = (spacing, 0.37, 100.21)
+    touching = shapely.affinity.affine_transform(
+        shapely.Polygon(SQUARE, [touch]), [spacing, 0, 0, spacing, grid[1], grid[2]])
+    assert touching.is_valid
+    snapped = lattice_rounding(touching, grid)
+    assert snapped is not None and snapped.is_valid
+    assert _same(snapped, proven_rounding(touching))
+    shell, hole = snapped.exterior, snapped.interiors[0]
+    assert shell.intersection(hole).geom_type == "Point"  # still one touch, at a vertex
+    assert set(hole.coords) & set(shell.coords)
+
+
+@pytest.mark.parametrize("polygon, grid", [
+    # a vertex off the lattice (the clip at the slide's edge adds such vertices)
+    (shapely.Polygon([(0, 0), (10, 0), (10, 10.5), (0, 10)]), (1.0, 0.0, 0.0)),
+    # the right lattice spacing, the wrong origin
+    (shapely.box(0.3, 0.3, 10.3, 10.3), (1.0, 0.0, 0.0)),
+    # a segment of direction (400, 1): a lattice point may lie 1/400 px from it
+    (shapely.Polygon([(0, 0), (400, 1), (400, 10), (0, 10)]), (1.0, 0.0, 0.0)),
+    # a lattice finer than the rounding's reach
+    (shapely.box(0, 0, 0.01, 0.01), (0.005, 0.0, 0.0)),
+])
+def test_what_the_lattice_cannot_prove_is_left_to_the_search(polygon, grid):
+    assert polygon.is_valid
+    assert lattice_rounding(polygon, grid) is None
+    written = shapely.from_geojson(geometry_json(polygon, "x", valid=True, grid=grid))
+    assert written.is_valid and written.area == pytest.approx(polygon.area, abs=0.2)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), spacing=st.floats(0.05, 12.0),
+       x0=st.floats(-1e5, 1e5), y0=st.floats(-1e5, 1e5), simplify=st.sampled_from([0.0, 1.0]))
+def test_whenever_the_lattice_bound_holds_the_rounding_is_valid(seed, spacing, x0, y0,
+                                                                 simplify):
+    """Random blobs (holes, diagonal touches) traced, simplified or not, put on a random
+    lattice: what the lattice proves is valid and is the rounding the search proves."""
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.standard_normal((48, 48)), rng.uniform(0.6, 2.0))
+    mask = field >= np.quantile(field, rng.uniform(0.3, 0.7))
+    for polygon in tumor_polygons(mask, chunk_px=16, simplify_px=simplify):
+        g = shapely.affinity.affine_transform(polygon, [spacing, 0, 0, spacing, x0, y0])
+        snapped = lattice_rounding(g, (spacing, x0, y0))
+        if snapped is None:
+            continue
+        assert snapped.is_valid
+        assert snapped.area == pytest.approx(g.area, abs=PRECISION_PX * g.length)
+        searched = proven_rounding(g)
+        if searched is not None:
+            assert _same(snapped, searched)

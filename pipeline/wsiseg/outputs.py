@@ -88,6 +88,8 @@ def annotations_for(
     # The working grid rounds up to whole pixels: clip to the slide so QuPath sees no
     # coordinate beyond the image.
     slide_box = shapely.box(0, 0, *frame.level0_size)
+    # pixel corners of the working grid, in QuPath's frame (vertices the clip adds are not)
+    corner_grid = (frame.scale, -float(frame.bounds_offset[0]), -float(frame.bounds_offset[1]))
     out = []
     for k, poly in enumerate(polygons, start=1):
         mean = float(means[k - 1]) if means is not None else math.nan
@@ -108,6 +110,7 @@ def annotations_for(
                 # traced outlines are valid by construction; affine maps and the clip to
                 # the slide keep them so
                 valid_geometry=True,
+                corner_grid=corner_grid,
                 measurements={
                     "Area µm^2": round(area_um2, 2),
                     MEAN_PROBABILITY: round(mean, 4),

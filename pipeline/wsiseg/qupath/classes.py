@@ -77,6 +77,11 @@ class Annotation:
         by construction), so the writer proves that snapping it to QuPath's grid keeps it
         valid by a clearance bound instead of GEOS's validity check
         (:func:`wsiseg.qupath.snap.proven_rounding`). Never set by the reader.
+    corner_grid : (spacing, x0, y0) or None
+        To write a ``valid_geometry``: the lattice its vertices lie on, where they do —
+        traced outlines are pixel corners of the working grid, ``(x0 + spacing·i,
+        y0 + spacing·j)`` in QuPath's frame — which makes the proof cheaper
+        (:func:`wsiseg.qupath.snap.lattice_rounding`; checked, not trusted).
     """
 
     geometry: shapely.Geometry
@@ -88,6 +93,7 @@ class Annotation:
     id: str | None = None
     color: tuple[int, int, int] | None = None
     valid_geometry: bool = False
+    corner_grid: tuple[float, float, float] | None = None
 
 
 def is_wsiseg_feature(a: Annotation, *, ai_class_name: str | None = None) -> bool:

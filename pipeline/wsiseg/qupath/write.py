@@ -107,7 +107,8 @@ def _feature_json(
 ) -> tuple[str, str] | None:
     """(id, Feature JSON text), or None when the annotation has no area to write."""
     where = f"annotation {index}"
-    geometry = geometry_json(annotation.geometry, where, annotation.valid_geometry)
+    geometry = geometry_json(annotation.geometry, where, annotation.valid_geometry,
+                             annotation.corner_grid)
     if geometry is None:
         return None
     props: dict[str, Any] = {"objectType": "annotation"}
