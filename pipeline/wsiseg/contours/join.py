@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import shapely
 from numpy.typing import NDArray
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 
 def join_pieces(pieces: Sequence[shapely.Polygon], block: tuple[int, int]) -> shapely.Polygon:
@@ -128,7 +130,10 @@ def _link(
     turn left, around their own pixel (tumor is 4-connected). A ring that then passes the
     corner twice (a background region reaching out through the corner, or two holes meeting
     there) would touch itself; it is re-linked there into two rings that touch at the
-    corner, as OGC validity wants.
+    corner, as OGC validity wants: the two passages swap their exits. A component's rings
+    touch in a tree (a second touch between two rings would cut its interior), so a ring's
+    corner passages nest like brackets and every such swap splits a ring in two, whatever
+    the order: all of them are made at once.
     """
     width = int(max(start.max(), end.max())) + 2
     key_start = start[:, 1] * width + start[:, 0]
@@ -147,85 +152,54 @@ def _link(
         left = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] > 0
         succ[pinch] = np.where(left, succ[pinch], order[first[pinch] + 1])
         # the two passages through each corner: its two incoming edges
-        by_corner = pinch[np.argsort(key_end[pinch], kind="stable")]
-        passages = by_corner.reshape(-1, 2)
+        passages = pinch[np.argsort(key_end[pinch], kind="stable")].reshape(-1, 2)
+        ring = _cycles(succ)[1]
+        a, b = passages[ring[passages[:, 0]] == ring[passages[:, 1]]].T
+        succ[a], succ[b] = succ[b], succ[a]  # right-hand sides are copies
     walk, ring_id = _walk(succ, order)
-    if len(pinch):
-        ring_of = np.empty(len(start), dtype=np.intp)
-        ring_of[walk] = ring_id
-        twice = np.unique(ring_of[passages[:, 0]][ring_of[passages[:, 0]]
-                                                  == ring_of[passages[:, 1]]])
-        if len(twice):
-            walk, ring_id = _split_rings(walk, ring_id, twice, key_start * 9 + direction + 4)
     return start[walk], ring_id
 
 
-def _split_rings(walk: NDArray[np.intp], ring_id: NDArray[np.intp], twice: NDArray[np.intp],
-                 rank_key: NDArray[np.int64]) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
-    """``walk`` with the rings ``twice`` (each passing some corner twice) split at those
-    corners into rings that pass each corner once; all rings then ordered, and each rotated
-    to start, at its edge of smallest ``rank_key`` (start vertex (y, x), then direction)."""
-    split = np.isin(ring_id, twice)
-    corner_of = (rank_key // 9).tolist()  # the start vertex alone
-    loops: list[list[int]] = []
-    bounds = np.searchsorted(ring_id, twice)
-    ends = np.searchsorted(ring_id, twice, side="right")
-    for first, last in zip(bounds.tolist(), ends.tolist(), strict=True):
-        # one pass with a stack: a corner met again closes the loop since its first passage
-        stack: list[int] = []
-        at: dict[int, int] = {}
-        for e in walk[first:last].tolist():
-            v = corner_of[e]
-            if v in at:
-                i = at[v]
-                loops.append(stack[i:])
-                for f in stack[i:]:
-                    del at[corner_of[f]]
-                del stack[i:]
-            at[v] = len(stack)
-            stack.append(e)
-        loops.append(stack)
-    # the loops rotated to their smallest edge (the other rings already start there)
-    sizes = np.array([len(loop) for loop in loops])
-    new = np.concatenate([np.asarray(loop, dtype=np.intp) for loop in loops])
-    new_ring = np.repeat(np.arange(len(loops)), sizes)
-    loop_start = np.cumsum(sizes) - sizes
-    position = np.arange(len(new)) - loop_start[new_ring]
-    big = np.int64(1) << 24  # > any ring's length
-    offset = np.minimum.reduceat(rank_key[new] * big + position, loop_start) % big
-    new = new[loop_start[new_ring] + (position + offset[new_ring]) % sizes[new_ring]]
-    edges = np.r_[walk[~split], new]
-    rings = np.r_[ring_id[~split], new_ring + int(ring_id[-1]) + 1]
-    starts = np.flatnonzero(np.r_[True, rings[1:] != rings[:-1]])
-    rank = np.empty(int(rings.max()) + 1, dtype=np.intp)
-    rank[rings[starts][np.argsort(rank_key[edges[starts]], kind="stable")]] = np.arange(
-        len(starts))
-    order = np.argsort(rank[rings], kind="stable")
-    return edges[order], rank[rings][order]
+def _cycles(succ: NDArray[np.intp]) -> tuple[int, NDArray[np.int32]]:
+    """The number of cycles of the permutation ``succ`` and the cycle of each element."""
+    n = len(succ)
+    graph = coo_matrix((np.ones(n, dtype=np.int8), (np.arange(n), succ)), shape=(n, n))
+    return connected_components(graph, directed=True, connection="weak")
 
 
 def _walk(succ: NDArray[np.intp], order: NDArray[np.intp]
           ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
     """The cycles of ``succ``: edges in ring order and each one's ring, every ring starting
-    at its first edge in ``order``."""
-    next_of = succ.tolist()
-    seen = bytearray(len(succ))
-    walk: list[int] = []
-    ring_sizes: list[int] = []
-    for e in order.tolist():
-        if seen[e]:
-            continue
-        k, size = e, 0
-        while True:
-            seen[k] = 1
-            walk.append(k)
-            size += 1
-            k = next_of[k]
-            if k == e:
-                break
-        ring_sizes.append(size)
-    ring_id = np.repeat(np.arange(len(ring_sizes)), ring_sizes)
-    return np.asarray(walk, dtype=np.intp), ring_id
+    at its first edge in ``order``, rings numbered by that edge's place in ``order``.
+
+    Each edge's place in its ring is its distance to the ring's last edge, found by pointer
+    jumping (log₂ of the longest ring steps of whole-array gathers, no loop per edge).
+    """
+    n = len(succ)
+    n_rings, cycle = _cycles(succ)
+    first = np.full(n_rings, n, dtype=np.intp)  # each ring's first place in ``order``
+    place = np.empty(n, dtype=np.intp)
+    place[order] = np.arange(n)
+    np.minimum.at(first, cycle, place)
+    by_first = np.argsort(first)
+    rank = np.empty(n_rings, dtype=np.intp)
+    rank[by_first] = np.arange(n_rings)
+    # distance of each edge to its ring's last edge (the one leading back to the first)
+    last = succ == order[first][cycle]
+    nxt = np.where(last, np.arange(n), succ)
+    distance = (~last).astype(np.intp)
+    while True:
+        further = nxt[nxt]
+        if np.array_equal(further, nxt):
+            break
+        distance += distance[nxt]
+        nxt = further
+    sizes = np.bincount(cycle, minlength=n_rings)[by_first]  # by ring number
+    ring_of = rank[cycle]
+    slot = (np.cumsum(sizes) - sizes)[ring_of] + sizes[ring_of] - 1 - distance
+    walk = np.empty(n, dtype=np.intp)
+    walk[slot] = np.arange(n)
+    return walk, np.repeat(np.arange(n_rings), sizes)
 
 
 def _corners(
