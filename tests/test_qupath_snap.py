@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 from wsiseg.contours import tumor_polygons
 from wsiseg.qupath import snap
 from wsiseg.qupath.snap import PRECISION_PX, geometry_json, lattice_rounding, proven_rounding
+from wsiseg.slide.frame import Frame
 
 SQUARE = [(0, 0), (10, 0), (10, 10), (0, 10)]
 
@@ -180,6 +181,12 @@ def test_lattice_touches_are_noded_and_keep_their_topology(touch, spacing):
     (shapely.Polygon([(0, 0), (400, 1), (400, 10), (0, 10)]), (1.0, 0.0, 0.0)),
     # a lattice finer than the rounding's reach
     (shapely.box(0, 0, 0.01, 0.01), (0.005, 0.0, 0.0)),
+    # two vertices within float error of one lattice point but not equal: rounding would
+    # join them into a touch nothing checked (found by the second reader)
+    (shapely.Polygon([(0, 0), (10, 0), (5, 5), (10, 10), (0, 10), (5, 5 + 1e-14)]),
+     (1.0, 0.0, 0.0)),
+    (shapely.Polygon(SQUARE, [[(1e-14, 1e-14), (2, 8), (10 - 1e-14, 10 - 1e-14)]]),
+     (1.0, 0.0, 0.0)),
 ])
 def test_what_the_lattice_cannot_prove_is_left_to_the_search(polygon, grid):
     assert polygon.is_valid
@@ -208,3 +215,32 @@ def test_whenever_the_lattice_bound_holds_the_rounding_is_valid(seed, spacing, x
         searched = proven_rounding(g)
         if searched is not None:
             assert _same(snapped, searched)
+
+
+def test_a_contour_clipped_at_the_slide_edge_is_written_valid():
+    """At a scale of 100.00000000000001 the clip at the slide's edge puts a vertex within
+    float error of, but not at, another one on the lattice (found by the second reader)."""
+    frame = Frame(level0_size=(100000, 100000), level0_mpp=0.009, working_mpp=0.9)
+    traced = shapely.Polygon([(990, 0), (1000, 0), (1000, 10), (990, 10)],
+                             [[(995, 4), (1000, 5), (995, 6)]])
+    clipped = shapely.intersection(frame.transform_geometry(traced, "working", "level0"),
+                                   shapely.box(0, 0, *frame.level0_size))
+    assert clipped.is_valid
+    written = shapely.from_geojson(
+        geometry_json(clipped, "x", valid=True, grid=(frame.scale, 0.0, 0.0)))
+    assert written.is_valid
+    assert written.area == pytest.approx(clipped.area, rel=1e-6)
+
+
+def test_lattice_coordinates_beyond_the_int64_keys_are_left_to_the_search():
+    """A direction (2**32, 3): its squared length would wrap around in int64 and pass a
+    clearance of spacing / 3 for one of spacing / 2**32 (found by the second reader)."""
+    s = 0.0860544
+    sliver = shapely.Polygon([(0, 0), (2**32 * s, 3 * s), (s, -s)])
+    near = shapely.Polygon([(1431655765 * s, s), (1431655766 * s, 2 * s),
+                            (1431655764 * s, 2 * s)])
+    polygon = shapely.MultiPolygon([sliver, near])
+    assert polygon.is_valid
+    assert lattice_rounding(polygon, (s, 0.0, 0.0)) is None
+    assert shapely.from_geojson(geometry_json(polygon, "x", valid=True, grid=(s, 0.0, 0.0))
+                                ).is_valid

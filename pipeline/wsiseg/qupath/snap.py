@@ -9,7 +9,7 @@ the geometry valid, without GEOS's snap-rounding overlay; whether it does is che
 the whole shell once per hole (0.35 s for a traced tumor of 60 000 vertices and 9 343 holes,
 which a refine round writes again whenever a stroke touches it); the bound costs 0.13 s.
 For traced contours, whose vertices are pixel corners of the working grid, the same bound
-follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, ≈ 20 ms
+follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 28–52 ms
 for that tumor).
 """
 
@@ -160,13 +160,16 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     A traced outline's vertices are pixel corners of the working grid: in QuPath's frame,
     ``(x0 + spacing·i, y0 + spacing·j)`` for integers i, j. On a lattice the bound needs no
     search. A segment from p to q = p + g·u, u a primitive integer vector (g the gcd of
-    q − p), has a cross product with any lattice point that is an integer multiple of g: a
-    lattice point off its line lies at least ``spacing / |u|`` from it, and one on the line
+    q − p): in lattice units the cross product of q − p with r − p, r any lattice point, is
+    an integer multiple of g, so a lattice point off its line lies at least
+    ``spacing / |u|`` from it, and one on the line
     beyond its ends at least ``spacing·|u|``. So the bound holds when ``spacing / |u|``
     exceeds 2m (plus the coordinates' float error) for every segment, once the vertices on
     the segments' interiors — the lattice points p + k·u, 0 < k < g, found exactly — are
     made vertices of those segments too (the pieces keep u; touches that would link rings
-    in a cycle are refused, as in :func:`proven_rounding`).
+    in a cycle are refused, as in :func:`proven_rounding`). The coordinates must be the
+    lattice points to float error, and those at one lattice point equal (else None: rounding
+    could merge different coordinates there unchecked).
 
     Parameters
     ----------
@@ -189,7 +192,17 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     float_error = 16 * float(np.spacing(scale))  # the frame transform's few roundings
     if not (np.abs(ij * spacing + origin - xy) <= float_error).all():
         return None  # not on the lattice (e.g. clipped at the slide's edge)
+    if np.abs(ij).max() >= 2**31:
+        return None  # beyond what the int64 keys below hold
     ij = ij.astype(np.int64)
+    # The bound holds for the lattice points; the coordinates are within float error of
+    # them, which rounding could merge: two different coordinates at one lattice point
+    # would become one place that no check below saw. Refused: traced vertices at one
+    # place are computed from the same pixel corner, so they are equal.
+    by_point = np.lexsort((ij[:, 1], ij[:, 0]))
+    same_point = (ij[by_point[1:]] == ij[by_point[:-1]]).all(axis=1)
+    if (xy[by_point[1:]][same_point] != xy[by_point[:-1]][same_point]).any():
+        return None
     reach = 2 * math.sqrt(2) * (step / 2 + 4 * float(np.spacing(scale))) + 4 * float_error
     first = np.flatnonzero(ring[1:] == ring[:-1])  # segment k: ij[first[k]] → ij[first[k] + 1]
     along = ij[first + 1] - ij[first]
@@ -197,7 +210,7 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     if len(first) == 0 or (g == 0).any():
         return None
     unit = along // g[:, None]
-    if spacing / math.sqrt(float((unit * unit).sum(axis=1).max())) <= reach:
+    if spacing / math.sqrt(float((unit.astype(np.float64) ** 2).sum(axis=1).max())) <= reach:
         return None  # a long, steep segment: a lattice point may come too near it
     n_inside = g - 1
     if n_inside.sum() > 10 * len(xy) + 1_000_000:
