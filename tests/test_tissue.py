@@ -81,3 +81,13 @@ def test_working_memory_is_a_few_bytes_per_pixel():
         tracemalloc.stop()
     assert 0.2 < mask.mean() < 0.8
     assert peak / rgb.shape[0] / rgb.shape[1] < 24
+
+
+@pytest.mark.parametrize("rgb", [
+    np.zeros((8, 8, 4), np.uint8),    # RGBA: alpha would count as a channel
+    np.zeros((8, 8, 3), np.uint16),   # 16-bit: the (max, min) codes would overflow
+    np.zeros((8, 8), np.uint8),
+])
+def test_anything_but_uint8_rgb_is_refused(rgb):
+    with pytest.raises(ValueError, match="expected uint8 RGB"):
+        tissue_mask(rgb, **PARAMS)

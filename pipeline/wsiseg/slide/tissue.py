@@ -7,6 +7,7 @@ background) are excluded by a brightness floor, and morphology removes dust and 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ _MIN_VALUE = 0.2
 _BAND_PX = 1 << 19
 
 
+@functools.cache
 def _saturation_value_table() -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """HSV saturation and value for every (max, min) byte pair, indexed ``max · 256 + min``.
 
@@ -34,7 +36,9 @@ def _saturation_value_table() -> tuple[NDArray[np.float64], NDArray[np.float64]]
     top, low = np.divmod(np.arange(256 * 256), 256)
     pairs = np.stack([top, low, low], axis=-1).astype(np.uint8)[np.newaxis]
     hsv = color.rgb2hsv(pairs)[0]
-    return hsv[:, 1], hsv[:, 2]
+    saturation, value = hsv[:, 1].copy(), hsv[:, 2].copy()
+    saturation.flags.writeable = value.flags.writeable = False  # shared by every call
+    return saturation, value
 
 
 def _max_min_codes(rgb: NDArray[np.uint8]) -> NDArray[np.uint16]:
@@ -92,6 +96,9 @@ def tissue_mask(
     Working memory is a few bytes per thumbnail pixel: saturation and value come from a table
     over each pixel's (max, min) channel pair, and Otsu's histogram from that pair's counts.
     """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"tissue_mask: expected uint8 RGB (rows, cols, 3), got {rgb.dtype} "
+                         f"{rgb.shape}")
     saturation, value = _saturation_value_table()
     usable = value >= _MIN_VALUE
     codes = _max_min_codes(rgb)
