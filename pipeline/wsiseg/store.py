@@ -104,6 +104,10 @@ class SlideStore:
     def __init__(self, path: Path, group: zarr.Group):
         self.path = path
         self.group = group
+        # Array handles, opened once per store object: opening one reads its metadata from
+        # disk (≈ 0.4 ms; a refine round asks ~15 times). A handle holds no pixels, and the
+        # arrays' shapes and chunks never change.
+        self._arrays: dict[str, zarr.Array] = {}
 
     # -- creation / opening ---------------------------------------------------------------
     @classmethod
@@ -185,6 +189,7 @@ class SlideStore:
             recover_interrupted(self.path, locked=True)
         mode = "r" if self.group.store.read_only else "r+"
         self.group = zarr.open_group(str(self.path), mode=mode)
+        self._arrays.clear()
 
     # -- attributes -----------------------------------------------------------------------
     @property
@@ -226,7 +231,9 @@ class SlideStore:
         return np.asarray(self.array("tissue")[...], dtype=bool)
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]  # type: ignore[return-value]
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]  # type: ignore[assignment]
+        return self._arrays[name]
 
     def __getitem__(self, name: str) -> zarr.Array:
         return self.array(name)
