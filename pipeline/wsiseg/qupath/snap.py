@@ -159,17 +159,17 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
 
     A traced outline's vertices are pixel corners of the working grid: in QuPath's frame,
     ``(x0 + spacing·i, y0 + spacing·j)`` for integers i, j. On a lattice the bound needs no
-    search. A segment from p to q = p + g·u, u a primitive integer vector (g the gcd of
+    search. Take a segment from p to q = p + g·u, u a primitive integer vector (g the gcd of
     q − p): in lattice units the cross product of q − p with r − p, r any lattice point, is
-    an integer multiple of g, so a lattice point off its line lies at least
-    ``spacing / |u|`` from it, and one on the line
-    beyond its ends at least ``spacing·|u|``. So the bound holds when ``spacing / |u|``
-    exceeds 2m (plus the coordinates' float error) for every segment, once the vertices on
-    the segments' interiors — the lattice points p + k·u, 0 < k < g, found exactly — are
-    made vertices of those segments too (the pieces keep u; touches that would link rings
-    in a cycle are refused, as in :func:`proven_rounding`). The coordinates must be the
-    lattice points to float error, and those at one lattice point equal (else None: rounding
-    could merge different coordinates there unchecked).
+    an integer multiple of g, so a lattice point off the segment's line lies at least
+    ``spacing / |u|`` from it, and one on the line beyond its ends at least
+    ``spacing·|u|``. So the bound holds when ``spacing / |u|`` exceeds 2m (plus the
+    coordinates' float error) for every segment, once the vertices on the segments'
+    interiors — the lattice points p + k·u, 0 < k < g, found exactly — are made vertices of
+    those segments too (the pieces keep u; touches that would link rings in a cycle are
+    refused, as in :func:`proven_rounding`). The coordinates must be the lattice points to
+    float error, and those at one lattice point equal (else None: rounding could merge
+    different coordinates there unchecked).
 
     Parameters
     ----------
@@ -215,27 +215,12 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     n_inside = g - 1
     if n_inside.sum() > 10 * len(xy) + 1_000_000:
         return None  # lattice points on segments far outnumber vertices: not worth it
-    low, span = ij.min(axis=0), ij.max(axis=0) - ij.min(axis=0) + 1
-    n_rings = int(ring.max()) + 1
-    if float(span[0]) * float(span[1]) * n_rings >= 2.0**62:
+    touches = _lattice_touches(ij, ring, first, unit, n_inside)
+    if touches is None:
         return None
-
-    def key(points: np.ndarray) -> np.ndarray:
-        return (points[:, 0] - low[0]) * span[1] + (points[:, 1] - low[1])
-
-    # each lattice point inside a segment, and the vertices lying there
-    on = np.repeat(np.arange(len(first)), n_inside)
-    k = np.arange(len(on)) - np.repeat(np.cumsum(n_inside) - n_inside, n_inside) + 1
-    inside = key(ij[first[on]] + k[:, None] * unit[on])
-    vertex_key = key(ij[first])
-    touch = np.isin(inside, vertex_key)
-    if touch.any():
-        on, inside = on[touch], inside[touch]
-        on_ring = ring[first[on]]
-        if np.isin(inside * n_rings + on_ring, vertex_key * n_rings + ring[first]).any():
-            return None  # a ring touching itself: not a valid polygon's ring
-        by_key = np.argsort(vertex_key, kind="stable")
-        at = xy[first[by_key[np.searchsorted(vertex_key[by_key], inside)]]]
+    on, vertex = touches
+    if len(on):
+        at, on_ring = xy[first[vertex]], ring[first[on]]
         if not _touches_form_a_forest(xy[first], ring[first], at, on_ring):
             return None
         xy, ring, _ = _inserted(xy, ring, first, on, at)
@@ -244,6 +229,36 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
         polygonal = (polygons[0] if polygonal.geom_type == "Polygon"
                      else shapely.multipolygons(polygons))
     return rounded(polygonal)
+
+
+def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: np.ndarray,
+                     n_inside: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The vertices lying inside segments, exactly, on the lattice: (segment, vertex) index
+    pairs into ``first`` (one vertex per place), or None when a ring touches itself (no
+    valid polygon's ring does) or the keys would not fit in int64.
+
+    ``ij``: int64 lattice coordinates; segment k runs from ``ij[first[k]]`` in steps of
+    ``unit[k]``, with ``n_inside[k]`` lattice points strictly inside it.
+    """
+    low = ij.min(axis=0)
+    span = ij.max(axis=0) - low + 1
+    n_rings = int(ring.max()) + 1
+    if float(span[0]) * float(span[1]) * n_rings >= 2.0**62:
+        return None
+
+    def key(points: np.ndarray) -> np.ndarray:
+        return (points[:, 0] - low[0]) * span[1] + (points[:, 1] - low[1])
+
+    on = np.repeat(np.arange(len(first)), n_inside)
+    k = np.arange(len(on)) - np.repeat(np.cumsum(n_inside) - n_inside, n_inside) + 1
+    inside = key(ij[first[on]] + k[:, None] * unit[on])
+    vertex_key = key(ij[first])
+    touch = np.isin(inside, vertex_key)
+    on, inside = on[touch], inside[touch]
+    if np.isin(inside * n_rings + ring[first[on]], vertex_key * n_rings + ring[first]).any():
+        return None  # a ring touching itself
+    by_key = np.argsort(vertex_key, kind="stable")
+    return on, by_key[np.searchsorted(vertex_key[by_key], inside)]
 
 
 def _segments(start: np.ndarray, end: np.ndarray) -> np.ndarray:
