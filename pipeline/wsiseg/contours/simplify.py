@@ -90,34 +90,56 @@ def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple
     along_line = (run_size <= 2) & (((a[:, 0] == b[:, 0]) & (a[:, 0] % block[1] == 0))
                                     | ((a[:, 1] == b[:, 1]) & (a[:, 1] % block[0] == 0)))
 
-    simple: list = [None] * len(run_first)
     movable = np.flatnonzero(~along_line)
-    for r in np.flatnonzero(along_line).tolist():
-        simple[r] = xy[[run_first[r], closing[r]]]
     # by chunk, and within one by where each run starts and heads: GEOS's result depends on
     # the order of the lines, which must not depend on how the polygon's rings were listed
     second = np.where((run_size > 2)[:, None], xy[np.minimum(run_first + 1, len(xy) - 1)], b)
     groups = movable[np.lexsort((second[movable, 0], second[movable, 1], a[movable, 0],
                                  a[movable, 1], run_cell[movable]))]
     bounds = np.flatnonzero(np.diff(run_cell[groups])) + 1
-    # each run's vertices and the one closing it, as views of one gathered array
+    # each run's vertices and the one closing it, one after the other
     sizes = run_size[groups]
     ends = np.cumsum(sizes)
     at = np.arange(ends[-1] if len(ends) else 0) + np.repeat(run_first[groups] - ends + sizes,
                                                              sizes)
     at[ends - 1] = closing[groups]
-    lines = np.split(xy[at], ends[:-1])
-    for runs, members in zip(np.split(groups, bounds), _split_list(lines, bounds), strict=True):
-        if not len(runs):
+    flat = xy[at]
+    group_edges = np.r_[0, bounds, len(groups)]
+    vertex_edges = np.r_[0, ends][group_edges]
+    simple_xy, simple_sizes = [], []  # the groups' simplified runs, in ``groups`` order
+    for g in range(len(group_edges) - 1):
+        if group_edges[g] == group_edges[g + 1]:
             continue
-        for r, line in zip(runs.tolist(), _chunk_simplified(members, tolerance_px, memo),
-                           strict=True):
-            simple[r] = line
+        runs_xy, runs_sizes = _chunk_simplified(
+            flat[vertex_edges[g]:vertex_edges[g + 1]],
+            sizes[group_edges[g]:group_edges[g + 1]], tolerance_px, memo)
+        simple_xy.append(runs_xy)
+        simple_sizes.append(runs_sizes)
 
-    # rings again: each run without its last vertex (the next run's first), in ring order
-    pieces = [s[:-1] for s in simple]
-    ring_xy = np.concatenate(pieces)
-    ring_id = np.repeat(run_ring, [len(p) for p in pieces])
+    # rings again: each run without its last vertex (the next run's first), in ring order;
+    # a run along a grid line is its first vertex alone
+    kept_len = np.ones(len(run_first), dtype=np.intp)
+    source = np.empty(len(run_first), dtype=np.intp)  # where a run's vertices start
+    source[~along_line] = 0
+    source[along_line] = run_first[along_line]
+    from_simple = np.zeros(len(run_first), dtype=bool)
+    if simple_xy:
+        simple_sizes_all = np.concatenate(simple_sizes)
+        kept_len[groups] = simple_sizes_all - 1
+        source[groups] = np.cumsum(simple_sizes_all) - simple_sizes_all
+        from_simple[groups] = True
+        simple_all = np.concatenate(simple_xy)
+    else:
+        simple_all = np.zeros((0, 2), dtype=np.int64)
+    start = np.cumsum(kept_len) - kept_len
+    run_of = np.repeat(np.arange(len(run_first)), kept_len)
+    offset = np.arange(len(run_of)) - start[run_of]
+    take = source[run_of] + offset
+    along = ~from_simple[run_of]
+    ring_xy = np.empty((len(run_of), 2), dtype=np.int64)
+    ring_xy[along] = xy[take[along]]
+    ring_xy[~along] = simple_all[take[~along]]
+    ring_id = run_ring[run_of]
     ring_xy, ring_id = _without_collinear(ring_xy, ring_id)
     counts = np.bincount(ring_id, minlength=n_rings)
     out = polygons.copy()
@@ -210,25 +232,25 @@ def _farthest_on_chords(xy, cut, vertex_ring, ring_start, ring_len, block) -> li
     return out
 
 
-def _split_list(items: list, bounds: NDArray[np.intp]) -> list[list]:
-    edges = [0, *bounds.tolist(), len(items)]
-    return [items[i:j] for i, j in zip(edges[:-1], edges[1:], strict=True)]
-
-
-def _chunk_simplified(lines: list[NDArray[np.int64]], tolerance_px: float,
-                      memo: bool) -> list[NDArray[np.int64]]:
+def _chunk_simplified(flat: NDArray[np.int64], sizes: NDArray[np.intp], tolerance_px: float,
+                      memo: bool) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """One polygon's runs inside one chunk, simplified together (topology preserved); a
-    closed run that would fall below a triangle stays as it is."""
+    closed run that would fall below a triangle stays as it is.
+
+    The runs come, and go, as their vertices one after the other and each one's vertex
+    count: ``flat`` (n, 2) and ``sizes``; the memo hashes each once, and the lines are
+    split only when it misses.
+    """
     key = b""
     if memo:
         digest = hashlib.blake2b(np.float64(tolerance_px).tobytes(), digest_size=20)
-        digest.update(np.asarray([len(line) for line in lines], dtype=np.int64).tobytes())
-        for line in lines:
-            digest.update(line.tobytes())
+        digest.update(np.ascontiguousarray(sizes, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(flat).tobytes())
         key = b"runs" + digest.digest()
         hit = TRACES.get(key)
         if hit is not None:
             return hit
+    lines = np.split(flat, np.cumsum(sizes)[:-1])
     collection = shapely.multilinestrings([shapely.linestrings(line) for line in lines])
     parts = shapely.get_parts(shapely.simplify(collection, tolerance_px,
                                                preserve_topology=True))
@@ -237,10 +259,11 @@ def _chunk_simplified(lines: list[NDArray[np.int64]], tolerance_px: float,
         simple = shapely.get_coordinates(part).astype(np.int64)
         closed = (line[0] == line[-1]).all()
         out.append(line if closed and len(simple) < 4 else simple)
+    result = (np.concatenate(out), np.array([len(line) for line in out], dtype=np.intp))
     if memo:
-        # an entry's objects (key, list, arrays) ≈ 300 B + 120 B a line besides the data
-        TRACES.put(key, out, sum(line.nbytes for line in out) + 120 * len(out) + 300)
-    return out
+        # an entry's objects (key, tuple, two arrays) ≈ 400 B besides the data
+        TRACES.put(key, result, result[0].nbytes + result[1].nbytes + 400)
+    return result
 
 
 def _without_collinear(xy: NDArray[np.int64], ring_id: NDArray[np.intp]
