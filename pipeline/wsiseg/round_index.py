@@ -49,6 +49,7 @@ class RoundContours:
     #: float64 (n,): each feature's area on tissue, working px² (NaN: not known)
     covered_px: np.ndarray | None = None
     _working: np.ndarray | None = None  # working_geometries, once computed
+    _wkb: list[bytes] | None = None  # each geometry's WKB as the index holds it
 
     def covered_of(self, store: SlideStore, indices: list[int]) -> np.ndarray:
         """The area on tissue (working px²) of these features: recorded in the index, or
@@ -74,6 +75,13 @@ class RoundContours:
             self._working = store.frame.transform_geometry(self.geometries, "qupath", "working")
         return self._working
 
+    def wkb_of(self, indices: list[int]) -> list[bytes]:
+        """These features' geometries as WKB: the index's bytes when read from one (a
+        round keeps most features: copied, not encoded again), else encoded now."""
+        if self._wkb is not None:
+            return [self._wkb[i] for i in indices]
+        return list(shapely.to_wkb(self.geometries[np.asarray(indices, dtype=np.intp)]))
+
     def feature_texts(self, indices: list[int]) -> list[str]:
         """The Feature JSON texts of these features: byte for byte as written when read
         through the index, written anew from the parsed annotations otherwise."""
@@ -89,13 +97,13 @@ class RoundContours:
 
 
 def write_round_index(
-    store: SlideStore, round_k: int, ids: list[str], geometries: list[shapely.Geometry],
+    store: SlideStore, round_k: int, ids: list[str], wkb: list[bytes],
     offsets: list[int], covered_px: Sequence[float] | None = None,
 ) -> None:
-    """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc)."""
+    """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc);
+    ``wkb``: each feature's geometry (QuPath frame) as WKB."""
     geojson = round_geojson_path(store, round_k)
     st = geojson.stat()
-    wkb = [shapely.to_wkb(g) for g in geometries]
     ends = np.cumsum([len(b) for b in wkb], dtype=np.int64)
     with atomic_writer(_index_path(store, round_k)) as f:
         np.savez(
@@ -121,11 +129,12 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
             if z["geojson"].tolist() == stamp:
                 wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
                 starts = np.concatenate([[0], ends[:-1]])
-                geoms = shapely.from_wkb([wkb[a:b] for a, b in zip(starts, ends, strict=True)])
+                parts = [wkb[a:b] for a, b in zip(starts, ends, strict=True)]
                 covered = z["covered_px"] if "covered_px" in z.files else None
-                return RoundContours(ids=z["ids"].tolist(), geometries=np.asarray(geoms),
+                return RoundContours(ids=z["ids"].tolist(),
+                                     geometries=np.asarray(shapely.from_wkb(parts)),
                                      _source=geojson, _offsets=z["offsets"], _stamp=stamp,
-                                     covered_px=covered)
+                                     covered_px=covered, _wkb=parts)
     ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
     return RoundContours(ids=[a.id for a in ours],
                          geometries=np.asarray([a.geometry for a in ours], dtype=object),

@@ -175,24 +175,24 @@ def write_round_geojson(
     if polygons is None:
         polygons, means = round_contours(store)
     annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    texts, ids, geoms, covered = [], [], [], []
+    texts, ids, wkb, covered = [], [], [], []
     kept_covered, new_covered = covered_px if covered_px is not None else (None, None)
     if kept is not None:
         previous, indices = kept
         texts += previous.feature_texts(indices)
         ids += [previous.ids[i] for i in indices]
-        geoms += [previous.geometries[i] for i in indices]
+        wkb += previous.wkb_of(indices)
         covered += (list(kept_covered) if kept_covered is not None
                     else [np.nan] * len(indices))
     for index, feature_id, text in annotation_features(annotations):
         texts.append(text)
         ids.append(feature_id)
-        geoms.append(annotations[index].geometry)
+        wkb.append(shapely.to_wkb(annotations[index].geometry))
         covered.append(new_covered[index] if new_covered is not None else np.nan)
     record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
     offsets = write_feature_collection(record, texts)
-    write_round_index(store, round_k, ids, geoms, offsets, covered)
+    write_round_index(store, round_k, ids, wkb, offsets, covered)
     return publish_round(record, out_dir, slide_id, round_k), polygons
 
 
