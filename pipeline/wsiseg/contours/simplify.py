@@ -119,9 +119,7 @@ def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple
     # rings again: each run without its last vertex (the next run's first), in ring order;
     # a run along a grid line is its first vertex alone
     kept_len = np.ones(len(run_first), dtype=np.intp)
-    source = np.empty(len(run_first), dtype=np.intp)  # where a run's vertices start
-    source[~along_line] = 0
-    source[along_line] = run_first[along_line]
+    source = run_first.copy()  # where a run's vertices start: in xy, or in simple_all
     from_simple = np.zeros(len(run_first), dtype=bool)
     if simple_xy:
         simple_sizes_all = np.concatenate(simple_sizes)
