@@ -498,6 +498,13 @@ def test_draw_contours_draws_every_ring_of_every_part_as_pillow_draws_it() -> No
     assert np.array_equal(out, np.asarray(image))
 
 
+def test_draw_contours_refuses_what_is_not_a_polygon() -> None:
+    rgb = np.zeros((10, 10, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="expected polygons, got a LineString"):
+        draw_contours(rgb, [shapely.box(1, 1, 4, 4), shapely.LineString([(0, 0), (9, 9)])],
+                      scale=1.0)
+
+
 def test_ring_sizes_beyond_the_rotation_key_are_refused() -> None:
     """The start of each ring is found with one int64 key per vertex (cell × 2**24 +
     position): a ring of up to 2**24 vertices fits, one more does not."""

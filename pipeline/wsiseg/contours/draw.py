@@ -46,6 +46,9 @@ def draw_contours(
     draw = ImageDraw.Draw(image)
     fill = tuple(int(v) for v in color)
     parts = shapely.get_parts(np.asarray(list(polygons), dtype=object))
+    not_polygons = parts[shapely.get_type_id(parts) != shapely.GeometryType.POLYGON]
+    if len(not_polygons):
+        raise ValueError(f"draw_contours: expected polygons, got a {not_polygons[0].geom_type}")
     rings = shapely.get_rings(parts)
     if not len(rings):
         return np.asarray(image)
