@@ -180,3 +180,16 @@ def test_outputs_renders_and_rounds_owns_the_record_without_a_cycle():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(pkg.parent)), check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_store_object_reads_what_another_one_wrote_since(tmp_path, fine_workflow):
+    """A store object keeps its arrays' handles open, never their pixels: what another
+    process (here: another store object) writes afterwards is what it reads."""
+    path = tmp_path / "cmu.zarr"
+    first = tile_slide(real(CMU_SVS), path, fine_workflow).store
+    chunk = first.chunk_px
+    assert not np.asarray(first["refined"][:chunk, :chunk]).any()
+    other = SlideStore.open(path)
+    other["refined"][:chunk, :chunk] = 200
+    assert (np.asarray(first["refined"][:chunk, :chunk]) == 200).all()
+    assert first["refined"] is first.array("refined")  # one handle per store object
