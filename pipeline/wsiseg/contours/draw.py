@@ -60,4 +60,3 @@ def draw_contours(
     for line in np.split(xy, starts[1:]):
         draw.line([tuple(p) for p in line.tolist()], fill=fill, width=width_px, joint="curve")
     return np.asarray(image)
-

@@ -126,9 +126,7 @@ def proven_rounding(polygonal: shapely.Geometry, step: float = PRECISION_PX
     step : float
         The grid spacing.
     """
-    parts = shapely.get_parts(polygonal)
-    rings, part_of_ring = shapely.get_rings(parts, return_index=True)
-    xy, ring = shapely.get_coordinates(rings, return_index=True)
+    xy, ring, part_of_ring = _coordinates(polygonal)
     # 2m, m from the largest move per axis: step / 2, and the float error of rounding
     scale = max(1.0, float(np.abs(xy).max())) if len(xy) else 1.0
     reach = 2 * math.sqrt(2) * (step / 2 + 4 * float(np.spacing(scale)))
@@ -143,11 +141,7 @@ def proven_rounding(polygonal: shapely.Geometry, step: float = PRECISION_PX
         noded = _noded(xy, ring, first, vertex[near], segment[near], reach, scale)
         if noded is None:
             return None
-        xy, ring = noded
-        rings = shapely.linearrings(xy, indices=ring)
-        polygons = shapely.polygons(rings, indices=part_of_ring)
-        polygonal = (polygons[0] if polygonal.geom_type == "Polygon"
-                     else shapely.multipolygons(polygons))
+        polygonal = _rebuilt(polygonal, *noded, part_of_ring)
     return rounded(polygonal)
 
 
@@ -181,9 +175,7 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
         The rounding grid's spacing.
     """
     spacing, x0, y0 = (float(v) for v in grid)
-    parts = shapely.get_parts(polygonal)
-    rings, part_of_ring = shapely.get_rings(parts, return_index=True)
-    xy, ring = shapely.get_coordinates(rings, return_index=True)
+    xy, ring, part_of_ring = _coordinates(polygonal)
     if not (spacing > 0 and len(xy)):
         return None
     origin = np.array([x0, y0])
@@ -223,11 +215,8 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
         at, on_ring = xy[first[vertex]], ring[first[on]]
         if not _touches_form_a_forest(xy[first], ring[first], at, on_ring):
             return None
-        xy, ring, _ = _inserted(xy, ring, first, on, at)
-        rings = shapely.linearrings(xy, indices=ring)
-        polygons = shapely.polygons(rings, indices=part_of_ring)
-        polygonal = (polygons[0] if polygonal.geom_type == "Polygon"
-                     else shapely.multipolygons(polygons))
+        polygonal = _rebuilt(polygonal, *_inserted(xy, ring, first, on, at)[:2],
+                             part_of_ring)
     return rounded(polygonal)
 
 
@@ -259,6 +248,22 @@ def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: 
         return None  # a ring touching itself
     by_key = np.argsort(vertex_key, kind="stable")
     return on, by_key[np.searchsorted(vertex_key[by_key], inside)]
+
+
+def _coordinates(polygonal: shapely.Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ring's coordinates (closing vertex included), each one's ring, and each ring's
+    part (polygon) of ``polygonal``."""
+    rings, part_of_ring = shapely.get_rings(shapely.get_parts(polygonal), return_index=True)
+    xy, ring = shapely.get_coordinates(rings, return_index=True)
+    return xy, ring, part_of_ring
+
+
+def _rebuilt(polygonal: shapely.Geometry, xy: np.ndarray, ring: np.ndarray,
+             part_of_ring: np.ndarray) -> shapely.Geometry:
+    """``polygonal`` (of the type it is) from coordinates as :func:`_coordinates` gives
+    them, with vertices inserted."""
+    polygons = shapely.polygons(shapely.linearrings(xy, indices=ring), indices=part_of_ring)
+    return polygons[0] if polygonal.geom_type == "Polygon" else shapely.multipolygons(polygons)
 
 
 def _segments(start: np.ndarray, end: np.ndarray) -> np.ndarray:
