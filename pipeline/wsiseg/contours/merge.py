@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from wsiseg.contours.cache import TRACES
+from wsiseg.contours.cache import TRACES, chunk_file, chunk_stamp
 from wsiseg.contours.join import join_pieces
 from wsiseg.contours.mask import (
     ArrayLike2D,
@@ -43,6 +43,7 @@ class _Merger:
         self.memo = memo
         self.threshold = threshold
         self.block = block
+        self.chunks = tuple(getattr(prob, "chunks", ()) or ())  # the stored chunk shape
         self.regions = regions
         self.grid = (-(-prob.shape[0] // block[0]), -(-prob.shape[1] // block[1]))
         self.done: set[tuple[int, int]] = set()
@@ -69,8 +70,7 @@ class _Merger:
         bh, bw = self.block
         r0, c0 = i * bh, j * bw
         r1, c1 = min(r0 + bh, self.prob.shape[0]), min(c0 + bw, self.prob.shape[1])
-        values = np.asarray(self.prob[r0:r1, c0:c1])
-        labels, polygons, sums, counts = self._traced(values, r0, c0)
+        labels, polygons, sums, counts = self._traced(np.s_[r0:r1, c0:c1], (i, j))
         offset = self.n_pieces
         self.n_pieces += len(polygons)
         self.done.add((i, j))
@@ -108,16 +108,44 @@ class _Merger:
             elif label in in_region:
                 self.finished[offset + label] = polygon
 
-    def _traced(self, values: np.ndarray, r0: int, c0: int) -> tuple[
+    def _traced(self, box: tuple[slice, slice], chunk: tuple[int, int]) -> tuple[
             NDArray[np.integer], list[shapely.Polygon], NDArray[np.float64], NDArray[np.int64]]:
-        """One chunk's labels, pieces, and per piece the probability's sum and pixel count
-        (from :data:`TRACES` when ``memo``: the same pixels at the same place again)."""
-        key = TRACES.key(values, r0, c0, self.threshold) if self.memo else b""
-        hit = TRACES.get(key) if self.memo else None
+        """One chunk's labels, pieces, and per piece the probability's sum and pixel count.
+
+        With ``memo``, from :data:`TRACES` when it holds the same pixels at the same place:
+        found by the chunk file's stamp without reading the chunk when the block is one
+        stored chunk whose file the memo saw, else by the digest of the pixels read."""
+        r0, c0 = box[0].start, box[1].start
+        if not self.memo:
+            values = np.asarray(self.prob[box])
+            return self._trace(values, r0, c0)
+        file = chunk_file(self.prob, chunk) if self.block == self.chunks else None
+        stamp = chunk_stamp(file) if file is not None else None
+        where = f"{file} at threshold {self.threshold!r}"  # a digest covers both
+        key = TRACES.key_by_stamp(where, stamp)
+        hit = TRACES.get(key) if key is not None else None
+        if hit is None:
+            values = np.asarray(self.prob[box])
+            key = TRACES.key(values, r0, c0, self.threshold)
+            if file is not None and chunk_stamp(file) == stamp:  # not written meanwhile
+                TRACES.remember_stamp(where, stamp, key)
+            hit = TRACES.get(key)
         if hit is not None:
             labels, polygons, sums, counts = hit
-            return (np.zeros(values.shape, np.uint8) if labels is None else labels,
-                    polygons, sums, counts)
+            if labels is None:
+                labels = np.zeros((box[0].stop - r0, box[1].stop - c0), np.uint8)
+            return labels, polygons, sums, counts
+        labels, polygons, sums, counts = self._trace(values, r0, c0)
+        kept = labels if polygons else None  # a chunk without tumor: no (zero) labels kept
+        # measured (RSS): 426 B per polygon (GEOS and its Python object), 16.8 B per
+        # vertex; the estimate errs high so that the budget holds
+        size = (kept.nbytes if kept is not None else 0) + 450 * len(polygons) + 256
+        size += int(shapely.get_num_coordinates(polygons).sum()) * 24 if polygons else 0
+        TRACES.put(key, (kept, polygons, sums, counts), size)
+        return labels, polygons, sums, counts
+
+    def _trace(self, values: np.ndarray, r0: int, c0: int) -> tuple[
+            NDArray[np.integer], list[shapely.Polygon], NDArray[np.float64], NDArray[np.int64]]:
         labels, polygons = _trace_block(tumor_mask(values, self.threshold), r0, c0)
         sums = counts = np.zeros(0)
         if polygons:
@@ -127,13 +155,6 @@ class _Merger:
             counts = np.bincount(flat, minlength=n)[1:]
             if n <= np.iinfo(np.uint16).max:
                 labels = labels.astype(np.uint16)
-        if self.memo:  # a chunk without tumor is kept without its (zero) labels
-            kept = labels if polygons else None
-            # measured (RSS): 426 B per polygon (GEOS and its Python object), 16.8 B per
-            # vertex; the estimate errs high so that the budget holds
-            size = (kept.nbytes if kept is not None else 0) + 450 * len(polygons) + 256
-            size += int(shapely.get_num_coordinates(polygons).sum()) * 24 if polygons else 0
-            TRACES.put(key, (kept, polygons, sums, counts), size)
         return labels, polygons, sums, counts
 
     def _components(self) -> NDArray[np.intp]:
@@ -261,7 +282,8 @@ def tumor_polygons_and_means(
     labels along the sides of chunks not yet met, and the polygons; never O(H × W). With
     ``region`` or ``regions`` (a refine round) each chunk's trace is also kept in the
     process's bounded memo (:mod:`~wsiseg.contours.cache`, 256 MiB), keyed by its pixels,
-    so the next round traces only the chunks that changed.
+    so the next round traces only the chunks that changed (and, on a zarr array on a local
+    disk, reads only those: the others are found by their files' stamps).
     """
     shape = tuple(prob.shape)
     if len(shape) != 2:

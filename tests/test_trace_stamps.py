@@ -1,0 +1,120 @@
+"""The trace memo finds unchanged chunks of a zarr array by their files' stamps, unread."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+
+import wsiseg.contours.cache as cache
+from wsiseg.contours import tumor_polygons_and_means
+from wsiseg.contours.cache import TRACES, chunk_file, chunk_stamp
+
+REGION = [(60, 60, 4, 4)]  # inside the one component, which spans all 16 chunks
+_READ = zarr.Array.__getitem__  # unpatched
+
+
+@pytest.fixture
+def stored(tmp_path, monkeypatch):
+    """(zarr array of 128² in 32² chunks holding one large component, list of chunk reads)."""
+    prob = np.zeros((128, 128), dtype=np.uint8)
+    prob[10:120, 10:120] = 200
+    prob[40:50, 40:50] = 0
+    array = zarr.create_array(store=tmp_path / "refined.zarr", shape=prob.shape,
+                              chunks=(32, 32), dtype="uint8", fill_value=0)
+    array[...] = prob
+    reads: list[tuple[int, int]] = []
+    def counting(self, key):
+        reads.append((key[0].start, key[1].start))
+        return _READ(self, key)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    return array, reads
+
+
+def _fresh(array: zarr.Array, threshold: float = 0.5):
+    """The same trace from a numpy copy: no memo, no stamps."""
+    return tumor_polygons_and_means(np.asarray(_READ(array, ...)),
+                                    chunk_px=32, regions=REGION, threshold=threshold)
+
+
+def _same(a, b) -> bool:
+    return (len(a[0]) == len(b[0]) and all(shapely.equals_exact(p, q, 0)
+                                            for p, q in zip(a[0], b[0], strict=True))
+            and a[1].tolist() == b[1].tolist())
+
+
+def test_settled_chunks_are_not_read_again_and_a_changed_one_is(stored, monkeypatch) -> None:
+    array, reads = stored
+    monkeypatch.setattr(cache, "SETTLED_S", 0.0)
+    first = tumor_polygons_and_means(array, regions=REGION)
+    assert len(reads) == 16
+    reads.clear()
+    again = tumor_polygons_and_means(array, regions=REGION)
+    assert reads == []  # every chunk known by its file's stamp
+    assert _same(first, again)
+    array[70:75, 100:110] = 0  # a new hole in chunk (2, 3) only
+    reads.clear()
+    changed = tumor_polygons_and_means(array, regions=REGION)
+    assert reads == [(64, 96)]
+    assert _same(changed, _fresh(array))
+    assert len(changed[0][0].interiors) == len(first[0][0].interiors) + 1
+
+
+def test_files_written_lately_are_read_however_their_stamp(stored) -> None:
+    """Within SETTLED_S of a write the same stamp may hold other pixels (a second write in
+    the same tick of the file clock, to the same size): such chunks are read every time."""
+    array, reads = stored
+    tumor_polygons_and_means(array, regions=REGION)
+    reads.clear()
+    tumor_polygons_and_means(array, regions=REGION)
+    assert len(reads) == 16
+
+
+def test_a_file_rewritten_with_its_old_size_and_times_is_read(stored, monkeypatch) -> None:
+    """Other pixels of the same compressed size, the modification time set back: the change
+    time (which no program can set) still tells."""
+    array, reads = stored
+    monkeypatch.setattr(cache, "SETTLED_S", 0.0)
+    tumor_polygons_and_means(array, regions=REGION)
+    file = chunk_file(array, (1, 1))
+    before = os.stat(file)
+    other = zarr.create_array(store={}, shape=(32, 32), chunks=(32, 32), dtype="uint8",
+                              fill_value=0)
+    for level in range(201, 256):  # the same pixels at another probability
+        block = np.asarray(_READ(array, np.s_[32:64, 32:64]))
+        other[...] = np.where(block > 0, level, 0).astype(np.uint8)
+        data = other.store_path.store._store_dict["c/0/0"].to_bytes()
+        if len(data) == before.st_size:
+            break
+    else:
+        pytest.skip("no other level compresses to the same size")
+    file.write_bytes(data)
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert chunk_stamp(file)[:4] == (before.st_ino, before.st_dev, before.st_size,
+                                     before.st_mtime_ns)
+    reads.clear()
+    means = tumor_polygons_and_means(array, regions=REGION)[1]
+    assert (32, 32) in reads
+    assert means.tolist() == _fresh(array)[1].tolist()
+
+
+def test_a_stamp_stands_for_one_threshold(stored, monkeypatch) -> None:
+    array, _ = stored
+    monkeypatch.setattr(cache, "SETTLED_S", 0.0)
+    tumor_polygons_and_means(array, regions=REGION)
+    assert tumor_polygons_and_means(array, regions=REGION, threshold=0.9)[0] == []
+    assert _same(tumor_polygons_and_means(array, regions=REGION), _fresh(array))
+
+
+def test_chunks_of_the_fill_value_have_no_file_and_a_stamp(tmp_path) -> None:
+    array = zarr.create_array(store=tmp_path / "a.zarr", shape=(64, 64), chunks=(32, 32),
+                              dtype="uint8", fill_value=0)
+    array[:32, :32] = 1
+    assert chunk_file(array, (0, 0)).is_file()
+    assert chunk_stamp(chunk_file(array, (1, 1))) == (0,)
+    assert chunk_file(np.zeros((64, 64)), (0, 0)) is None
+    assert len(TRACES) == 0
