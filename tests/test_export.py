@@ -169,6 +169,16 @@ def test_refined_of_round_undoes_later_rounds_newest_first(built: Built, tmp_pat
         np.testing.assert_array_equal(refined_of_round(store, k)[...], expected)
         np.testing.assert_array_equal(refined_of_round(store, k)[100:600, 90:400],
                                       expected[100:600, 90:400])
+    # the same from a record written as a group (one array per box and kind), as before
+    del store.group["history"]["r2"]
+    legacy = store.group["history"].create_group("r2")
+    for key in ("refined", "scribbles"):
+        legacy.create_array(f"{key}_0", shape=(box[2], box[3]), dtype="uint8",
+                            chunks=(box[2], box[3]), fill_value=0)[...] = (
+            built.round1[sl] if key == "refined" else np.asarray(store["scribbles"][sl]))
+    legacy.attrs["boxes"] = [{"region": list(box), "refined": True}]
+    for k, expected in ((0, built.round0), (1, built.round1), (2, round2)):
+        np.testing.assert_array_equal(refined_of_round(store, k)[...], expected)
     # a later round whose undo record is gone: the round cannot be rebuilt, and says so
     del store.group["history"]["r2"]
     with pytest.raises(WsisegError, match=r"round 2 has no undo record.*round 1 cannot"):

@@ -6,9 +6,9 @@ Layout inside ``<slide-id>.zarr``:
   ``wsiseg export`` reads them from the store alone.
 - ``rounds/r<k>.index.npz`` — beside it, what the next refine round needs without parsing
   the GeoJSON (:mod:`wsiseg.round_index`, whose names are re-exported here).
-- zarr group ``history/r<k>`` — for every box the round changed, the ``refined`` and
-  ``scribbles`` pixels from before it (attributes hold the boxes). ``wsiseg undo`` writes
-  them back, so the previous round comes back exactly.
+- ``history/r<k>`` — for every box the round changed, the ``refined`` and ``scribbles``
+  pixels from before it (:mod:`wsiseg.undo_record`, whose names are re-exported here).
+  ``wsiseg undo`` writes them back, so the previous round comes back exactly.
 
 A round and an undo are transactions (:mod:`wsiseg.journal`): :func:`round_paths` lists
 every file and chunk a round writes, protected before the first write, so an interrupted
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,46 +39,7 @@ from wsiseg.round_index import (
     write_round_index,
 )
 from wsiseg.store import SlideStore, StoreLock
-
-
-@dataclass(frozen=True)
-class Backup:
-    """Pixels of one box before a round; ``refined`` None when the round did not touch it."""
-
-    region: tuple[int, int, int, int]  # (row0, col0, rows, cols), working px
-    refined: np.ndarray | None
-    scribbles: np.ndarray
-
-
-def save_backup(store: SlideStore, round_k: int, backups: list[Backup]) -> None:
-    group = store.group.require_group("history")
-    name = f"r{round_k}"
-    if name in group:
-        del group[name]  # left by a round that failed before it was recorded
-    g = group.create_group(name)
-    boxes = []
-    for i, b in enumerate(backups):
-        arrays = {"scribbles": b.scribbles}
-        if b.refined is not None:
-            arrays["refined"] = b.refined
-        for key, data in arrays.items():
-            arr = g.create_array(f"{key}_{i}", shape=data.shape, dtype=data.dtype,
-                                 chunks=data.shape, fill_value=0)
-            arr[...] = data
-        boxes.append({"region": list(b.region), "refined": b.refined is not None})
-    g.attrs["boxes"] = boxes
-
-
-def load_backup(store: SlideStore, round_k: int) -> list[Backup]:
-    try:
-        g = store.group["history"][f"r{round_k}"]
-    except KeyError:
-        raise WsisegError(f"{store.path}: round {round_k} has no undo record") from None
-    out = []
-    for i, box in enumerate(g.attrs["boxes"]):
-        refined = np.asarray(g[f"refined_{i}"][...]) if box["refined"] else None
-        out.append(Backup(tuple(box["region"]), refined, np.asarray(g[f"scribbles_{i}"][...])))
-    return out
+from wsiseg.undo_record import Backup, load_backup, save_backup  # noqa: F401 (re-exported)
 
 
 def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:

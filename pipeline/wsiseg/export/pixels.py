@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 from wsiseg.errors import WsisegError
 from wsiseg.store import SlideStore
+from wsiseg.undo_record import backup_regions, load_backup
 
 _BACKUP_CACHE_BYTES = 64 << 20  # decoded undo boxes kept while tiles cross them
 
@@ -21,7 +22,7 @@ class RoundPixels:
     overwrote in ``history/r<k>`` (:mod:`wsiseg.rounds`); reading a block overlays, for
     k = latest … round_k + 1 (the order ``wsiseg undo`` restores them), the parts of those
     backup boxes that intersect the block. Nothing of size H × W is ever held: one block, plus
-    decoded backup boxes (at most ``_BACKUP_CACHE_BYTES``).
+    decoded backup records (at most ``_BACKUP_CACHE_BYTES``).
 
     Attributes
     ----------
@@ -45,17 +46,14 @@ class RoundPixels:
         later = sorted((k for k in _round_numbers(store) if k > round_k), reverse=True)
         for k in later:
             try:
-                group = store.group["history"][f"r{k}"]
-            except KeyError:
-                raise WsisegError(
-                    f"{store.path}: round {k} has no undo record (history/r{k}), so round "
-                    f"{round_k} cannot be rebuilt"
-                ) from None
-            for i, box in enumerate(group.attrs["boxes"]):
-                if box["refined"]:
-                    r0, c0, rows, cols = (int(v) for v in box["region"])
-                    self._boxes.append((k, i, (r0, c0, rows, cols)))
-        self._cache: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
+                regions = backup_regions(store, k)
+            except WsisegError as exc:
+                raise WsisegError(f"{exc}, so round {round_k} cannot be rebuilt") from None
+            for i, (region, refined) in enumerate(regions):
+                if refined:
+                    self._boxes.append((k, i, region))
+        # round → its decoded refined boxes, by box index
+        self._cache: OrderedDict[int, dict[int, NDArray[np.uint8]]] = OrderedDict()
         self._cache_bytes = 0
 
     def __getitem__(self, key: Any) -> NDArray[np.uint8]:
@@ -73,19 +71,22 @@ class RoundPixels:
         return block
 
     def _backup(self, k: int, i: int) -> NDArray[np.uint8]:
-        """The decoded ``refined`` backup box i of round k (each is a single zarr chunk)."""
-        cached = self._cache.get((k, i))
-        if cached is not None:
-            self._cache.move_to_end((k, i))
-            return cached
-        pixels = np.asarray(self.store.group["history"][f"r{k}"][f"refined_{i}"][...])
-        if pixels.nbytes <= _BACKUP_CACHE_BYTES:
-            self._cache[(k, i)] = pixels
-            self._cache_bytes += pixels.nbytes
-            while self._cache_bytes > _BACKUP_CACHE_BYTES:
-                _, dropped = self._cache.popitem(last=False)
-                self._cache_bytes -= dropped.nbytes
-        return pixels
+        """The ``refined`` backup box i of round k (a round's record is decoded whole, once
+        while it stays in the cache)."""
+        cached = self._cache.get(k)
+        if cached is None:
+            cached = {j: b.refined.copy() for j, b in enumerate(load_backup(self.store, k))
+                      if b.refined is not None}
+            size = sum(pixels.nbytes for pixels in cached.values())
+            if size <= _BACKUP_CACHE_BYTES:
+                self._cache[k] = cached
+                self._cache_bytes += size
+                while self._cache_bytes > _BACKUP_CACHE_BYTES:
+                    _, dropped = self._cache.popitem(last=False)
+                    self._cache_bytes -= sum(pixels.nbytes for pixels in dropped.values())
+        else:
+            self._cache.move_to_end(k)
+        return cached[i]
 
 
 def refined_of_round(store: SlideStore, round_k: int) -> RoundPixels:
