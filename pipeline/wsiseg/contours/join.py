@@ -44,14 +44,6 @@ def join_pieces(pieces: Sequence[shapely.Polygon], block: tuple[int, int]) -> sh
     return _polygon(start[keep], end[keep])
 
 
-def relinked(polygon: shapely.Polygon) -> shapely.Polygon:
-    """A pixel-edge polygon whose rings pass a pixel corner twice (invalid), re-linked
-    there into rings that touch at the corner: valid, the same pixels. Rings as
-    :func:`join_pieces` makes them."""
-    start, end = _edges(np.asarray([polygon], dtype=object))
-    return _polygon(start, end)
-
-
 def _edges(pieces: NDArray[np.object_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """The pieces' ring edges (start and end vertices), each with the tumor on its left."""
     rings = shapely.get_rings(shapely.orient_polygons(pieces))
@@ -63,8 +55,8 @@ def _edges(pieces: NDArray[np.object_]) -> tuple[NDArray[np.int64], NDArray[np.i
 
 def _polygon(start: NDArray[np.int64], end: NDArray[np.int64]) -> shapely.Polygon:
     """The polygon whose rings are the closed outline of these directed edges."""
-    vertices, ring_id = _link(start, end)
-    vertices, ring_id = _corners(vertices, ring_id)
+    vertices, ring_id = link_rings(start, end)
+    vertices, ring_id = ring_corners(vertices, ring_id)
     n_rings = int(ring_id[-1]) + 1
     x, y = vertices[:, 0], vertices[:, 1]
     nxt = np.arange(1, len(x) + 1)
@@ -119,7 +111,7 @@ def _unshared(
     return keep
 
 
-def _link(
+def link_rings(
     start: NDArray[np.int64], end: NDArray[np.int64]
 ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """Directed edges (tumor on the left) linked into rings: the start vertex of each edge
@@ -202,7 +194,7 @@ def _walk(succ: NDArray[np.intp], order: NDArray[np.intp]
     return walk, np.repeat(np.arange(n_rings), sizes)
 
 
-def _corners(
+def ring_corners(
     vertices: NDArray[np.int64], ring_id: NDArray[np.intp]
 ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """The rings' vertices where the outline turns (a ring's top-left vertex always does)."""

@@ -278,7 +278,7 @@ def tumor_polygons_and_means(
 
     Notes
     -----
-    Memory: one block of pixels (plus its labels and float copy for ``find_contours``), the
+    Memory: one block of pixels (plus its labels and its outline's edges), the
     labels along the sides of chunks not yet met, and the polygons; never O(H × W). With
     ``region`` or ``regions`` (a refine round) each chunk's trace is also kept in the
     process's bounded memo (:mod:`~wsiseg.contours.cache`, 256 MiB), keyed by its pixels,

@@ -1,9 +1,16 @@
 """Pixel-edge tracing of one chunk: the exact staircase outline of each tumor component.
 
-See the package docstring (steps 2–4) for how marching squares become pixel edges, why tumor
-is 4-connected and how rings are nested. Hand-written instead of ``shapely``/``cv2`` contours:
-its outlines are area-exact and pieces in neighbouring chunks share their border edges exactly,
-which the merge across chunks relies on.
+The pixel edges between tumor and background, each directed with the tumor on its left, are
+linked end to start into rings by :func:`~wsiseg.contours.join.link_rings`, the very code
+that joins pieces across chunks (so a ring through a pinch corner is split there the same
+way); each ring belongs to the component left of its first edge, and its sign of area tells
+a shell from a hole. See the package docstring (steps 2–4) for why tumor is 4-connected.
+Hand-written instead of ``shapely``/``cv2`` contours: its outlines are area-exact and pieces
+in neighbouring chunks share their border edges exactly, which the merge across chunks relies
+on. Against skimage's ``find_contours`` (marching squares, then each segment moved to its
+cell's pixel corner), which it replaced: the same polygons (same vertices, orientation) on
+3 000 random masks and the 256 chunks of the 67-Mpx bench map, in 2.9 instead of 5.4 ms per
+512² chunk.
 """
 
 from __future__ import annotations
@@ -12,9 +19,8 @@ import numpy as np
 import shapely
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
-from skimage.measure import find_contours
 
-from wsiseg.contours.join import relinked
+from wsiseg.contours.join import link_rings, ring_corners
 
 
 def _trace_block(
@@ -32,61 +38,53 @@ def _trace_block(
     if n_labels == 1 and mask.all():
         h, w = mask.shape
         return labels, [shapely.box(col0, row0, col0 + w, row0 + h)]
-    # trace only the bounding box of the tumor pixels (find_contours visits every cell)
+    # the tumor pixels' bounding box, padded by one background pixel all round
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    padded = np.pad(mask[r0:r1, c0:c1], 1).view(np.uint8)
-    contours = find_contours(padded, 0.5, fully_connected="low")
-    row0, col0 = row0 + r0, col0 + c0
-    sizes = np.array([len(c) for c in contours])  # closed: first point == last point
-    points = np.concatenate(contours)  # (row, col) in padded pixel-centre coordinates
+    padded = np.pad(mask[r0:r1, c0:c1], 1)
+    start, end = _boundary_edges(padded)
+    vertices, ring_id = link_rings(start, end)
+    # each ring's component: the pixel left of its first edge (rings start at their
+    # top-left vertex, shells heading right along their top, holes down their left side)
+    first = np.searchsorted(ring_id, np.arange(int(ring_id[-1]) + 1))
+    x, y = vertices[first].T
+    dx, dy = (vertices[first + 1] - vertices[first]).T
+    pixel_row = y - (dx < 0) - (dy < 0)
+    pixel_col = x - (dx < 0) - (dy > 0)
+    label_of = labels[r0 + pixel_row, c0 + pixel_col]
+    vertices, ring_id = ring_corners(vertices, ring_id)
 
-    # each segment P_t → P_{t+1} becomes the pixel corner at the centre of its marching-squares
-    # cell: floor of the segment midpoint (padded centre coords → unpadded edge coords).
-    ends = np.cumsum(sizes)
-    seg = np.ones(len(points) - 1, dtype=bool)
-    seg[ends[:-1] - 1] = False  # no segment between two contours
-    mids = (points[:-1][seg] + points[1:][seg]) / 2.0
-    corners = np.floor(mids).astype(np.int64)  # (row, col) pixel corners
-    ring_sizes = sizes - 1
-    ring_of = np.repeat(np.arange(len(contours)), ring_sizes)
-    starts = np.concatenate([[0], np.cumsum(ring_sizes)[:-1]])
-
-    # drop corners where the outline goes straight on (every ring keeps its ≥ 4 turns)
-    idx = np.arange(len(corners))
-    first = starts[ring_of]
-    last = first + ring_sizes[ring_of] - 1
-    nxt = np.where(idx == last, first, idx + 1)
-    prv = np.where(idx == first, last, idx - 1)
-    turns = np.any((corners[idx] - corners[prv]) != (corners[nxt] - corners[idx]), axis=1)
-    corners, ring_of = corners[turns], ring_of[turns]
-
-    # the component each ring belongs to: the tumor pixel beside the contour's first vertex
-    padded_labels = np.pad(labels[r0:r1, c0:c1], 1)
-    r, c = points[starts + np.arange(len(contours))].T
-    label_of = np.maximum(
-        padded_labels[np.floor(r).astype(int), np.floor(c).astype(int)],
-        padded_labels[np.ceil(r).astype(int), np.ceil(c).astype(int)],
-    )
-    # per component the largest ring is the shell, the others are holes
-    y, x = corners[:, 0].astype(np.float64), corners[:, 1].astype(np.float64)
-    counts = np.bincount(ring_of, minlength=len(contours))
-    ring_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    nxt = np.arange(len(x)) + 1
-    nxt[ring_start + counts - 1] = ring_start
-    twice_area = np.bincount(ring_of, weights=x * y[nxt] - x[nxt] * y, minlength=len(contours))
-    order = np.lexsort((-np.abs(twice_area), label_of))
+    # per component its shell (the ring turning left: positive area), then its holes
+    x, y = vertices[:, 0].astype(np.float64), vertices[:, 1].astype(np.float64)
+    first = np.searchsorted(ring_id, np.arange(len(label_of)))
+    nxt = np.arange(1, len(x) + 1)
+    nxt[np.r_[first[1:], len(x)] - 1] = first
+    twice_area = np.bincount(ring_id, weights=x * y[nxt] - x[nxt] * y, minlength=len(first))
+    order = np.lexsort((twice_area < 0, label_of))
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-
-    vertex_order = np.argsort(rank[ring_of], kind="stable")
+    closed = np.r_[np.arange(len(x)), first]  # each ring's first vertex again at its end
+    by_rank = np.argsort(rank[ring_id[closed]], kind="stable")
     rings = shapely.linearrings(
-        np.column_stack([x[vertex_order] + col0, y[vertex_order] + row0]),
-        indices=rank[ring_of][vertex_order],
+        np.column_stack([x[closed[by_rank]] + col0 + c0, y[closed[by_rank]] + row0 + r0]),
+        indices=rank[ring_id[closed[by_rank]]],
     )
-    polygons = shapely.polygons(rings, indices=label_of[order] - 1)
-    invalid = ~shapely.is_valid(polygons)
-    if invalid.any():  # rings that visit a pixel corner twice (see module docstring)
-        polygons[invalid] = [relinked(p) for p in polygons[invalid]]
-    return labels, list(polygons)
+    return labels, list(shapely.polygons(rings, indices=label_of[order] - 1))
+
+
+def _boundary_edges(padded: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The pixel edges between tumor and background of a padded mask, as (x, y) start and
+    end corners in the unpadded pixels' frame, each with the tumor on its left."""
+    # across the line y = i: heading +x with the tumor below it, -x with the tumor above
+    above, below = padded[:-1, 1:-1], padded[1:, 1:-1]
+    i, j = np.nonzero(above != below)
+    down = below[i, j].astype(np.int64)
+    horizontal = (np.column_stack([j + 1 - down, i]), np.column_stack([j + down, i]))
+    # across the line x = j: heading -y with the tumor right of it, +y with it on the left
+    left, right = padded[1:-1, :-1], padded[1:-1, 1:]
+    i, j = np.nonzero(left != right)
+    on_right = right[i, j].astype(np.int64)
+    vertical = (np.column_stack([j, i + on_right]), np.column_stack([j, i + 1 - on_right]))
+    return (np.concatenate([horizontal[0], vertical[0]]).astype(np.int64),
+            np.concatenate([horizontal[1], vertical[1]]).astype(np.int64))
