@@ -141,6 +141,10 @@ def test_each_traced_polygon_is_exactly_its_components_pixels() -> None:
         if k % 2:
             mask = ndi.binary_opening(mask) | (rng.random((h, w)) < 0.05)
         labels, polygons = merge._trace_block(mask, 3, 5)
+        if k % 40 == 0:  # any nonzero pixel is tumor, whatever the mask's dtype
+            as_uint8 = merge._trace_block(mask.astype(np.uint8) * 255, 3, 5)[1]
+            assert all(shapely.equals_exact(p, q, 0)
+                       for p, q in zip(as_uint8, polygons, strict=True))
         assert np.array_equal(labels, ndi.label(mask)[0])
         assert len(polygons) == labels.max()
         for label, polygon in enumerate(polygons, start=1):

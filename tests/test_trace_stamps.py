@@ -11,7 +11,7 @@ import zarr
 
 import wsiseg.contours.cache as cache
 from wsiseg.contours import tumor_polygons_and_means
-from wsiseg.contours.cache import TRACES, chunk_file, chunk_stamp
+from wsiseg.contours.cache import chunk_file, chunk_stamp
 
 REGION = [(60, 60, 4, 4)]  # inside the one component, which spans all 16 chunks
 _READ = zarr.Array.__getitem__  # unpatched
@@ -110,11 +110,29 @@ def test_a_stamp_stands_for_one_threshold(stored, monkeypatch) -> None:
     assert _same(tumor_polygons_and_means(array, regions=REGION), _fresh(array))
 
 
-def test_chunks_of_the_fill_value_have_no_file_and_a_stamp(tmp_path) -> None:
-    array = zarr.create_array(store=tmp_path / "a.zarr", shape=(64, 64), chunks=(32, 32),
-                              dtype="uint8", fill_value=0)
-    array[:32, :32] = 1
-    assert chunk_file(array, (0, 0)).is_file()
-    assert chunk_stamp(chunk_file(array, (1, 1))) == (0,)
+def test_chunks_of_the_fill_value_have_no_file_and_are_read_each_time(stored,
+                                                                     monkeypatch) -> None:
+    """A missing file has no times: it may have been there while the chunk was read (a
+    round rolled back beside a warm-up), so its chunk is never known by stamp."""
+    array, reads = stored
+    monkeypatch.setattr(cache, "SETTLED_S", 0.0)
+    array[0:32, 96:128] = 0  # all fill value: zarr removes the chunk's file
+    assert not chunk_file(array, (0, 3)).exists()
+    assert chunk_stamp(chunk_file(array, (0, 3))) is None
+    tumor_polygons_and_means(array, regions=REGION)
+    reads.clear()
+    tumor_polygons_and_means(array, regions=REGION)
+    assert reads == [(0, 96)]
     assert chunk_file(np.zeros((64, 64)), (0, 0)) is None
-    assert len(TRACES) == 0
+
+
+def test_a_resized_or_recreated_array_is_not_taken_for_the_old_one(stored, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Resizing rewrites only the metadata, re-creating a store at the same path may leave
+    files of the same stamp: the stamp's key holds the array's metadata too."""
+    array, _ = stored
+    monkeypatch.setattr(cache, "SETTLED_S", 0.0)
+    tumor_polygons_and_means(array, regions=REGION)
+    array.resize((100, 100))
+    assert _same(tumor_polygons_and_means(array, regions=REGION), _fresh(array))
+    assert max(p.bounds[2] for p in _fresh(array)[0]) == 100

@@ -22,6 +22,7 @@ keep its stamp; a file older than that cannot be rewritten without its times mov
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -94,7 +95,10 @@ class TraceMemo:
             return None
         with self._lock:
             known = self._stamps.get(where)
-            return known[1] if known is not None and known[0] == stamp else None
+            if known is None or known[0] != stamp:
+                return None
+            self._stamps.move_to_end(where)
+            return known[1]
 
     def remember_stamp(self, where: str, stamp: Stamp | None, key: bytes) -> None:
         """Remember that the chunk ``where`` has digest ``key`` while its file has
@@ -118,6 +122,15 @@ class TraceMemo:
         return len(self._entries)
 
 
+def array_identity(array: Any) -> str:
+    """What, besides its chunk files, decides a zarr array's pixels: its metadata (shape,
+    chunk grid, dtype, fill value, codecs); part of a chunk's place in the stamp map, so a
+    store re-created or resized at the same path is not taken for the old one."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(array.metadata.to_dict(), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def chunk_file(array: Any, index: tuple[int, ...]) -> Path | None:
     """The file that holds chunk ``index`` of ``array``, a zarr array on a local disk (None
     for anything else: numpy arrays, remote stores, sharded arrays)."""
@@ -129,20 +142,19 @@ def chunk_file(array: Any, index: tuple[int, ...]) -> Path | None:
     return Path(array.store.root) / array.store_path.path / key
 
 
-def chunk_stamp(file: Path) -> Stamp:
+def chunk_stamp(file: Path) -> Stamp | None:
     """The identity of a chunk file now: inode, device, size, modification and change
-    times in ns; ``(0,)`` when there is no file (zarr leaves chunks of the fill value
-    unwritten: their pixels are known without one)."""
+    times in ns; None when there is no file (zarr leaves chunks of the fill value unwritten;
+    a missing file has no times to tell whether it was there a moment ago, so such a chunk
+    is read, which costs little: nothing is decoded)."""
     try:
         st = os.stat(file)
     except FileNotFoundError:
-        return (0,)
+        return None
     return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _settled(stamp: Stamp) -> bool:
-    if stamp == (0,):
-        return True
     return time.time_ns() - max(stamp[3], stamp[4]) > SETTLED_S * 1e9
 
 

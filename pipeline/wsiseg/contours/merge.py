@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from wsiseg.contours.cache import TRACES, chunk_file, chunk_stamp
+from wsiseg.contours.cache import TRACES, array_identity, chunk_file, chunk_stamp
 from wsiseg.contours.join import join_pieces
 from wsiseg.contours.mask import (
     ArrayLike2D,
@@ -44,6 +44,7 @@ class _Merger:
         self.threshold = threshold
         self.block = block
         self.chunks = tuple(getattr(prob, "chunks", ()) or ())  # the stored chunk shape
+        self.identity = array_identity(prob) if memo and chunk_file(prob, (0, 0)) else ""
         self.regions = regions
         self.grid = (-(-prob.shape[0] // block[0]), -(-prob.shape[1] // block[1]))
         self.done: set[tuple[int, int]] = set()
@@ -121,7 +122,8 @@ class _Merger:
             return self._trace(values, r0, c0)
         file = chunk_file(self.prob, chunk) if self.block == self.chunks else None
         stamp = chunk_stamp(file) if file is not None else None
-        where = f"{file} at threshold {self.threshold!r}"  # a digest covers both
+        # a digest covers the pixels, the place and the threshold; so must the stamp's key
+        where = f"{file} at threshold {self.threshold!r} of {self.identity}"
         key = TRACES.key_by_stamp(where, stamp)
         hit = TRACES.get(key) if key is not None else None
         if hit is None:
