@@ -152,6 +152,34 @@ def test_refined_of_round_rebuilds_each_round_in_any_blocks(built: Built) -> Non
         refined_of_round(store, 7)
 
 
+def test_a_record_too_large_for_the_cache_is_decoded_once_per_box(
+        built: Built, tmp_path: Path, monkeypatch) -> None:
+    """Boxes that fit the cache one by one but not together: each is decoded once, not once
+    per block that crosses it."""
+    import wsiseg.export.pixels as pixels
+
+    store = SlideStore.open(_copy_store(built, tmp_path))
+    rows, cols = store.frame.working_shape
+    boxes = [(0, 0, rows // 2, cols // 2), (rows // 2, cols // 2, rows - rows // 2,
+                                             cols - cols // 2)]
+    rounds.save_backup(store, 2, [
+        rounds.Backup(b, np.asarray(store["refined"][b[0]:b[0] + b[2], b[1]:b[1] + b[3]]),
+                      np.asarray(store["scribbles"][b[0]:b[0] + b[2], b[1]:b[1] + b[3]]))
+        for b in boxes])
+    store.update_attrs(rounds=[*store.attrs["rounds"], {"round": 2, "kind": "refine",
+                                                         "time": "t", "tumor_mm2": 0.0}])
+    monkeypatch.setattr(pixels, "_BACKUP_CACHE_BYTES", (rows - rows // 2) * (cols - cols // 2))
+    decoded = []
+    real_load = pixels.load_backup
+    monkeypatch.setattr(pixels, "load_backup", lambda st, k: decoded.append(k) or real_load(st, k))
+    round1 = refined_of_round(store, 1)
+    step = 64
+    tiles = np.block([[round1[r:r + step, c:c + step] for c in range(0, cols, step)]
+                      for r in range(0, rows, step)])
+    np.testing.assert_array_equal(tiles, built.round1)
+    assert decoded == [2, 2]
+
+
 def test_refined_of_round_undoes_later_rounds_newest_first(built: Built, tmp_path: Path) -> None:
     """A faked round 2 whose box overlaps round 1's: round 0 needs r2 then r1 applied."""
     store = SlideStore.open(_copy_store(built, tmp_path))

@@ -52,8 +52,8 @@ class RoundPixels:
             for i, (region, refined) in enumerate(regions):
                 if refined:
                     self._boxes.append((k, i, region))
-        # round → its decoded refined boxes, by box index
-        self._cache: OrderedDict[int, dict[int, NDArray[np.uint8]]] = OrderedDict()
+        # (round, box index) → its decoded refined box
+        self._cache: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
         self._cache_bytes = 0
 
     def __getitem__(self, key: Any) -> NDArray[np.uint8]:
@@ -71,22 +71,26 @@ class RoundPixels:
         return block
 
     def _backup(self, k: int, i: int) -> NDArray[np.uint8]:
-        """The ``refined`` backup box i of round k (a round's record is decoded whole, once
-        while it stays in the cache)."""
-        cached = self._cache.get(k)
-        if cached is None:
-            cached = {j: b.refined.copy() for j, b in enumerate(load_backup(self.store, k))
-                      if b.refined is not None}
-            size = sum(pixels.nbytes for pixels in cached.values())
-            if size <= _BACKUP_CACHE_BYTES:
-                self._cache[k] = cached
-                self._cache_bytes += size
-                while self._cache_bytes > _BACKUP_CACHE_BYTES:
-                    _, dropped = self._cache.popitem(last=False)
-                    self._cache_bytes -= sum(pixels.nbytes for pixels in dropped.values())
-        else:
-            self._cache.move_to_end(k)
-        return cached[i]
+        """The ``refined`` backup box i of round k. A round's record is decoded whole; its
+        boxes are kept (least recently used dropped first), all of them when they fit in
+        the budget together, else the one asked for."""
+        cached = self._cache.get((k, i))
+        if cached is not None:
+            self._cache.move_to_end((k, i))
+            return cached
+        boxes = {j: b.refined for j, b in enumerate(load_backup(self.store, k))
+                 if b.refined is not None}
+        wanted = boxes.pop(i)
+        if wanted.nbytes + sum(b.nbytes for b in boxes.values()) > _BACKUP_CACHE_BYTES:
+            boxes = {}
+        for j, pixels in [*boxes.items(), (i, wanted)]:  # the one asked for last: kept
+            if pixels.nbytes <= _BACKUP_CACHE_BYTES:
+                self._cache[(k, j)] = pixels.copy()  # not a view of the whole record
+                self._cache_bytes += pixels.nbytes
+        while self._cache_bytes > _BACKUP_CACHE_BYTES:
+            _, dropped = self._cache.popitem(last=False)
+            self._cache_bytes -= dropped.nbytes
+        return wanted
 
 
 def refined_of_round(store: SlideStore, round_k: int) -> RoundPixels:
