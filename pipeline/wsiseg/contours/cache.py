@@ -55,7 +55,7 @@ class TraceMemo:
         #: How many entries were dropped to stay within the budget, ever: a warm-up done
         #: before the count last moved may have lost some of its entries.
         self.evictions = 0
-        # chunk (file, threshold) → (its file's stamp, the chunk's digest then)
+        # chunk (file, threshold, array metadata) → (its file's stamp, its digest then)
         self._stamps: OrderedDict[str, tuple[Stamp, bytes]] = OrderedDict()
 
     @staticmethod
