@@ -57,24 +57,40 @@ def _polygon(start: NDArray[np.int64], end: NDArray[np.int64]) -> shapely.Polygo
     """The polygon whose rings are the closed outline of these directed edges."""
     vertices, ring_id = link_rings(start, end)
     vertices, ring_id = ring_corners(vertices, ring_id)
-    n_rings = int(ring_id[-1]) + 1
-    x, y = vertices[:, 0], vertices[:, 1]
-    nxt = np.arange(1, len(x) + 1)
-    ring_first = np.searchsorted(ring_id, np.arange(n_rings))
-    nxt[np.r_[ring_first[1:], len(x)] - 1] = ring_first
-    twice_area = np.bincount(ring_id, weights=x * y[nxt] - x[nxt] * y, minlength=n_rings)
+    twice_area = ring_twice_areas(vertices, ring_id)
     shells = np.flatnonzero(twice_area > 0)
     if len(shells) != 1:  # would mean pixels that are not one 4-connected component
         raise AssertionError(f"joined pieces have {len(shells)} shells, expected 1")
-    ring_order = np.r_[shells, np.flatnonzero(twice_area < 0)]  # shell first, holes by start
+    # shell first, holes by start
+    linear = closed_rings(vertices, ring_id, np.r_[shells, np.flatnonzero(twice_area < 0)])
+    return shapely.Polygon(linear[0], linear[1:])
+
+
+def ring_twice_areas(vertices: NDArray[np.int64], ring_id: NDArray[np.intp]
+                     ) -> NDArray[np.float64]:
+    """Twice each ring's signed area (rings 0, 1, … one after the other, as
+    :func:`link_rings` gives them): positive for a shell (turning left), negative for a hole."""
+    n_rings = int(ring_id[-1]) + 1
+    first = np.searchsorted(ring_id, np.arange(n_rings))
+    x, y = vertices[:, 0], vertices[:, 1]
+    nxt = np.arange(1, len(x) + 1)
+    nxt[np.r_[first[1:], len(x)] - 1] = first
+    return np.bincount(ring_id, weights=x * y[nxt] - x[nxt] * y, minlength=n_rings)
+
+
+def closed_rings(vertices: NDArray[np.int64], ring_id: NDArray[np.intp],
+                 order: NDArray[np.intp]) -> NDArray[np.object_]:
+    """The rings as shapely linear rings (each closed by its first vertex), ring
+    ``order[k]`` the k-th."""
+    n_rings = len(order)
+    first = np.searchsorted(ring_id, np.arange(n_rings))
     rank = np.empty(n_rings, dtype=np.int64)
-    rank[ring_order] = np.arange(n_rings)
-    closed = np.r_[np.arange(len(x)), ring_first]  # each ring's start repeated at its end
+    rank[order] = np.arange(n_rings)
+    closed = np.r_[np.arange(len(vertices)), first]  # each ring's start repeated at its end
     closed_ring = rank[ring_id[closed]]
     by_ring = np.argsort(closed_ring, kind="stable")
-    linear = shapely.linearrings(vertices[closed[by_ring]].astype(np.float64),
-                                 indices=closed_ring[by_ring])
-    return shapely.Polygon(linear[0], linear[1:])
+    return shapely.linearrings(vertices[closed[by_ring]].astype(np.float64),
+                               indices=closed_ring[by_ring])
 
 
 def _unit_edges_on_grid(

@@ -21,7 +21,7 @@ import shapely
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
-from wsiseg.contours.join import link_rings, ring_corners
+from wsiseg.contours.join import closed_rings, link_rings, ring_corners, ring_twice_areas
 
 
 def _trace_block(
@@ -57,20 +57,9 @@ def _trace_block(
     vertices, ring_id = ring_corners(vertices, ring_id)
 
     # per component its shell (the ring turning left: positive area), then its holes
-    x, y = vertices[:, 0].astype(np.float64), vertices[:, 1].astype(np.float64)
-    first = np.searchsorted(ring_id, np.arange(len(label_of)))
-    nxt = np.arange(1, len(x) + 1)
-    nxt[np.r_[first[1:], len(x)] - 1] = first
-    twice_area = np.bincount(ring_id, weights=x * y[nxt] - x[nxt] * y, minlength=len(first))
-    order = np.lexsort((twice_area < 0, label_of))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    closed = np.r_[np.arange(len(x)), first]  # each ring's first vertex again at its end
-    by_rank = np.argsort(rank[ring_id[closed]], kind="stable")
-    rings = shapely.linearrings(
-        np.column_stack([x[closed[by_rank]] + col0 + c0, y[closed[by_rank]] + row0 + r0]),
-        indices=rank[ring_id[closed[by_rank]]],
-    )
+    order = np.lexsort((ring_twice_areas(vertices, ring_id) < 0, label_of))
+    offset = np.array([col0 + c0, row0 + r0], dtype=np.int64)  # to global working px
+    rings = closed_rings(vertices + offset, ring_id, order)
     return labels, list(shapely.polygons(rings, indices=label_of[order] - 1))
 
 

@@ -22,7 +22,7 @@ class RoundPixels:
     overwrote in ``history/r<k>`` (:mod:`wsiseg.rounds`); reading a block overlays, for
     k = latest … round_k + 1 (the order ``wsiseg undo`` restores them), the parts of those
     backup boxes that intersect the block. Nothing of size H × W is ever held: one block, plus
-    decoded backup records (at most ``_BACKUP_CACHE_BYTES``).
+    decoded backup boxes (at most ``_BACKUP_CACHE_BYTES``).
 
     Attributes
     ----------
