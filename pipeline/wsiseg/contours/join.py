@@ -132,7 +132,22 @@ def link_rings(
 ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """Directed edges (tumor on the left) linked into rings: the start vertex of each edge
     in ring order, and its ring (rings numbered by their smallest (y, x) vertex, each
-    starting there).
+    starting there); :func:`linked` for straight edges."""
+    walk, ring_id = linked(start, end)
+    return start[walk], ring_id
+
+
+def linked(
+    start: NDArray[np.int64], end: NDArray[np.int64],
+    heading_out: NDArray[np.int64] | None = None, heading_in: NDArray[np.int64] | None = None,
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Directed paths of the outline (tumor on the left) linked end to start into rings:
+    the paths in ring order, and each one's ring (rings numbered by their first path in
+    (y, x) order of the start vertices, each starting there).
+
+    A path is an edge (``start`` → ``end``), or a chain of axis-parallel pixel edges whose
+    first edge heads ``heading_out`` and whose last heads ``heading_in`` (unit vectors;
+    default: the straight edge's own direction): only those two decide at a corner.
 
     Where two tumor pixels meet at a corner only, the two passages through the corner each
     turn left, around their own pixel (tumor is 4-connected). A ring that then passes the
@@ -146,7 +161,9 @@ def link_rings(
     width = int(max(start.max(), end.max())) + 2
     key_start = start[:, 1] * width + start[:, 0]
     key_end = end[:, 1] * width + end[:, 0]
-    direction = np.sign(end - start) @ np.array([1, 3])  # ties at a corner: by direction
+    if heading_out is None or heading_in is None:
+        heading_out = heading_in = np.sign(end - start)
+    direction = heading_out @ np.array([1, 3])  # ties at a corner: by direction
     order = np.lexsort((direction, key_start))
     first = np.searchsorted(key_start[order], key_end, side="left")
     count = np.searchsorted(key_start[order], key_end, side="right") - first
@@ -155,8 +172,8 @@ def link_rings(
     succ = order[first]
     pinch = np.flatnonzero(count == 2)
     if len(pinch):  # of the two edges leaving the corner, the one turning left
-        d_in = end[pinch] - start[pinch]
-        d_out = end[succ[pinch]] - start[succ[pinch]]
+        d_in = heading_in[pinch]
+        d_out = heading_out[succ[pinch]]
         left = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] > 0
         succ[pinch] = np.where(left, succ[pinch], order[first[pinch] + 1])
         # the two passages through each corner: its two incoming edges
@@ -164,8 +181,7 @@ def link_rings(
         ring = _cycles(succ)[1]
         a, b = passages[ring[passages[:, 0]] == ring[passages[:, 1]]].T
         succ[a], succ[b] = succ[b], succ[a]  # right-hand sides are copies
-    walk, ring_id = _walk(succ, order)
-    return start[walk], ring_id
+    return _walk(succ, order)
 
 
 def _cycles(succ: NDArray[np.intp]) -> tuple[int, NDArray[np.int32]]:

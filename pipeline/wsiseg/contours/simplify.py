@@ -22,6 +22,7 @@ chunk) that would collapse below a triangle is kept exact.
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import shapely
@@ -51,7 +52,69 @@ def _finish(
 def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple[int, int],
                 memo: bool) -> NDArray[np.object_]:
     """Pixel-edge polygons (integer vertices) simplified run by run; see the module."""
+    runs = cut_runs(polygons, block)
+    simple_all, simple_sizes = simplify_runs(runs, tolerance_px, memo)
+
+    # rings again: each run without its last vertex (the next run's first), in ring order;
+    # a run along a grid line is its first vertex alone
+    xy, groups = runs.xy, runs.groups
+    kept_len = np.ones(len(runs.first), dtype=np.intp)
+    source = runs.first.copy()  # where a run's vertices start: in xy, or in simple_all
+    from_simple = np.zeros(len(runs.first), dtype=bool)
+    kept_len[groups] = simple_sizes - 1
+    source[groups] = np.cumsum(simple_sizes) - simple_sizes
+    from_simple[groups] = True
+    start = np.cumsum(kept_len) - kept_len
+    run_of = np.repeat(np.arange(len(runs.first)), kept_len)
+    offset = np.arange(len(run_of)) - start[run_of]
+    take = source[run_of] + offset
+    along = ~from_simple[run_of]
+    ring_xy = np.empty((len(run_of), 2), dtype=np.int64)
+    ring_xy[along] = xy[take[along]]
+    ring_xy[~along] = simple_all[take[~along]]
+    ring_id = runs.ring[run_of]
+    ring_xy, ring_id = without_collinear(ring_xy, ring_id)
+    n_rings = len(runs.ring_poly)
+    counts = np.bincount(ring_id, minlength=n_rings)
+    out = polygons.copy()
+    good = np.bincount(runs.ring_poly, weights=counts < 3, minlength=len(polygons)) == 0
+    first = np.searchsorted(ring_id, np.arange(n_rings))
+    closed = np.r_[np.arange(len(ring_xy)), first[counts > 0]]
+    closed_ring = ring_id[closed]
+    keep_ring = good[runs.ring_poly[closed_ring]]
+    idx = np.argsort(closed_ring[keep_ring], kind="stable")
+    if keep_ring.any():
+        chosen = closed[keep_ring][idx]
+        linear = shapely.linearrings(ring_xy[chosen].astype(np.float64),
+                                     indices=_dense(closed_ring[keep_ring][idx]))
+        out[good] = shapely.polygons(linear, indices=_dense(runs.ring_poly[good[runs.ring_poly]]))
+    return out
+
+
+class Runs(NamedTuple):
+    """Rings cut into runs (see the module): vertices in ring order, each ring from its first
+    kept vertex (else its top-left one), and per run where it starts and ends."""
+
+    xy: NDArray[np.int64]  # (n, 2) the rings' vertices, grid crossings added
+    vertex_ring: NDArray[np.intp]  # (n,) each vertex's ring
+    kept: NDArray[np.bool_]  # (n,) on a grid line, or where rings touch: a run ends there
+    ring_poly: NDArray[np.intp]  # (rings,) each ring's polygon
+    first: NDArray[np.intp]  # (runs,) each run's first vertex in xy
+    closing: NDArray[np.intp]  # (runs,) the vertex closing it: the next run's first
+    size: NDArray[np.intp]  # (runs,) its vertex count, the closing one included
+    ring: NDArray[np.intp]  # (runs,) its ring
+    along_line: NDArray[np.bool_]  # (runs,) one segment along a grid line: never moves
+    groups: NDArray[np.intp]  # the other runs, by chunk and start (the simplifier's order)
+    group_edges: NDArray[np.intp]  # where each chunk's runs start in ``groups``, and the end
+
+
+def cut_runs(polygons: NDArray[np.object_], block: tuple[int, int], one: bool = False
+             ) -> Runs:
+    """The rings of pixel-edge ``polygons`` cut into runs on the chunk grid of ``block``;
+    ``one``: the polygons are pieces of one (their rings touch as one polygon's)."""
     rings, ring_poly = shapely.get_rings(polygons, return_index=True)
+    if one:
+        ring_poly = np.zeros_like(ring_poly)
     coords, vertex_ring = shapely.get_coordinates(rings, return_index=True)
     open_ = np.r_[vertex_ring[1:] != vertex_ring[:-1], True]  # drop each closing vertex
     xy, vertex_ring = _with_grid_crossings(coords[~open_].astype(np.int64),
@@ -80,8 +143,8 @@ def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple
     # or for a run of one segment its midpoint; a segment along a grid line is in no chunk
     # (it cannot change, and no simplified segment of either side can cross it)
     a, b = xy[run_first], xy[closing]
-    twice_inside = np.where((run_size > 2)[:, None], 2 * xy[np.minimum(run_first + 1,
-                                                                        len(xy) - 1)], a + b)
+    second = np.where((run_size > 2)[:, None], xy[np.minimum(run_first + 1, len(xy) - 1)], b)
+    twice_inside = np.where((run_size > 2)[:, None], 2 * second, a + b)
     step = np.array([block[1], block[0]])
     chunk_xy = twice_inside // (2 * step)
     n_cols = -(-width // block[1]) + 1
@@ -93,66 +156,36 @@ def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple
     movable = np.flatnonzero(~along_line)
     # by chunk, and within one by where each run starts and heads: GEOS's result depends on
     # the order of the lines, which must not depend on how the polygon's rings were listed
-    second = np.where((run_size > 2)[:, None], xy[np.minimum(run_first + 1, len(xy) - 1)], b)
     groups = movable[np.lexsort((second[movable, 0], second[movable, 1], a[movable, 0],
                                  a[movable, 1], run_cell[movable]))]
     bounds = np.flatnonzero(np.diff(run_cell[groups])) + 1
+    return Runs(xy, vertex_ring, kept, ring_poly, run_first, closing, run_size, run_ring,
+                along_line, groups, np.r_[0, bounds, len(groups)])
+
+
+def simplify_runs(runs: Runs, tolerance_px: float, memo: bool
+                  ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
+    """The runs of ``runs.groups`` simplified chunk by chunk: their vertices one after the
+    other (each run's closing vertex included) and each one's vertex count."""
+    groups = runs.groups
     # each run's vertices and the one closing it, one after the other
-    sizes = run_size[groups]
+    sizes = runs.size[groups]
     ends = np.cumsum(sizes)
-    at = np.arange(ends[-1] if len(ends) else 0) + np.repeat(run_first[groups] - ends + sizes,
+    at = np.arange(ends[-1] if len(ends) else 0) + np.repeat(runs.first[groups] - ends + sizes,
                                                              sizes)
-    at[ends - 1] = closing[groups]
-    flat = xy[at]
-    group_edges = np.r_[0, bounds, len(groups)]
-    vertex_edges = np.r_[0, ends][group_edges]
-    simple_xy, simple_sizes = [], []  # the groups' simplified runs, in ``groups`` order
-    for g in range(len(group_edges) - 1):
-        if group_edges[g] == group_edges[g + 1]:
+    at[ends - 1] = runs.closing[groups]
+    flat = runs.xy[at]
+    vertex_edges = np.r_[0, ends][runs.group_edges]
+    simple_xy, simple_sizes = [np.zeros((0, 2), dtype=np.int64)], [np.zeros(0, dtype=np.intp)]
+    for g in range(len(runs.group_edges) - 1):
+        if runs.group_edges[g] == runs.group_edges[g + 1]:
             continue
         runs_xy, runs_sizes = _chunk_simplified(
             flat[vertex_edges[g]:vertex_edges[g + 1]],
-            sizes[group_edges[g]:group_edges[g + 1]], tolerance_px, memo)
+            sizes[runs.group_edges[g]:runs.group_edges[g + 1]], tolerance_px, memo)
         simple_xy.append(runs_xy)
         simple_sizes.append(runs_sizes)
-
-    # rings again: each run without its last vertex (the next run's first), in ring order;
-    # a run along a grid line is its first vertex alone
-    kept_len = np.ones(len(run_first), dtype=np.intp)
-    source = run_first.copy()  # where a run's vertices start: in xy, or in simple_all
-    from_simple = np.zeros(len(run_first), dtype=bool)
-    if simple_xy:
-        simple_sizes_all = np.concatenate(simple_sizes)
-        kept_len[groups] = simple_sizes_all - 1
-        source[groups] = np.cumsum(simple_sizes_all) - simple_sizes_all
-        from_simple[groups] = True
-        simple_all = np.concatenate(simple_xy)
-    else:
-        simple_all = np.zeros((0, 2), dtype=np.int64)
-    start = np.cumsum(kept_len) - kept_len
-    run_of = np.repeat(np.arange(len(run_first)), kept_len)
-    offset = np.arange(len(run_of)) - start[run_of]
-    take = source[run_of] + offset
-    along = ~from_simple[run_of]
-    ring_xy = np.empty((len(run_of), 2), dtype=np.int64)
-    ring_xy[along] = xy[take[along]]
-    ring_xy[~along] = simple_all[take[~along]]
-    ring_id = run_ring[run_of]
-    ring_xy, ring_id = _without_collinear(ring_xy, ring_id)
-    counts = np.bincount(ring_id, minlength=n_rings)
-    out = polygons.copy()
-    good = np.bincount(ring_poly, weights=counts < 3, minlength=len(polygons)) == 0
-    first = np.searchsorted(ring_id, np.arange(n_rings))
-    closed = np.r_[np.arange(len(ring_xy)), first[counts > 0]]
-    closed_ring = ring_id[closed]
-    keep_ring = good[ring_poly[closed_ring]]
-    idx = np.argsort(closed_ring[keep_ring], kind="stable")
-    if keep_ring.any():
-        chosen = closed[keep_ring][idx]
-        linear = shapely.linearrings(ring_xy[chosen].astype(np.float64),
-                                     indices=_dense(closed_ring[keep_ring][idx]))
-        out[good] = shapely.polygons(linear, indices=_dense(ring_poly[good[ring_poly]]))
-    return out
+    return np.concatenate(simple_xy), np.concatenate(simple_sizes)
 
 
 def _with_grid_crossings(xy: NDArray[np.int64], vertex_ring: NDArray[np.intp],
@@ -264,7 +297,7 @@ def _chunk_simplified(flat: NDArray[np.int64], sizes: NDArray[np.intp], toleranc
     return result
 
 
-def _without_collinear(xy: NDArray[np.int64], ring_id: NDArray[np.intp]
+def without_collinear(xy: NDArray[np.int64], ring_id: NDArray[np.intp]
                        ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """Drop vertices where the ring goes straight on (exact: integer coordinates); such
     vertices are left where a straight stretch crossed a grid line."""
