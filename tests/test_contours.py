@@ -366,6 +366,63 @@ def test_simplification_by_chunk_is_valid_close_and_local(seed: int) -> None:
         assert vertices_outside(after) == vertices_outside(simple)
 
 
+def _spliced_and_joined(mask: np.ndarray, chunk: int, tolerance: float) -> list[tuple[Any, Any]]:
+    """Each component over several chunks: spliced from its fragments, and joined whole then
+    simplified."""
+    merger = merge._Merger(mask, 0.5, (chunk, chunk), [(0, 0, *mask.shape)])
+    for i in range(merger.grid[0]):
+        for j in range(merger.grid[1]):
+            merger.process(i, j)
+    out = []
+    for gids in merger.whole_components()[1]:
+        if len(gids) > 1:
+            exact = merger.joined(gids)
+            spliced, area = merger.spliced(gids, tolerance)
+            assert area == exact.area
+            whole = merge._finish([exact], tolerance, 0.0, merger.block)[0][0]
+            out.append((exact if spliced is None else spliced, whole))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_component_spliced_from_its_chunks_is_the_one_simplified_whole(seed: int) -> None:
+    # a refine round splices a large tumor from its chunks' simplified runs instead of joining
+    # and simplifying it whole: the polygon must be the same vertex for vertex (rings, ring
+    # starts, ring order), corner contacts on chunk lines and runs along them included
+    rng = np.random.default_rng(500 + seed)
+    if seed % 2:
+        mask = _blobs_with_corner_contacts(rng, (30, 120), (0.2, 0.7), (1, 5), 0.05,
+                                           at=int(rng.choice([4, 8, 16])))
+    else:
+        mask = _random_blobs(rng, (int(rng.integers(20, 150)), int(rng.integers(20, 150))),
+                             fraction=rng.uniform(0.1, 0.9), sigma=rng.uniform(0.5, 6))
+    pairs = []
+    for chunk in (4, int(rng.integers(3, 40))):
+        pairs += _spliced_and_joined(mask, chunk, float(rng.choice([1.0, 0.5, 0.99])))
+    assert pairs
+    for spliced, whole in pairs:
+        assert shapely.equals_exact(spliced, whole, 0)
+
+
+def test_components_on_chunk_lines_only_splice_as_simplified_whole() -> None:
+    # boxes and holes whose every edge lies on a chunk line: fragments without runs
+    box = np.zeros((20, 24), dtype=bool)
+    box[4:16, 0:20] = True
+    hole = box.copy()
+    hole[8:12, 8:12] = False
+    moved = hole.copy()
+    moved[12:16, 4:8], moved[8:12, 4:8] = False, True
+    pinch = np.zeros((16, 16), dtype=bool)
+    pinch[:8, :8] = pinch[8:, 8:] = pinch[:8, 8:] = True  # a corner contact at (8, 8)
+    pinch[4, 8] = pinch[3, 7] = False
+    for mask in (box, hole, moved, pinch):
+        for chunk in (2, 4, 8):
+            pairs = _spliced_and_joined(mask, chunk, 1.0)
+            assert pairs
+            for spliced, whole in pairs:
+                assert shapely.equals_exact(spliced, whole, 0)
+
+
 def test_min_area_drops_small_fragments() -> None:
     mask = np.zeros((64, 64), dtype=bool)
     mask[5:25, 5:25] = True  # 400 px

@@ -26,6 +26,7 @@ from wsiseg.contours.mask import (
     tumor_mask,
 )
 from wsiseg.contours.simplify import _finish
+from wsiseg.contours.splice import fragment, splice
 from wsiseg.contours.trace import _trace_block
 
 # side name → (row step, column step) to the neighbouring chunk, and the side facing back
@@ -51,6 +52,8 @@ class _Merger:
         self.pending: dict[tuple[int, int, str], NDArray[np.int64]] = {}
         self.pairs: list[NDArray[np.int64]] = []
         self.border_pieces: dict[int, shapely.Polygon] = {}  # may continue in another chunk
+        self.piece_place: dict[int, tuple[tuple[int, int], int]] = {}  # its chunk and label
+        self.trace_keys: dict[tuple[int, int], bytes] = {}  # with memo: each chunk's key
         self.finished: dict[int, shapely.Polygon] = {}  # whole components inside one chunk
         self.in_region: set[int] = set()
         self.n_pieces = 0
@@ -104,6 +107,7 @@ class _Merger:
         for label, polygon in enumerate(polygons, start=1):
             if label in on_border:
                 self.border_pieces[offset + label] = polygon
+                self.piece_place[offset + label] = ((i, j), label)
                 if label in in_region:
                     self.in_region.add(offset + label)
             elif label in in_region:
@@ -132,6 +136,7 @@ class _Merger:
             if file is not None and chunk_stamp(file) == stamp:  # not written meanwhile
                 TRACES.remember_stamp(where, stamp, key)
             hit = TRACES.get(key)
+        self.trace_keys[chunk] = key
         if hit is not None:
             labels, polygons, sums, counts = hit
             if labels is None:
@@ -178,9 +183,11 @@ class _Merger:
                 out.add((i + di, j + dj))
         return out
 
-    def whole_components(self) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
-        """Exact polygons of the components with a pixel in the region, and the mean
-        probability over each component's pixels."""
+    def whole_components(self) -> tuple[list[shapely.Polygon], list[list[int]],
+                                        NDArray[np.float64]]:
+        """The components with a pixel in the region: the exact polygons of those inside one
+        chunk, the pieces (ids) of the others, and the mean probability over each
+        component's pixels (those inside one chunk first)."""
         component = self._components()
         sums, counts = np.concatenate(self.sums), np.concatenate(self.counts)
         groups: dict[int, list[int]] = {}
@@ -188,18 +195,37 @@ class _Merger:
         for gid in self.border_pieces:
             if int(component[gid]) in wanted:
                 groups.setdefault(int(component[gid]), []).append(gid)
-        out = list(self.finished.values())
+        singles = list(self.finished.values())
         means = [sums[g] / counts[g] for g in self.finished]
         for gids in groups.values():
             # fsum: the mean must not depend on the order the pieces were met in (a refine
             # round meets them from its windows outward, a whole-map trace in raster order)
-            mean = math.fsum(sums[gids]) / counts[gids].sum()
-            if len(gids) == 1:
-                out.append(self.border_pieces[gids[0]])
-            else:
-                out.append(join_pieces([self.border_pieces[g] for g in gids], self.block))
-            means.append(mean)
-        return out, np.asarray(means, dtype=np.float64)
+            means.append(math.fsum(sums[gids]) / counts[gids].sum())
+        return singles, list(groups.values()), np.asarray(means, dtype=np.float64)
+
+    def joined(self, gids: list[int]) -> shapely.Polygon:
+        """The exact polygon of the component of these pieces."""
+        if len(gids) == 1:
+            return self.border_pieces[gids[0]]
+        return join_pieces([self.border_pieces[g] for g in gids], self.block)
+
+    def spliced(self, gids: list[int], simplify_px: float) -> tuple[shapely.Polygon | None,
+                                                                     float]:
+        """The simplified polygon of the component of these pieces, and its exact area
+        (:func:`~wsiseg.contours.splice.splice`; None: keep the exact polygon)."""
+        by_chunk: dict[tuple[int, int], list[int]] = {}
+        for gid in gids:
+            chunk, label = self.piece_place[gid]
+            by_chunk.setdefault(chunk, []).append(gid)
+        fragments = []
+        for chunk, ids in sorted(by_chunk.items()):
+            labels = sorted(self.piece_place[g][1] for g in ids)
+            trace_key = self.trace_keys.get(chunk)
+            key = (None if trace_key is None
+                   else trace_key + np.asarray(labels, dtype=np.int64).tobytes())
+            fragments.append(fragment([self.border_pieces[g] for g in sorted(ids)], self.block,
+                                      simplify_px, key))
+        return splice(fragments)
 
 
 def _side(labels: NDArray[np.int32], side: str) -> NDArray[np.int32]:
@@ -324,12 +350,26 @@ def tumor_polygons_and_means(
 
 def _finished(merger: _Merger, simplify_px: float, min_area_px: float
               ) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
-    """The merger's whole components, finished and sorted by area, largest first."""
-    exact, means = merger.whole_components()
-    polygons, owner = _finish(exact, simplify_px, min_area_px, merger.block, merger.memo)
-    out = np.asarray(polygons, dtype=object)
+    """The merger's whole components, finished and sorted by area, largest first: those
+    inside one chunk simplified together, the others spliced from their chunks' fragments
+    (the same polygons as joining and simplifying them whole, from the memo's fragments)."""
+    singles, groups, means = merger.whole_components()
+    spliced: dict[int, shapely.Polygon] = {}  # component index → its polygon
+    exact, exact_owner = list(singles), list(range(len(singles)))
+    for k, gids in enumerate(groups, start=len(singles)):
+        if len(gids) > 1 and simplify_px > 0:
+            polygon, area = merger.spliced(gids, simplify_px)
+            if area >= min_area_px:
+                spliced[k] = polygon if polygon is not None else merger.joined(gids)
+        else:
+            exact.append(merger.joined(gids))
+            exact_owner.append(k)
+    finished, owner = _finish(exact, simplify_px, min_area_px, merger.block, merger.memo)
+    by_owner = dict(zip((exact_owner[o] for o in owner), finished, strict=True)) | spliced
+    kept = sorted(by_owner)  # in the components' order, which ties below keep
+    out = np.asarray([by_owner[k] for k in kept], dtype=object)
     if len(out) == 0:
         return [], np.zeros(0)
     bounds = shapely.bounds(out)
     order = np.lexsort((bounds[:, 0], bounds[:, 1], -shapely.area(out)))  # ties: top-left first
-    return out[order].tolist(), means[owner][order]
+    return out[order].tolist(), means[np.asarray(kept, dtype=np.intp)][order]
