@@ -195,6 +195,19 @@ def test_what_the_lattice_cannot_prove_is_left_to_the_search(polygon, grid):
     assert written.is_valid and written.area == pytest.approx(polygon.area, abs=0.2)
 
 
+@pytest.mark.parametrize("polygon", [
+    # a shell whose vertex (2, 0) lies inside its own first edge: invalid, wrongly vouched
+    shapely.Polygon([(0, 0), (4, 0), (4, 4), (3, 4), (2, 0), (1, 4), (0, 4)]),
+    # ... a hole doing so
+    shapely.Polygon(SQUARE, [[(2, 2), (6, 2), (6, 6), (5, 6), (4, 2), (3, 6), (2, 6)]]),
+])
+def test_a_ring_touching_itself_is_not_proven_by_the_lattice(polygon):
+    assert not polygon.is_valid
+    assert lattice_rounding(polygon, (1.0, 0.0, 0.0)) is None
+    written = shapely.from_geojson(geometry_json(polygon, "x", valid=True, grid=(1.0, 0, 0)))
+    assert written.is_valid
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), spacing=st.floats(0.05, 12.0),
        x0=st.floats(-1e5, 1e5), y0=st.floats(-1e5, 1e5), simplify=st.sampled_from([0.0, 1.0]))

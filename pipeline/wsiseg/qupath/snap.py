@@ -9,8 +9,9 @@ the geometry valid, without GEOS's snap-rounding overlay; whether it does is che
 the whole shell once per hole (0.35 s for a traced tumor of 60 000 vertices and 9 343 holes,
 which a refine round writes again whenever a stroke touches it); the bound costs 0.13 s.
 For traced contours, whose vertices are pixel corners of the working grid, the same bound
-follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 28–52 ms
-for that tumor).
+follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 51 ms
+for a 68 000-vertex tumor on a 2-core EPYC; 79 ms when it used ``np.isin`` and
+``np.unique``, whose hashing is slower than a sort here).
 """
 
 from __future__ import annotations
@@ -241,13 +242,18 @@ def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: 
     on = np.repeat(np.arange(len(first)), n_inside)
     k = np.arange(len(on)) - np.repeat(np.cumsum(n_inside) - n_inside, n_inside) + 1
     inside = key(ij[first[on]] + k[:, None] * unit[on])
-    vertex_key = key(ij[first])
-    touch = np.isin(inside, vertex_key)
-    on, inside = on[touch], inside[touch]
-    if np.isin(inside * n_rings + ring[first[on]], vertex_key * n_rings + ring[first]).any():
+    # the vertices by (place, ring), searched instead of np.isin (hashing: 4× the time)
+    vertex_ring_key = key(ij[first]) * n_rings + ring[first]
+    by_key = np.argsort(vertex_ring_key)
+    sorted_key = vertex_ring_key[by_key]
+    at = np.minimum(np.searchsorted(sorted_key, inside * n_rings), len(sorted_key) - 1)
+    touch = sorted_key[at] // n_rings == inside  # some vertex lies there
+    on, inside, at = on[touch], inside[touch], at[touch]
+    same = np.minimum(np.searchsorted(sorted_key, inside * n_rings + ring[first[on]]),
+                      len(sorted_key) - 1)
+    if (sorted_key[same] == inside * n_rings + ring[first[on]]).any():
         return None  # a ring touching itself
-    by_key = np.argsort(vertex_key, kind="stable")
-    return on, by_key[np.searchsorted(vertex_key[by_key], inside)]
+    return on, by_key[at]
 
 
 def _coordinates(polygonal: shapely.Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -328,13 +334,11 @@ def _touches_form_a_forest(xy: np.ndarray, ring: np.ndarray, at: np.ndarray,
     another ring, and each ``at`` put on ring ``at_ring`` — link no rings in a cycle (those
     of a valid polygon do not: a cycle would cut its interior in two)."""
     places, rings = np.concatenate([xy, at]), np.r_[ring, at_ring].astype(np.int64)
-    order = np.lexsort((places[:, 1], places[:, 0]))
-    ordered = places[order]
-    place = np.empty(len(places), dtype=np.int64)
-    place[order] = np.cumsum(np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]) - 1
-    n = int(rings.max()) + 1
-    key = np.unique(place * n + rings)  # each ring once per place
-    links = np.column_stack([key // n, key % n])
+    order = np.lexsort((rings, places[:, 1], places[:, 0]))
+    places, rings = places[order], rings[order]
+    new_place = np.r_[True, (places[1:] != places[:-1]).any(axis=1)]
+    pair = new_place | np.r_[True, rings[1:] != rings[:-1]]  # each ring once per place
+    links = np.column_stack([(np.cumsum(new_place) - 1)[pair], rings[pair]])
     links = links[np.bincount(links[:, 0])[links[:, 0]] > 1]  # places of several rings
     if len(links) == 0:
         return True
