@@ -108,6 +108,7 @@ class SlideStore:
         # disk (≈ 0.4 ms; a refine round asks ~15 times). A handle holds no pixels, and the
         # arrays' shapes and chunks never change.
         self._arrays: dict[str, zarr.Array] = {}
+        self._tissue: np.ndarray | None = None
 
     # -- creation / opening ---------------------------------------------------------------
     @classmethod
@@ -190,6 +191,7 @@ class SlideStore:
         mode = "r" if self.group.store.read_only else "r+"
         self.group = zarr.open_group(str(self.path), mode=mode)
         self._arrays.clear()
+        self._tissue = None
 
     # -- attributes -----------------------------------------------------------------------
     @property
@@ -228,7 +230,13 @@ class SlideStore:
 
     @property
     def tissue_mask(self) -> np.ndarray:
-        return np.asarray(self.array("tissue")[...], dtype=bool)
+        """bool (h, w) at the workflow's mask resolution, read-only: read once per store
+        object (written when the store is created, never after; a refine round asks 3–4
+        times, 1.7 ms each for the 1024² mask of a 67-Mpx slide)."""
+        if self._tissue is None:
+            self._tissue = np.asarray(self.array("tissue")[...], dtype=bool)
+            self._tissue.flags.writeable = False
+        return self._tissue
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
