@@ -15,7 +15,7 @@ import pytest
 import shapely
 
 import wsiseg.outputs
-from wsiseg import rounds
+from wsiseg import round_index, rounds
 from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
 from wsiseg.qupath import annotation_features, read_annotations, write_annotations
 from wsiseg.refine import randomwalk_refiner, refine_round
@@ -106,3 +106,36 @@ def test_polygons_inside_the_slide_are_written_as_if_clipped(two_rounds, monkeyp
     monkeypatch.setattr(wsiseg.outputs, "_clipped", shapely.intersection)
     clipped = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
     assert fast == clipped
+
+
+def test_a_round_kept_in_memory_is_the_one_read_back_from_its_files(two_rounds):
+    """A refine round keeps the contours it wrote for the next round (a server's next stroke
+    decodes nothing): they are exactly what its files give back."""
+    store, _ = two_rounds
+    kept = rounds.load_round_contours(store, 2)
+    # from the round itself: it knew its features in working px, a read from disk does not
+    assert kept.working_if_known() is not None
+    round_index._RECENT.clear()
+    read = rounds.load_round_contours(store, 2)
+    assert read is not kept and read.working_if_known() is None
+    assert kept.ids == read.ids
+    assert kept.wkb_of(list(range(len(kept.ids)))) == read.wkb_of(list(range(len(read.ids))))
+    assert list(shapely.to_wkb(kept.geometries)) == list(shapely.to_wkb(read.geometries))
+    assert list(shapely.to_wkb(kept.working_geometries(store))) == list(
+        shapely.to_wkb(read.working_geometries(store)))
+    np.testing.assert_array_equal(kept.covered_px, read.covered_px)
+    all_features = list(range(len(read.ids)))
+    assert kept.feature_texts(all_features) == read.feature_texts(all_features)
+    assert rounds.load_round_ids(store, 2) == read.ids
+
+
+def test_contours_kept_in_memory_are_not_used_once_their_files_are_replaced(two_rounds):
+    store, _ = two_rounds
+    kept = rounds.load_round_contours(store, 2)
+    assert rounds.load_round_contours(store, 2) is kept
+    index = store.path / "rounds" / "r2.index.npz"
+    copy = index.with_name("copy.npz")
+    copy.write_bytes(index.read_bytes())
+    copy.replace(index)  # another process writing the same bytes: a new file
+    again = rounds.load_round_contours(store, 2)
+    assert again is not kept and again.ids == kept.ids

@@ -13,6 +13,8 @@ transaction.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,10 @@ class RoundContours:
             self._working = store.frame.transform_geometry(self.geometries, "qupath", "working")
         return self._working
 
+    def working_if_known(self) -> np.ndarray | None:
+        """:meth:`working_geometries` when already computed, else None."""
+        return self._working
+
     def wkb_of(self, indices: list[int]) -> list[bytes]:
         """These features' geometries as WKB: the index's bytes when read from one (a
         round keeps most features: copied, not encoded again), else encoded now."""
@@ -116,12 +122,17 @@ def write_round_index(
 
 
 def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
-    """A round's contours from its index, or parsed from its GeoJSON when the index is
-    missing or does not match the file."""
+    """A round's contours: those this process last read or wrote for it while its files are
+    unchanged (:func:`remember_written_round`), else from its index, else parsed from its
+    GeoJSON when the index is missing or does not match the file."""
+    recent = _recall(store, round_k)
+    if recent is not None:
+        return recent
     geojson = round_geojson_path(store, round_k)
     if not geojson.exists():
         raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({geojson.name})")
     index = _index_path(store, round_k)
+    files_stamp = _files_stamp(store, round_k)  # before reading: a later change misses
     if index.exists():
         with np.load(index, allow_pickle=False) as z:
             st = geojson.stat()
@@ -131,10 +142,12 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
                 starts = np.concatenate([[0], ends[:-1]])
                 parts = [wkb[a:b] for a, b in zip(starts, ends, strict=True)]
                 covered = z["covered_px"] if "covered_px" in z.files else None
-                return RoundContours(ids=z["ids"].tolist(),
-                                     geometries=np.asarray(shapely.from_wkb(parts)),
-                                     _source=geojson, _offsets=z["offsets"], _stamp=stamp,
-                                     covered_px=covered, _wkb=parts)
+                contours = RoundContours(ids=z["ids"].tolist(),
+                                         geometries=np.asarray(shapely.from_wkb(parts)),
+                                         _source=geojson, _offsets=z["offsets"],
+                                         _stamp=stamp, covered_px=covered, _wkb=parts)
+                _remember(store, round_k, contours, files_stamp)
+                return contours
     ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
     return RoundContours(ids=[a.id for a in ours],
                          geometries=np.asarray([a.geometry for a in ours], dtype=object),
@@ -144,6 +157,9 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
 def load_round_ids(store: SlideStore, round_k: int) -> list[str]:
     """A round's feature ids: the index's ids alone (no geometry decoded) when it matches
     its GeoJSON, else those :func:`load_round_contours` parses."""
+    recent = _recall(store, round_k)
+    if recent is not None:
+        return list(recent.ids)
     geojson = round_geojson_path(store, round_k)
     index = _index_path(store, round_k)
     if geojson.exists() and index.exists():
@@ -174,3 +190,66 @@ def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> li
 
 def _index_path(store: SlideStore, round_k: int) -> Path:
     return store.path / "rounds" / f"r{round_k}.index.npz"
+
+
+# The contours of the rounds this process read or wrote last, by store and round: a server's
+# next stroke on a slide reuses them instead of decoding and transforming every feature
+# again (16 ms per stroke on a 67-Mpx slide whose tumors have 150 000 vertices). An entry
+# counts only while the GeoJSON and the index are the files it was made from: the same
+# inode, size, mtime and ctime (both are replaced by a rename, never rewritten in place).
+_RECENT: OrderedDict[tuple[str, int], tuple[tuple[int, ...], RoundContours]] = OrderedDict()
+_RECENT_LOCK = threading.Lock()
+_RECENT_SLIDES = 8
+
+
+def remember_written_round(
+    store: SlideStore, round_k: int, ids: list[str], geometries: np.ndarray,
+    wkb: list[bytes], offsets: list[int], covered_px: Sequence[float],
+    working: np.ndarray | None = None,
+) -> None:
+    """Keep round k's contours, just written (its GeoJSON, then :func:`write_round_index`
+    with these arguments), for its next load; ``working``: the geometries in working px,
+    when known."""
+    geojson = round_geojson_path(store, round_k)
+    st = geojson.stat()
+    contours = RoundContours(
+        ids=list(ids), geometries=geometries, _source=geojson,
+        _offsets=np.asarray(offsets, dtype=np.int64), _stamp=[st.st_size, st.st_mtime_ns],
+        covered_px=np.asarray(covered_px, dtype=np.float64), _working=working, _wkb=list(wkb))
+    _remember(store, round_k, contours, _files_stamp(store, round_k))
+
+
+def forget_round_contours(store: SlideStore, round_k: int) -> None:
+    """Drop what :func:`remember_written_round` kept for round k (a round rolled back)."""
+    with _RECENT_LOCK:
+        _RECENT.pop((str(store.path.resolve()), round_k), None)
+
+
+def _remember(store: SlideStore, round_k: int, contours: RoundContours,
+              files_stamp: tuple[int, ...] | None) -> None:
+    if files_stamp is None:
+        return
+    with _RECENT_LOCK:
+        _RECENT[(str(store.path.resolve()), round_k)] = (files_stamp, contours)
+        _RECENT.move_to_end((str(store.path.resolve()), round_k))
+        while len(_RECENT) > _RECENT_SLIDES:
+            _RECENT.popitem(last=False)
+
+
+def _recall(store: SlideStore, round_k: int) -> RoundContours | None:
+    key = (str(store.path.resolve()), round_k)
+    with _RECENT_LOCK:
+        hit = _RECENT.get(key)
+    if hit is None or hit[0] != _files_stamp(store, round_k):
+        return None
+    return hit[1]
+
+
+def _files_stamp(store: SlideStore, round_k: int) -> tuple[int, ...] | None:
+    """Round k's GeoJSON and index as (inode, size, mtime, ctime) each; None if missing."""
+    try:
+        stats = [round_geojson_path(store, round_k).stat(), _index_path(store, round_k).stat()]
+    except FileNotFoundError:
+        return None
+    return tuple(v for st in stats
+                 for v in (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))

@@ -32,8 +32,10 @@ from wsiseg.qupath import annotation_features, write_feature_collection
 from wsiseg.round_index import (
     RoundContours,
     _index_path,
+    forget_round_contours,  # noqa: F401 (re-exported: refine, serve and the tests use rounds.*)
     load_round_contours,
-    load_round_ids,  # noqa: F401 (re-exported: refine, serve and the tests use rounds.*)
+    load_round_ids,  # noqa: F401
+    remember_written_round,
     round_feature_texts,  # noqa: F401
     round_geojson_path,
     write_round_index,
@@ -137,8 +139,9 @@ def write_round_geojson(
     if polygons is None:
         polygons, means = round_contours(store)
     annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    texts, ids, wkb, covered = [], [], [], []
+    texts, ids, wkb, covered, geometries = [], [], [], [], []
     kept_covered, new_covered = covered_px if covered_px is not None else (None, None)
+    kept_working = None
     if kept is not None:
         previous, indices = kept
         texts += previous.feature_texts(indices)
@@ -146,16 +149,35 @@ def write_round_geojson(
         wkb += previous.wkb_of(indices)
         covered += (list(kept_covered) if kept_covered is not None
                     else [np.nan] * len(indices))
+        geometries += list(previous.geometries[np.asarray(indices, dtype=np.intp)])
+        if previous.working_if_known() is not None:
+            kept_working = list(previous.working_if_known()[np.asarray(indices, dtype=np.intp)])
+    n_kept = len(geometries)
     for index, feature_id, text in annotation_features(annotations):
         texts.append(text)
         ids.append(feature_id)
-        wkb.append(shapely.to_wkb(annotations[index].geometry))
+        geometries.append(annotations[index].geometry)
+        wkb.append(shapely.to_wkb(geometries[-1]))
         covered.append(new_covered[index] if new_covered is not None else np.nan)
     record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
     offsets = write_feature_collection(record, texts)
     write_round_index(store, round_k, ids, wkb, offsets, covered)
+    working = None
+    if kept_working is not None:  # transforms are per coordinate: the same as all at once
+        working = kept_working + list(store.frame.transform_geometry(
+            _objects(geometries[n_kept:]), "qupath", "working"))
+    # what the next round would read back, kept: a server's next stroke reads nothing
+    remember_written_round(store, round_k, ids, _objects(geometries), wkb, offsets, covered,
+                           None if working is None else _objects(working))
     return publish_round(record, out_dir, slide_id, round_k), polygons
+
+
+def _objects(items: list) -> np.ndarray:
+    """A 1-D object array of these items (geometries; never split into their parts)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
 
 
 def round_paths(

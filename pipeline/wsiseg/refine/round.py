@@ -104,6 +104,7 @@ def refine_round(
                 txn.commit()
         except BaseException as exc:
             store.reload()  # the attributes as rolled back on disk
+            rounds.forget_round_contours(store, round_k)
             log.warning("%s: refine round %d stopped (%s); rolled back, the store and its "
                         "published files are as before it", store.path, round_k,
                         type(exc).__name__)
