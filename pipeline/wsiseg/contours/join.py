@@ -62,8 +62,7 @@ def _polygon(start: NDArray[np.int64], end: NDArray[np.int64]) -> shapely.Polygo
     if len(shells) != 1:  # would mean pixels that are not one 4-connected component
         raise AssertionError(f"joined pieces have {len(shells)} shells, expected 1")
     # shell first, holes by start
-    linear = closed_rings(vertices, ring_id, np.r_[shells, np.flatnonzero(twice_area < 0)])
-    return shapely.Polygon(linear[0], linear[1:])
+    return ring_polygons(vertices, ring_id, np.r_[shells, np.flatnonzero(twice_area < 0)])[0]
 
 
 def ring_twice_areas(vertices: NDArray[np.int64], ring_id: NDArray[np.intp]
@@ -78,10 +77,13 @@ def ring_twice_areas(vertices: NDArray[np.int64], ring_id: NDArray[np.intp]
     return np.bincount(ring_id, weights=x * y[nxt] - x[nxt] * y, minlength=n_rings)
 
 
-def closed_rings(vertices: NDArray[np.int64], ring_id: NDArray[np.intp],
-                 order: NDArray[np.intp]) -> NDArray[np.object_]:
-    """The rings as shapely linear rings (each closed by its first vertex), ring
-    ``order[k]`` the k-th."""
+def ring_polygons(vertices: NDArray[np.int64], ring_id: NDArray[np.intp],
+                  order: NDArray[np.intp], polygon_of: NDArray[np.intp] | None = None,
+                  ) -> NDArray[np.object_]:
+    """Polygons of the rings (each closed by its first vertex): ring ``order[k]`` is the
+    k-th and belongs to polygon ``polygon_of[k]`` (non-decreasing, from 0, each polygon's
+    shell first; default: one polygon). Built in one call (``shapely.from_ragged_array``:
+    a fifth of the time of a linear ring object per ring, 9 000 for a large tumor)."""
     n_rings = len(order)
     first = np.searchsorted(ring_id, np.arange(n_rings))
     rank = np.empty(n_rings, dtype=np.int64)
@@ -89,8 +91,13 @@ def closed_rings(vertices: NDArray[np.int64], ring_id: NDArray[np.intp],
     closed = np.r_[np.arange(len(vertices)), first]  # each ring's start repeated at its end
     closed_ring = rank[ring_id[closed]]
     by_ring = np.argsort(closed_ring, kind="stable")
-    return shapely.linearrings(vertices[closed[by_ring]].astype(np.float64),
-                               indices=closed_ring[by_ring])
+    ring_ends = np.cumsum(np.bincount(closed_ring, minlength=n_rings))
+    if polygon_of is None:
+        polygon_of = np.zeros(n_rings, dtype=np.intp)
+    polygon_ends = np.cumsum(np.bincount(polygon_of))
+    return shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, vertices[closed[by_ring]].astype(np.float64),
+        (np.r_[0, ring_ends].astype(np.int64), np.r_[0, polygon_ends].astype(np.int64)))
 
 
 def _unit_edges_on_grid(

@@ -29,7 +29,7 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg.contours.cache import TRACES
-from wsiseg.contours.join import closed_rings, linked
+from wsiseg.contours.join import linked, ring_polygons
 from wsiseg.contours.simplify import cut_runs, simplify_runs, without_collinear
 
 _Y = np.int64(1) << 32  # vertex key y·2³² + x: the (y, x) order of integer vertices
@@ -161,8 +161,7 @@ def splice(fragments: Sequence[Fragment]) -> tuple[shapely.Polygon | None, float
     area = float(twice_ring.sum()) / 2
     if (np.bincount(vertex_ring, minlength=n_rings) < 3).any():
         return None, area
-    linear = closed_rings(xy, vertex_ring, np.arange(n_rings))
-    return shapely.Polygon(linear[0], linear[1:]), area
+    return ring_polygons(xy, vertex_ring, np.arange(n_rings))[0], area
 
 
 def _unshared_on_grid(start: NDArray[np.int64], end: NDArray[np.int64]

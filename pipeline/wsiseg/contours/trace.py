@@ -21,7 +21,7 @@ import shapely
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
-from wsiseg.contours.join import closed_rings, link_rings, ring_corners, ring_twice_areas
+from wsiseg.contours.join import link_rings, ring_corners, ring_polygons, ring_twice_areas
 
 
 def _trace_block(
@@ -59,8 +59,7 @@ def _trace_block(
     # per component its shell (the ring turning left: positive area), then its holes
     order = np.lexsort((ring_twice_areas(vertices, ring_id) < 0, label_of))
     offset = np.array([col0 + c0, row0 + r0], dtype=np.int64)  # to global working px
-    rings = closed_rings(vertices + offset, ring_id, order)
-    return labels, list(shapely.polygons(rings, indices=label_of[order] - 1))
+    return labels, list(ring_polygons(vertices + offset, ring_id, order, label_of[order] - 1))
 
 
 def _boundary_edges(padded: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
