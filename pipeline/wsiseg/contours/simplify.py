@@ -29,6 +29,7 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg.contours.cache import TRACES
+from wsiseg.contours.join import ring_polygons
 
 
 def _finish(
@@ -78,16 +79,11 @@ def _simplified(polygons: NDArray[np.object_], tolerance_px: float, block: tuple
     counts = np.bincount(ring_id, minlength=n_rings)
     out = polygons.copy()
     good = np.bincount(runs.ring_poly, weights=counts < 3, minlength=len(polygons)) == 0
-    first = np.searchsorted(ring_id, np.arange(n_rings))
-    closed = np.r_[np.arange(len(ring_xy)), first[counts > 0]]
-    closed_ring = ring_id[closed]
-    keep_ring = good[runs.ring_poly[closed_ring]]
-    idx = np.argsort(closed_ring[keep_ring], kind="stable")
-    if keep_ring.any():
-        chosen = closed[keep_ring][idx]
-        linear = shapely.linearrings(ring_xy[chosen].astype(np.float64),
-                                     indices=_dense(closed_ring[keep_ring][idx]))
-        out[good] = shapely.polygons(linear, indices=_dense(runs.ring_poly[good[runs.ring_poly]]))
+    keep = good[runs.ring_poly[ring_id]]  # the vertices of the good polygons' rings
+    if keep.any():
+        rings_kept = np.flatnonzero(good[runs.ring_poly])  # (every such ring has vertices)
+        out[good] = ring_polygons(ring_xy[keep], _dense(ring_id[keep]),
+                                  np.arange(len(rings_kept)), _dense(runs.ring_poly[rings_kept]))
     return out
 
 
