@@ -268,7 +268,11 @@ def _rebuilt(polygonal: shapely.Geometry, xy: np.ndarray, ring: np.ndarray,
              part_of_ring: np.ndarray) -> shapely.Geometry:
     """``polygonal`` (of the type it is) from coordinates as :func:`_coordinates` gives
     them, with vertices inserted."""
-    polygons = shapely.polygons(shapely.linearrings(xy, indices=ring), indices=part_of_ring)
+    ring_ends = np.cumsum(np.bincount(ring))  # rings and parts numbered in order, from 0
+    part_ends = np.cumsum(np.bincount(part_of_ring))
+    polygons = shapely.from_ragged_array(  # one call, not a linear ring object per ring
+        shapely.GeometryType.POLYGON, np.ascontiguousarray(xy, dtype=np.float64),
+        (np.r_[0, ring_ends].astype(np.int64), np.r_[0, part_ends].astype(np.int64)))
     return polygons[0] if polygonal.geom_type == "Polygon" else shapely.multipolygons(polygons)
 
 
