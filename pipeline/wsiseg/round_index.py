@@ -8,7 +8,8 @@ only new ones are measured, and the server's lists of ids and of added features 
 ids and byte ranges alone. Plain arrays, loaded without pickle (``np.load`` reads each
 array only when it is used); an index that does not match its GeoJSON (size, mtime) is
 ignored and the GeoJSON parsed instead. :mod:`wsiseg.rounds` writes both, in a round's
-transaction.
+transaction, and the process keeps what it wrote for its next round (a server's next
+stroke), for as long as both files are the ones written.
 """
 
 from __future__ import annotations
