@@ -193,14 +193,14 @@ def _index_path(store: SlideStore, round_k: int) -> Path:
     return store.path / "rounds" / f"r{round_k}.index.npz"
 
 
-# The contours of the rounds this process read or wrote last, by store and round: a server's
-# next stroke on a slide reuses them instead of decoding and transforming every feature
-# again (16 ms per stroke on a 67-Mpx slide whose tumors have 150 000 vertices). An entry
-# counts only while the GeoJSON and the index are the files it was made from: the same
-# inode, size, mtime and ctime (both are replaced by a rename, never rewritten in place).
-_RECENT: OrderedDict[tuple[str, int], tuple[tuple[int, ...], RoundContours]] = OrderedDict()
+# Per store, the contours of the round this process read or wrote last: a server's next
+# stroke on a slide reuses them instead of decoding and transforming every feature again
+# (16 ms per stroke on a 67-Mpx slide whose tumors have 150 000 vertices). An entry counts
+# only while the GeoJSON and the index are the files it was made from: the same inode,
+# size, mtime and ctime (both are replaced by a rename, never rewritten in place).
+_RECENT: OrderedDict[str, tuple[int, tuple[int, ...], RoundContours]] = OrderedDict()
 _RECENT_LOCK = threading.Lock()
-_RECENT_SLIDES = 8
+_RECENT_STORES = 8
 
 
 def remember_written_round(
@@ -223,27 +223,29 @@ def remember_written_round(
 def forget_round_contours(store: SlideStore, round_k: int) -> None:
     """Drop what :func:`remember_written_round` kept for round k (a round rolled back)."""
     with _RECENT_LOCK:
-        _RECENT.pop((str(store.path.resolve()), round_k), None)
+        hit = _RECENT.get(str(store.path.resolve()))
+        if hit is not None and hit[0] == round_k:
+            del _RECENT[str(store.path.resolve())]
 
 
 def _remember(store: SlideStore, round_k: int, contours: RoundContours,
               files_stamp: tuple[int, ...] | None) -> None:
     if files_stamp is None:
         return
+    key = str(store.path.resolve())
     with _RECENT_LOCK:
-        _RECENT[(str(store.path.resolve()), round_k)] = (files_stamp, contours)
-        _RECENT.move_to_end((str(store.path.resolve()), round_k))
-        while len(_RECENT) > _RECENT_SLIDES:
+        _RECENT[key] = (round_k, files_stamp, contours)
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > _RECENT_STORES:
             _RECENT.popitem(last=False)
 
 
 def _recall(store: SlideStore, round_k: int) -> RoundContours | None:
-    key = (str(store.path.resolve()), round_k)
     with _RECENT_LOCK:
-        hit = _RECENT.get(key)
-    if hit is None or hit[0] != _files_stamp(store, round_k):
+        hit = _RECENT.get(str(store.path.resolve()))
+    if hit is None or hit[0] != round_k or hit[1] != _files_stamp(store, round_k):
         return None
-    return hit[1]
+    return hit[2]
 
 
 def _files_stamp(store: SlideStore, round_k: int) -> tuple[int, ...] | None:

@@ -167,9 +167,9 @@ def write_round_geojson(
     if kept_working is not None:  # transforms are per coordinate: the same as all at once
         working = kept_working + list(store.frame.transform_geometry(
             _objects(geometries[n_kept:]), "qupath", "working"))
-    # what the next round would read back, kept: a server's next stroke reads nothing
-    remember_written_round(store, round_k, ids, _objects(geometries), wkb, offsets, covered,
-                           None if working is None else _objects(working))
+    if kept is not None:  # a refine round's, for the next one: a server's next stroke
+        remember_written_round(store, round_k, ids, _objects(geometries), wkb, offsets,
+                               covered, None if working is None else _objects(working))
     return publish_round(record, out_dir, slide_id, round_k), polygons
 
 
