@@ -211,13 +211,15 @@ def remember_written_round(
     """Keep round k's contours, just written (its GeoJSON, then :func:`write_round_index`
     with these arguments), for its next load; ``working``: the geometries in working px,
     when known."""
-    geojson = round_geojson_path(store, round_k)
-    st = geojson.stat()
+    files_stamp = _files_stamp(store, round_k)
+    if files_stamp is None:
+        return
+    geojson_size, geojson_mtime_ns = files_stamp[1:3]
     contours = RoundContours(
-        ids=list(ids), geometries=geometries, _source=geojson,
-        _offsets=np.asarray(offsets, dtype=np.int64), _stamp=[st.st_size, st.st_mtime_ns],
+        ids=list(ids), geometries=geometries, _source=round_geojson_path(store, round_k),
+        _offsets=np.asarray(offsets, dtype=np.int64), _stamp=[geojson_size, geojson_mtime_ns],
         covered_px=np.asarray(covered_px, dtype=np.float64), _working=working, _wkb=list(wkb))
-    _remember(store, round_k, contours, _files_stamp(store, round_k))
+    _remember(store, round_k, contours, files_stamp)
 
 
 def forget_round_contours(store: SlideStore, round_k: int) -> None:

@@ -149,9 +149,11 @@ def write_round_geojson(
         wkb += previous.wkb_of(indices)
         covered += (list(kept_covered) if kept_covered is not None
                     else [np.nan] * len(indices))
-        geometries += list(previous.geometries[np.asarray(indices, dtype=np.intp)])
-        if previous.working_if_known() is not None:
-            kept_working = list(previous.working_if_known()[np.asarray(indices, dtype=np.intp)])
+        at = np.asarray(indices, dtype=np.intp)
+        geometries += list(previous.geometries[at])
+        known = previous.working_if_known()
+        if known is not None:
+            kept_working = list(known[at])
     n_kept = len(geometries)
     for index, feature_id, text in annotation_features(annotations):
         texts.append(text)

@@ -215,8 +215,7 @@ class _Merger:
         (:func:`~wsiseg.contours.splice.splice`; None: keep the exact polygon)."""
         by_chunk: dict[tuple[int, int], list[int]] = {}
         for gid in gids:
-            chunk, label = self.piece_place[gid]
-            by_chunk.setdefault(chunk, []).append(gid)
+            by_chunk.setdefault(self.piece_place[gid][0], []).append(gid)
         fragments = []
         for chunk, ids in sorted(by_chunk.items()):
             labels = sorted(self.piece_place[g][1] for g in ids)
