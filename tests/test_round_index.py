@@ -139,3 +139,29 @@ def test_contours_kept_in_memory_are_not_used_once_their_files_are_replaced(two_
     copy.replace(index)  # another process writing the same bytes: a new file
     again = rounds.load_round_contours(store, 2)
     assert again is not kept and again.ids == kept.ids
+
+
+def test_area_on_tissue_is_the_exact_overlay_with_background_in_holes_and_inside():
+    """``tissue_covered_px``: each polygon's area on the tissue mask's pixel boxes, exactly,
+    whether a background box lies in a hole (nothing off), inside the polygon (its area
+    off), across the outline or outside it; found from the outer rings, checked here
+    against GEOS's overlay with the tissue's own boxes."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((40, 50)) > 0.15  # background boxes scattered everywhere
+    mask[10:14, 10:14] = False  # a background block inside the ring's hole below
+    store = SimpleNamespace(tissue_mask=mask, frame=SimpleNamespace(working_shape=(160, 200)))
+    sy = sx = 4.0
+    rr, cc = np.nonzero(mask)
+    tissue = shapely.union_all(shapely.box(cc * sx, rr * sy, (cc + 1) * sx, (rr + 1) * sy))
+    ring = shapely.Polygon([(20, 20), (90, 20), (90, 90), (20, 90)],
+                           [[(38, 38), (60, 38), (60, 60), (38, 60)]])
+    polygons = [ring, shapely.box(101.5, 7.25, 187, 150.5),
+                shapely.MultiPolygon([shapely.box(0, 100, 30, 130),
+                                      shapely.box(120, 152, 199, 159)]),
+                shapely.box(41, 41, 55, 55)]  # wholly in the block of background: 0
+    got = tissue_covered_px(store, polygons)
+    want = [shapely.area(shapely.intersection(p, tissue)) for p in polygons]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-9)
+    assert got[3] == 0 and got[0] < ring.area  # background met inside the ring itself

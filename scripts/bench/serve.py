@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "image cold", "image warm", "heatmap cold", "heatmap warm"))])
                     gc.unfreeze()  # the next row's server freezes its own start-up
                     totals = np.array([r["total"] for r in rows])
+                    common.log("  strokes, sorted: " + " ".join(f"{t:.3f}" for t in sorted(totals)))
                     for r in sorted(rows, key=lambda r: -r["total"])[:3]:  # what the p95 is
                         common.log("  slow stroke: " + ", ".join(
                             f"{k} {r[k]:.3f}" for k in ("total", *COLUMNS)))
