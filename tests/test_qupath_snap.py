@@ -257,3 +257,16 @@ def test_lattice_coordinates_beyond_the_int64_keys_are_left_to_the_search():
     assert lattice_rounding(polygon, (s, 0.0, 0.0)) is None
     assert shapely.from_geojson(geometry_json(polygon, "x", valid=True, grid=(s, 0.0, 0.0))
                                 ).is_valid
+
+
+
+def test_a_repeated_vertex_is_left_to_the_search():
+    """The lattice's rounding is built from the (noded) coordinates with no repeated vertex
+    removed: a ring that repeats one is not proven by the lattice (a segment of length 0)."""
+    grid = (3.7, 0.37, 100.21)
+    repeated = shapely.affinity.affine_transform(
+        shapely.Polygon([(0, 0), (10, 0), (10, 10), (10, 10), (0, 10)],
+                        [[(5, 0), (7, 2), (3, 2)]]), [3.7, 0, 0, 3.7, *grid[1:]])
+    assert repeated.is_valid
+    assert lattice_rounding(repeated, grid) is None
+    assert shapely.from_geojson(geometry_json(repeated, "x", valid=True, grid=grid)).is_valid
