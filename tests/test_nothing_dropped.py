@@ -166,3 +166,30 @@ def test_a_focus_one_pixel_outside_a_changed_region_is_kept(tmp_path, small_work
     polygons = [*previous[kept], *fresh]
     assert len(polygons) == 1
     assert polygons[0].area == pytest.approx(900, abs=30)
+
+
+def test_features_mostly_covered_by_traced_polygons_are_found_exactly():
+    """``recontour`` replaces a feature away from the regions when a traced polygon covers
+    at least half of it: found by bounding boxes against the outer rings first, then
+    measured exactly; a feature in a hole, or whose box alone meets the polygon, is not."""
+    ring = shapely.Polygon([(0, 0), (100, 0), (100, 100), (0, 100)],
+                           [[(20, 20), (60, 20), (60, 60), (20, 60)]])
+    traced = [ring, shapely.box(200, 200, 210, 210), shapely.box(300, 0, 400, 100)]
+    features = np.array([
+        shapely.box(30, 30, 50, 50),  # in the hole: not covered
+        shapely.box(90, 50, 130, 60),  # a quarter inside
+        shapely.box(70, 70, 90, 90),  # inside
+        shapely.box(15, 30, 35, 40),  # three quarters in the hole
+        shapely.Polygon([(95, 130), (130, 95), (130, 130)]),  # its box alone meets it
+        shapely.box(80, 10, 120, 20),  # half inside
+        shapely.box(290, 40, 310, 45),  # half in the third
+        shapely.box(500, 500, 510, 510),  # far
+    ], dtype=object)
+    assert not shapely.intersects(features[4], ring)
+    assert shapely.intersects(shapely.box(*features[4].bounds), ring)
+    covered = [shapely.area(shapely.intersection(f, shapely.union_all(traced))) for f in features]
+    want = np.array(covered) >= 0.5 * shapely.area(features)
+    got = rounds._mostly_covered(features, traced)
+    assert got.tolist() == want.tolist() == [False, False, True, False, False, True, True, False]
+    assert not rounds._mostly_covered(features[:0], traced).size
+    assert not rounds._mostly_covered(features, []).any()

@@ -63,7 +63,7 @@ length and the number of components. Background chunks cost only their read.
 
 from wsiseg.contours.draw import draw_contours
 from wsiseg.contours.mask import ArrayLike2D, tumor_mask, uint8_threshold
-from wsiseg.contours.measure import polygon_stats
+from wsiseg.contours.measure import outer_filled, polygon_stats
 from wsiseg.contours.merge import tumor_polygons, tumor_polygons_and_means
 from wsiseg.contours.stream import RowStreamTracer
 
@@ -71,6 +71,7 @@ __all__ = [
     "ArrayLike2D",
     "draw_contours",
     "RowStreamTracer",
+    "outer_filled",
     "polygon_stats",
     "tumor_mask",
     "tumor_polygons",

@@ -1,4 +1,5 @@
-"""Per-polygon measures: area and mean tumor probability over the pixels inside."""
+"""Per-polygon measures: area and mean tumor probability over the pixels inside; the
+filled outline that finds what a polygon may meet."""
 
 from __future__ import annotations
 
@@ -85,3 +86,18 @@ def _centres_inside(
             yy, xx = np.meshgrid(row0 + rows + 0.5, col0 + cols + 0.5, indexing="ij")
             inside[r:r + t, c:c + t] = shapely.contains_xy(polygon, xx, yy)
     return inside
+
+
+def outer_filled(geoms: NDArray[np.object_]) -> NDArray[np.object_]:
+    """Each polygon of ``geoms`` as its outer ring filled (other geometries as they are).
+
+    What a polygon meets, it meets inside its outer ring: an STRtree query with the filled
+    rings finds a superset of the pairs the polygons themselves would, to be measured
+    exactly afterwards. A query prepares each query geometry, at ~0.6 µs per vertex, and a
+    traced tumor's holes hold most of its vertices (the 67-Mpx bench slide's largest: 9 343
+    holes, 48 000 of 61 000 vertices): 2–3 ms per query instead of 18–35.
+    """
+    filled = geoms.copy()
+    polygon = shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON
+    filled[polygon] = shapely.polygons(shapely.get_exterior_ring(geoms[polygon]))
+    return filled
