@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsiseg.contours.cache import TRACES
     from wsiseg.nets import init_weights
     from wsiseg.outputs import round_contours
-    from wsiseg.serve.main import ServeOptions, build_app
+    from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
     from wsiseg.serve.rounds import RoundRefused, serve_round
 
     with common.scratch(args.work, "wsiseg-bench-serve-profile-") as work:
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "scratch").mkdir()
         app, _, _ = build_app(ServeOptions(paths=[work / "run"], refiner="refinenet",
                                            refinenet=str(weights)), work / "scratch")
+        freeze_startup_objects()  # as `wsiseg serve` does before it listens
         state = app.app.state.wsiseg
         slide_ref = state.registry.get("slide")
         TRACES.clear()

@@ -277,16 +277,23 @@ def _chunk_simplified(flat: NDArray[np.int64], sizes: NDArray[np.intp], toleranc
         hit = TRACES.get(key)
         if hit is not None:
             return hit
-    lines = np.split(flat, np.cumsum(sizes)[:-1])
-    collection = shapely.multilinestrings([shapely.linestrings(line) for line in lines])
+    run_of_vertex = np.repeat(np.arange(len(sizes)), sizes)
+    collection = shapely.multilinestrings(shapely.linestrings(flat, indices=run_of_vertex))
     parts = shapely.get_parts(shapely.simplify(collection, tolerance_px,
                                                preserve_topology=True))
-    out = []
-    for line, part in zip(lines, parts, strict=True):
-        simple = shapely.get_coordinates(part).astype(np.int64)
-        closed = (line[0] == line[-1]).all()
-        out.append(line if closed and len(simple) < 4 else simple)
-    result = (np.concatenate(out), np.array([len(line) for line in out], dtype=np.intp))
+    simple, run_of_simple = shapely.get_coordinates(parts, return_index=True)
+    simple_sizes = np.bincount(run_of_simple, minlength=len(sizes))
+    # a closed run simplified below a triangle stays as it was
+    starts = np.cumsum(sizes) - sizes
+    closed = (flat[starts] == flat[starts + sizes - 1]).all(axis=1)
+    as_was = closed & (simple_sizes < 4)
+    if as_was.any():
+        keep = np.r_[~as_was[run_of_simple], as_was[run_of_vertex]]
+        order = np.argsort(np.r_[run_of_simple, run_of_vertex], kind="stable")
+        runs = np.concatenate([simple.astype(np.int64), flat])[order]
+        result = (runs[keep[order]], np.where(as_was, sizes, simple_sizes).astype(np.intp))
+    else:
+        result = (simple.astype(np.int64), simple_sizes.astype(np.intp))
     if memo:
         # an entry's objects (key, tuple, two arrays) ≈ 400 B besides the data
         TRACES.put(key, result, result[0].nbytes + result[1].nbytes + 400)
