@@ -192,4 +192,7 @@ def test_features_mostly_covered_by_traced_polygons_are_found_exactly():
     got = rounds._mostly_covered(features, traced)
     assert got.tolist() == want.tolist() == [False, False, True, False, False, True, True, False]
     assert not rounds._mostly_covered(features[:0], traced).size
+    # a feature of no area beside one whose box alone meets a polygon: not covered either
+    empty = np.array([features[0], shapely.Polygon()], dtype=object)
+    assert not rounds._mostly_covered(empty, traced).any()
     assert not rounds._mostly_covered(features, []).any()

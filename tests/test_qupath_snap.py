@@ -259,7 +259,6 @@ def test_lattice_coordinates_beyond_the_int64_keys_are_left_to_the_search():
                                 ).is_valid
 
 
-
 def test_a_repeated_vertex_is_left_to_the_search():
     """The lattice's rounding is built from the (noded) coordinates with no repeated vertex
     removed: a ring that repeats one is not proven by the lattice (a segment of length 0)."""

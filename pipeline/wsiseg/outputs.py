@@ -236,8 +236,8 @@ def tissue_covered_px(store: SlideStore, polygons: Sequence[shapely.Geometry]) -
     r, edges = np.nonzero(np.diff(padded, axis=1))
     starts, ends, runs_row = edges[0::2] + j0, edges[1::2] + j0, r[0::2] + i0
     boxes = shapely.box(starts * sx, runs_row * sy, ends * sx, (runs_row + 1) * sy)
-    # found by the outer rings filled (3 ms instead of 35 for a 61 000-vertex tumor); a box
-    # in a hole adds nothing below
+    # found by the outer rings filled (the query 3 ms instead of 35 for a 61 000-vertex
+    # tumor); a box in a hole adds nothing below but float rounding in the sum
     pairs = shapely.STRtree(boxes).query(outer_filled(geoms), predicate="intersects")
     for k in np.unique(pairs[0]).tolist():
         off = shapely.union_all(boxes[pairs[1][pairs[0] == k]])

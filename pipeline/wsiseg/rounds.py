@@ -124,6 +124,8 @@ def _mostly_covered(features: np.ndarray, polygons: list[shapely.Polygon]) -> np
     near, meeting = np.unique(feature), np.unique(polygon)
     polygon, feature = shapely.STRtree(features[near]).query(traced[meeting],
                                                              predicate="intersects")
+    if len(feature) == 0:  # as before: no feature met, none covered (not even one of no area)
+        return out
     polygon, feature = meeting[polygon], near[feature]
     inside = shapely.area(shapely.intersection(features[feature], traced[polygon]))
     covered = np.bincount(feature, weights=inside, minlength=len(features))

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         TRACES.clear()
         t0 = time.perf_counter()
         warm_store = slide_ref.open("r")
-        rows, cols = warm_store.frame.working_shape
-        round_contours(warm_store, regions=[(0, 0, rows, cols)])  # the server's warm-up
+        height, width = warm_store.frame.working_shape
+        round_contours(warm_store, regions=[(0, 0, height, width)])  # the server's warm-up
         common.log(f"traced once in {time.perf_counter() - t0:.2f} s")
         rng = np.random.default_rng(args.seed)
         rows: list[tuple[float, cProfile.Profile]] = []
