@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     from wsiseg.config import load_workflow
     from wsiseg.contours.cache import TRACES
     from wsiseg.nets import init_weights
-    from wsiseg.outputs import round_contours
     from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
     from wsiseg.serve.rounds import RoundRefused, serve_round
 
@@ -62,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         slide_ref = state.registry.get("slide")
         TRACES.clear()
         t0 = time.perf_counter()
-        warm_store = slide_ref.open("r")
-        height, width = warm_store.frame.working_shape
-        round_contours(warm_store, regions=[(0, 0, height, width)])  # the server's warm-up
+        state.warmer.warm(slide_ref)  # the server's warm-up, as when a client opens it
+        if not state.warmer.wait(slide_ref.id):
+            raise RuntimeError("the trace memo's warm-up of the bench slide failed")
         common.log(f"traced once in {time.perf_counter() - t0:.2f} s")
         rng = np.random.default_rng(args.seed)
         rows: list[tuple[float, cProfile.Profile]] = []
