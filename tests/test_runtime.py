@@ -282,6 +282,37 @@ def test_failing_openvino_falls_back_to_torch_with_one_warning(weights, cache, m
     assert "torch runtime" in warnings[0].getMessage()
 
 
+def test_missing_openvino_falls_back_to_torch_with_one_warning(weights, cache, monkeypatch,
+                                                               caplog):
+    """OpenVINO that cannot be imported (``wsiseg.runtime`` imports it with itself): torch,
+    and one warning line that says why."""
+    monkeypatch.setattr(runtime, "ov", None)
+    monkeypatch.setattr(runtime, "_NO_OPENVINO",
+                        ModuleNotFoundError("No module named 'openvino'"))
+    with caplog.at_level(logging.WARNING):
+        net = load_network(weights["guidenet"], device="cpu")
+    assert net.runtime == "torch"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "No module named 'openvino'" in warning and "torch runtime" in warning
+
+
+def test_a_bad_choice_stops_wsiseg_run_before_any_slide(tmp_path, weights, monkeypatch,
+                                                       capsys):
+    """``--precision bf16`` where the CPU has none: one error line, and no output folder or
+    slide store begun (the check used to run on the loading thread, beside the first slide's
+    tiling)."""
+    from wsiseg.cli import main
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    out = tmp_path / "out"
+    status = main(["run", str(real(CMU_SVS)), "--out", str(out), "--guidenet",
+                   str(weights["guidenet"]), "--workers", "0", "--precision", "bf16"])
+    assert status != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision bf16: this CPU has no bf16 support" in err[0]
+    assert not out.exists()
+
+
 def test_bad_choices_are_one_line_errors(weights):
     from wsiseg.errors import WsisegError
 

@@ -55,6 +55,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+try:  # with this module, on the importing thread (see resolve_choice)
+    import openvino as ov
+
+    _NO_OPENVINO: Exception | None = None
+except Exception as exc:  # noqa: BLE001 - missing or broken: load_network warns, uses torch
+    ov = None
+    _NO_OPENVINO = exc
+
 from wsiseg.errors import WsisegError
 from wsiseg.nets import ModelCard, load_weights, weights_card, weights_hash
 from wsiseg.runtime_cache import cached_openvino_model
@@ -203,8 +211,6 @@ def torch_network(
 
 def _openvino_network(model: Any, card: ModelCard, precision: str, threads: int,
                       digest: str) -> Network:
-    import openvino as ov
-
     core = ov.Core()
     config = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -257,8 +263,7 @@ def _with_rgb_input(model: Any, card: ModelCard) -> Any:
     """``model`` taking uint8 RGB ``(N, 3, H, W)``: OpenVINO's pre-processing converts and
     normalises (``(x / 255 − mean) / std``) inside the compiled graph, on its own threads,
     instead of a float copy of every batch made on the caller's thread."""
-    import openvino as ov
-    from openvino.preprocess import PrePostProcessor
+    from openvino.preprocess import PrePostProcessor  # a submodule: loaded on first use
 
     mean = [255.0 * m for m in card.normalisation["mean"]]
     std = [255.0 * s for s in card.normalisation["std"]]
@@ -305,21 +310,14 @@ def load_network(
         Bad weights or card; an unknown runtime or precision; OpenVINO asked for on CUDA;
         bf16 asked for on a CPU without it.
     """
-    if runtime not in RUNTIMES:
-        raise WsisegError(f"--runtime {runtime}: expected one of {', '.join(RUNTIMES)}")
-    if precision not in PRECISIONS:
-        raise WsisegError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    dev, runtime = resolve_choice(device, runtime, precision)
     path = Path(weights)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    if runtime == "openvino" and dev.type != "cpu":
-        raise WsisegError(f"--runtime openvino runs on the CPU, not {dev}; use --device cpu "
-                          f"or --runtime torch")
-    if runtime == "auto":
-        runtime = "openvino" if dev.type == "cpu" else "torch"
     if runtime == "openvino":
         card = weights_card(path, role=role, workflow=workflow)  # no tensors read yet
         digest = weights_hash(path)
         try:
+            if _NO_OPENVINO is not None:
+                raise _NO_OPENVINO
             hint = _openvino_precision(precision)
             model = cached_openvino_model(path, card, digest)
             return _openvino_network(model, card, hint, threads or default_threads(), digest)
@@ -330,10 +328,45 @@ def load_network(
             log.warning("OpenVINO cannot run %s (%s: %s); using the torch runtime instead",
                         path.name, type(exc).__name__, first[:200])
     module, card = load_weights(path, role=role, workflow=workflow, device="cpu")
-    if precision == "bf16" and dev.type == "cpu" and not cpu_has_bf16():
-        raise WsisegError("--precision bf16: this CPU has no bf16 support; use auto or f32")
     return torch_network(module, dev, card=card, precision=precision,
                          weights_sha256=weights_hash(path))
+
+
+def resolve_choice(
+    device: str | torch.device = "auto", runtime: str = "auto", precision: str = "auto",
+) -> tuple[torch.device, str]:
+    """The device and runtime :func:`load_network` uses for these choices, checked.
+
+    A driver calls it before its first slide, on its own thread: a bad choice is then one
+    error before any work, and OpenVINO is imported there, with this module. Imported on the
+    thread that loads GuideNet beside the first slide's tissue mask, its import held the GIL
+    and started inference 0.2 s later on a 3-Mpx slide (docs/benchmarks.md §8).
+
+    Returns
+    -------
+    device : torch.device
+    runtime : str
+        ``"openvino"`` or ``"torch"`` (``auto`` resolved: OpenVINO on CPU, torch on CUDA).
+
+    Raises
+    ------
+    WsisegError
+        An unknown runtime or precision; OpenVINO asked for on CUDA; bf16 asked for on a CPU
+        without it; see :func:`resolve_device`.
+    """
+    if runtime not in RUNTIMES:
+        raise WsisegError(f"--runtime {runtime}: expected one of {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise WsisegError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if runtime == "openvino" and dev.type != "cpu":
+        raise WsisegError(f"--runtime openvino runs on the CPU, not {dev}; use --device cpu "
+                          f"or --runtime torch")
+    if precision == "bf16" and dev.type == "cpu" and not cpu_has_bf16():
+        raise WsisegError("--precision bf16: this CPU has no bf16 support; use auto or f32")
+    if runtime == "auto":
+        runtime = "openvino" if dev.type == "cpu" else "torch"
+    return dev, runtime
 
 
 def default_threads() -> int:
@@ -352,10 +385,8 @@ def default_threads() -> int:
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as OpenVINO sees it."""
     try:
-        import openvino as ov
-
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # noqa: BLE001 - no OpenVINO: read the CPU's flags (Linux)
+    except Exception:  # noqa: BLE001 - no OpenVINO (ov is None): the CPU's flags (Linux)
         try:
             flags = Path("/proc/cpuinfo").read_text()
         except OSError:
@@ -364,9 +395,7 @@ def cpu_has_bf16() -> bool:
 
 
 def _openvino_precision(precision: str) -> str:
-    has_bf16 = cpu_has_bf16()
-    if precision == "bf16" and not has_bf16:
-        raise WsisegError("--precision bf16: this CPU has no bf16 support; use auto or f32")
+    """OpenVINO's inference precision for a checked choice (see :func:`resolve_choice`)."""
     if precision == "auto":
-        return "bf16" if has_bf16 else "f32"
+        return "bf16" if cpu_has_bf16() else "f32"
     return precision

@@ -18,7 +18,7 @@ from wsiseg.cohort.cluster import check_cluster_options, run_on_cluster, runs_in
 from wsiseg.cohort.ids import assign_slide_ids
 from wsiseg.cohort.one_slide import done_row, run_one
 from wsiseg.cohort.rows import RunOptions, SlideRow, write_summary
-from wsiseg.cohort.worker import cached_guidenet
+from wsiseg.cohort.worker import cached_guidenet, inference_choice
 from wsiseg.config import Workflow, load_workflow
 from wsiseg.destination import Destination
 from wsiseg.errors import UsageError, WsisegError
@@ -75,17 +75,21 @@ def run_cohort(slides: Sequence[str], options: RunOptions) -> int:
         0 when every slide is done, 1 when some slide failed.
     """
     from wsiseg.nets import missing_weights_error, weights_card  # torch: not for `status`
+    from wsiseg.runtime import resolve_choice
 
     wf = load_workflow(options.workflow)
     if not options.guidenet:
         raise UsageError(str(missing_weights_error("guidenet")))
     check_cluster_options(options)
     dest = Destination.parse(options.out_dir)
-    # The card is checked here, before any slide or worker, so bad weights are one error, not
-    # N failures. The network itself loads on a thread beside the first slide's tissue mask
-    # and first tiles (0.2–0.3 s of a run); the cluster path waits for it, so an OpenVINO
-    # conversion is done once, into the cache every worker then reads.
+    # The card and the runtime choice are checked here, before any slide or worker, so bad
+    # weights or a bad --precision are one error, not N failures (and OpenVINO is imported
+    # on this thread, with wsiseg.runtime: see resolve_choice). The network itself loads on
+    # a thread beside the first slide's tissue mask and first tiles (0.2–0.3 s of a run);
+    # the cluster path waits for it, so an OpenVINO conversion is done once, into the cache
+    # every worker then reads.
     card = weights_card(Path(options.guidenet), role="guidenet", workflow=wf)
+    resolve_choice(options.device, *inference_choice(wf, options))
     paths = list({Path(s).resolve(): Path(s) for s in slides}.values())  # each slide once
     with contextlib.ExitStack() as stack:
         loader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="wsiseg-load"))
