@@ -263,7 +263,7 @@ def _with_rgb_input(model: Any, card: ModelCard) -> Any:
     """``model`` taking uint8 RGB ``(N, 3, H, W)``: OpenVINO's pre-processing converts and
     normalises (``(x / 255 − mean) / std``) inside the compiled graph, on its own threads,
     instead of a float copy of every batch made on the caller's thread."""
-    from openvino.preprocess import PrePostProcessor  # a submodule: loaded on first use
+    from openvino.preprocess import PrePostProcessor
 
     mean = [255.0 * m for m in card.normalisation["mean"]]
     std = [255.0 * s for s in card.normalisation["std"]]
@@ -316,8 +316,8 @@ def load_network(
         card = weights_card(path, role=role, workflow=workflow)  # no tensors read yet
         digest = weights_hash(path)
         try:
-            if _NO_OPENVINO is not None:
-                raise _NO_OPENVINO
+            if _NO_OPENVINO is not None:  # a fresh error: the module's keeps no frames
+                raise ImportError(str(_NO_OPENVINO)) from None
             hint = _openvino_precision(precision)
             model = cached_openvino_model(path, card, digest)
             return _openvino_network(model, card, hint, threads or default_threads(), digest)

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{inter / max(union, 1):.4f}", f"{speed:.1f}",
                          "" if quantize_s is None else f"{quantize_s:.1f}"])
 
-    evaluate(f"OpenVINO {hint} (wsiseg's default)", compiled(model), None)
+    evaluate(f"OpenVINO {hint} (wsiseg's precision; float input, default settings)",
+             compiled(model), None)
     for name, tiles in calibration.items():
         t0 = time.perf_counter()
         quantized = nncf.quantize(model, nncf.Dataset(tiles, normalised),
