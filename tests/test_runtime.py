@@ -37,11 +37,13 @@ def cache(shared_cache, monkeypatch) -> Path:
 
 @pytest.fixture()
 def own_cache(tmp_path, weights, shared_cache, monkeypatch) -> Path:
-    """A private copy of the shared cache, holding both networks' entries, to damage."""
+    """A private copy of the shared cache, holding both networks' converted entries (not
+    their compiled blobs, which would spare a load from reading them), to damage."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared_cache))
     for role in ("guidenet", "refinenet"):
         load_network(weights[role], device="cpu", runtime="openvino")
-    shutil.copytree(shared_cache, tmp_path / "xdg", ignore=shutil.ignore_patterns("*.lock"))
+    shutil.copytree(shared_cache, tmp_path / "xdg",
+                    ignore=shutil.ignore_patterns("*.lock", "*.blob", "*.blob.json"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     return tmp_path / "xdg" / "wsiseg" / "openvino"
 
@@ -273,7 +275,7 @@ def test_failing_openvino_falls_back_to_torch_with_one_warning(weights, cache, m
     def broken(*args, **kwargs):
         raise RuntimeError("no CPU plugin\nsecond line")
 
-    monkeypatch.setattr(runtime, "cached_openvino_model", broken)
+    monkeypatch.setattr(runtime, "compiled_model", broken)  # every load compiles or imports
     with caplog.at_level(logging.WARNING):
         net = load_network(weights["guidenet"], device="cpu")
     assert (net.runtime, net.precision) == ("torch", "f32")

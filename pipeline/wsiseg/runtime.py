@@ -48,6 +48,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ except Exception as exc:  # noqa: BLE001 - missing or broken: load_network warns
 
 from wsiseg.errors import WsisegError
 from wsiseg.nets import ModelCard, load_weights, weights_card, weights_hash
-from wsiseg.runtime_cache import cached_openvino_model
+from wsiseg.runtime_cache import cached_openvino_model, compiled_model, entry_name
 
 if TYPE_CHECKING:
     from wsiseg.config import Workflow
@@ -209,9 +210,12 @@ def torch_network(
     return Network(card, "torch", names[dtype], device, weights_sha256, run)
 
 
-def _openvino_network(model: Any, card: ModelCard, precision: str, threads: int,
+def _openvino_network(model: Callable[[], Any], card: ModelCard, precision: str, threads: int,
                       digest: str) -> Network:
+    """``model``: the converted ``openvino.Model``, read (or converted) only when a compiled
+    one is not in the cache."""
     core = ov.Core()
+    entry = entry_name(card, digest)
     config = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         # One stream using every core the caller grants: batches arrive one at a time, and
@@ -230,8 +234,11 @@ def _openvino_network(model: Any, card: ModelCard, precision: str, threads: int,
         """The infer request of the float (``"float"``) or uint8 (``"rgb"``) model, compiled
         on first use: a GuideNet in ``wsiseg run`` only ever needs the uint8 one."""
         if kind not in requests:
-            graph = model if kind == "float" else _with_rgb_input(model, card)
-            requests[kind] = core.compile_model(graph, "CPU", config).create_infer_request()
+            def build() -> Any:
+                return model() if kind == "float" else _with_rgb_input(model(), card)
+
+            compiled = compiled_model(core, build, config, entry, kind)
+            requests[kind] = compiled.create_infer_request()
         return requests[kind]
 
     def infer(kind: str, x: Any) -> Any:
@@ -319,7 +326,7 @@ def load_network(
             if _NO_OPENVINO is not None:  # a fresh error: the module's keeps no frames
                 raise ImportError(str(_NO_OPENVINO)) from None
             hint = _openvino_precision(precision)
-            model = cached_openvino_model(path, card, digest)
+            model = functools.cache(lambda: cached_openvino_model(path, card, digest))
             return _openvino_network(model, card, hint, threads or default_threads(), digest)
         except WsisegError:
             raise

@@ -11,23 +11,34 @@ whose files do not match their sha256, or whose model does not map ``[?, C, ?, ?
 
 The converted model is the card's network followed by a sigmoid, batch and spatial
 dimensions dynamic. Nothing is downloaded.
+
+Beside each entry, :func:`compiled_model` keeps the model compiled for this CPU
+(``<name>-<kind>-<hash>.blob`` and its record ``.blob.json``), imported by later loads
+instead of compiled again (GuideNet: 0.07–0.10 s against 0.14 s). A blob is compiled for
+one CPU and one inference precision, so both are in its key with OpenVINO's version; the
+runtime settings (threads, streams, pinning) apply at import and are not. A blob whose bytes
+do not match its recorded sha256 is refused and compiled again: OpenVINO's own
+``CACHE_DIR`` imports a corrupted blob without a word (docs/benchmarks.md §8, session 16).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import filelock
 import torch
 
+from wsiseg.atomic import atomic_write_bytes
 from wsiseg.nets import ModelCard, load_weights, weights_hash
 
 log = logging.getLogger(__name__)
@@ -65,7 +76,7 @@ def cached_openvino_model(path: Path, card: ModelCard, digest: str) -> Any:
         Input ``[?, C, ?, ?]``, output ``[?, 1, ?, ?]`` (sigmoid included).
     """
     key = cache_key(card, digest)
-    name = f"{card.role}-{_sha256_bytes(json.dumps(key, sort_keys=True).encode())[:24]}"
+    name = entry_name(card, digest)
     folder = cache_dir()
     model = _read_entry(folder, name, key, card)
     if model is not None:
@@ -79,6 +90,79 @@ def cached_openvino_model(path: Path, card: ModelCard, digest: str) -> Any:
             model = _convert(path, card)
             _write_entry(folder, name, key, model)
     return model
+
+
+def entry_name(card: ModelCard, digest: str) -> str:
+    """The cache entry's file name (no suffix) of a weights file's conversion."""
+    key = cache_key(card, digest)
+    return f"{card.role}-{_sha256_bytes(json.dumps(key, sort_keys=True).encode())[:24]}"
+
+
+def compiled_model(core: Any, build: Callable[[], Any], config: dict[str, Any], entry: str,
+                   kind: str) -> Any:
+    """``core.compile_model(build(), "CPU", config)``, imported from the cache when it can be.
+
+    Parameters
+    ----------
+    core : openvino.Core
+    build : callable
+        Returns the ``openvino.Model`` to compile; called only when no good blob is cached.
+    config : dict
+        The compile properties; its ``INFERENCE_PRECISION_HINT`` is part of the key.
+    entry : str
+        :func:`entry_name` of the converted model ``build`` starts from.
+    kind : str
+        Which graph of that entry ``build`` returns (e.g. ``"float"``, ``"rgb"``).
+    """
+    import openvino as ov
+
+    key = {"format": CACHE_FORMAT, "entry": entry, "kind": kind,
+           "precision": str(config.get("INFERENCE_PRECISION_HINT", "")),
+           "cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+           "capabilities": [str(c) for c in
+                            core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")],
+           "openvino": ov.get_version()}
+    folder = cache_dir()
+    blob = folder / f"{entry}-{kind}-{_sha256_bytes(json.dumps(key).encode())[:12]}.blob"
+    record = blob.with_name(blob.name + ".json")
+    try:
+        data = _read_blob(blob, record, key)
+        if data is not None:
+            return core.import_model(io.BytesIO(data), "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - a blob OpenVINO refuses: compile again
+        log.warning("OpenVINO cache entry %s refused (%s); compiling again", blob,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    compiled = core.compile_model(build(), "CPU", config)
+    exported = io.BytesIO()
+    compiled.export_model(exported)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Exports of one model differ byte for byte: processes compiling at once write in turn,
+    # and one that finds a good blob written meanwhile leaves it.
+    with filelock.FileLock(f"{blob}.lock", timeout=600):
+        with contextlib.suppress(ValueError):
+            if _read_blob(blob, record, key) is not None:
+                return compiled
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()  # no record while the blob changes
+        atomic_write_bytes(blob, exported.getvalue())
+        atomic_write_bytes(record, json.dumps(
+            {"key": key, "sha256": _sha256_bytes(exported.getvalue())}).encode())
+    return compiled
+
+
+def _read_blob(blob: Path, record_path: Path, key: dict[str, Any]) -> bytes | None:
+    """The blob's bytes if its record matches ``key`` and its sha256; None when there is
+    none yet; ValueError when it does not check out."""
+    try:
+        record = json.loads(record_path.read_text())
+        data = blob.read_bytes()
+    except FileNotFoundError:
+        return None
+    if record.get("key") != json.loads(json.dumps(key)):
+        raise ValueError("its record is for another key")
+    if _sha256_bytes(data) != record.get("sha256"):
+        raise ValueError("its bytes do not match their recorded sha256")
+    return data
 
 
 class _Probability(torch.nn.Module):
