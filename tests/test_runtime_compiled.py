@@ -3,6 +3,7 @@ is exported once and imported by later loads, never trusted when its bytes are d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsiseg import runtime_cache
 from wsiseg.nets import init_weights
 from wsiseg.runtime import cpu_has_bf16, load_network
 
@@ -106,3 +108,52 @@ def test_damaged_blob_is_compiled_again_never_trusted(weights, cache, he_rgb, mo
     assert len(refused) == (0 if damage == "no record" else 1)
     load_network(weights, device="cpu", runtime="openvino", precision="f32")
     assert calls == ["CPU"]  # written again whole: imported from now on
+
+
+def test_a_blob_openvino_refuses_is_written_again(weights, cache, he_rgb, monkeypatch, caplog):
+    """Garbage whose record matches it (sha256 and key): OpenVINO's import fails, so it is
+    compiled and the blob written again, not kept because its sha256 checks out."""
+    want = load_network(weights, device="cpu", runtime="openvino", precision="f32").rgb(he_rgb)
+    blob, record = blob_files(cache)
+    garbage = b"not a compiled model" * 100
+    blob.write_bytes(garbage)
+    entry = json.loads(record.read_text())
+    entry["sha256"] = hashlib.sha256(garbage).hexdigest()
+    record.write_text(json.dumps(entry))
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
+        got = load_network(weights, device="cpu", runtime="openvino", precision="f32")
+    assert "refused" in caplog.text
+    assert np.array_equal(got.rgb(he_rgb), want)
+    assert blob.read_bytes() != garbage
+    calls = counted_compiles(monkeypatch)
+    load_network(weights, device="cpu", runtime="openvino", precision="f32")
+    assert calls == []
+
+
+def test_a_record_that_is_no_object_is_written_again(weights, cache, monkeypatch):
+    load_network(weights, device="cpu", runtime="openvino", precision="f32")
+    _, record = blob_files(cache)
+    record.write_text("[]")
+    net = load_network(weights, device="cpu", runtime="openvino", precision="f32")
+    assert net.runtime == "openvino"
+    assert isinstance(json.loads(record.read_text()), dict)
+
+
+def test_a_cache_it_cannot_write_costs_the_compile_only(weights, cache, he_rgb, monkeypatch,
+                                                        caplog):
+    """A read-only cache folder (another user's, say): OpenVINO still runs, uncached, with
+    one warning line."""
+    want = load_network(weights, device="cpu", runtime="openvino", precision="f32").rgb(he_rgb)
+    blob, record = blob_files(cache)
+    record.unlink()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runtime_cache, "atomic_write_bytes", refuse)
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
+        net = load_network(weights, device="cpu", runtime="openvino", precision="f32")
+    assert net.runtime == "openvino"
+    assert np.array_equal(net.rgb(he_rgb), want)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "not cached" in warning and "Permission denied" in warning

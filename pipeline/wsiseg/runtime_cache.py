@@ -13,12 +13,14 @@ The converted model is the card's network followed by a sigmoid, batch and spati
 dimensions dynamic. Nothing is downloaded.
 
 Beside each entry, :func:`compiled_model` keeps the model compiled for this CPU
-(``<name>-<kind>-<hash>.blob`` and its record ``.blob.json``), imported by later loads
-instead of compiled again (GuideNet: 0.07–0.10 s against 0.14 s). A blob is compiled for
-one CPU and one inference precision, so both are in its key with OpenVINO's version; the
-runtime settings (threads, streams, pinning) apply at import and are not. A blob whose bytes
-do not match its recorded sha256 is refused and compiled again: OpenVINO's own
+(``<name>-<kind>-<hash>.blob`` and its record ``.blob.json``), imported by later loads,
+which then do not read the converted entry at all (GuideNet's whole load: 0.18–0.19 →
+0.13–0.14 s). A blob is compiled for one CPU, so the CPU's name and capabilities are in its
+key with OpenVINO's version and the inference precision asked for; the runtime settings
+(threads, streams, pinning) apply at import. A blob whose bytes do not match its recorded
+sha256, or that OpenVINO refuses, is compiled and written again: OpenVINO's own
 ``CACHE_DIR`` imports a corrupted blob without a word (docs/benchmarks.md §8, session 16).
+A cache folder this process cannot write costs the compilation, nothing else.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from wsiseg.nets import ModelCard, load_weights, weights_hash
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever what a cache entry holds changes: older entries are then rebuilt.
+#: Bumped whenever what a cache entry holds changes (the conversion, or a graph built from
+#: it before compiling, such as ``runtime._with_rgb_input``): older entries are then rebuilt.
 CACHE_FORMAT = 1
 
 _BUILD_LOCK = threading.Lock()  # one conversion at a time in this process (threads share it)
@@ -125,29 +128,45 @@ def compiled_model(core: Any, build: Callable[[], Any], config: dict[str, Any], 
     folder = cache_dir()
     blob = folder / f"{entry}-{kind}-{_sha256_bytes(json.dumps(key).encode())[:12]}.blob"
     record = blob.with_name(blob.name + ".json")
+    refused = None  # the bytes of a blob refused here: not to be kept below
     try:
         data = _read_blob(blob, record, key)
         if data is not None:
+            refused = data
             return core.import_model(io.BytesIO(data), "CPU", config)
-    except Exception as exc:  # noqa: BLE001 - a blob OpenVINO refuses: compile again
+    except Exception as exc:  # noqa: BLE001 - a damaged blob, or one OpenVINO refuses
+        lines = [line for line in str(exc).splitlines() if line.strip()]
         log.warning("OpenVINO cache entry %s refused (%s); compiling again", blob,
-                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                    lines[-1][:200] if lines else type(exc).__name__)
     compiled = core.compile_model(build(), "CPU", config)
     exported = io.BytesIO()
     compiled.export_model(exported)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Exports of one model differ byte for byte: processes compiling at once write in turn,
-    # and one that finds a good blob written meanwhile leaves it.
+    try:
+        _write_blob(blob, record, key, exported.getvalue(), refused)
+    except OSError as exc:  # a cache folder this process cannot write: not cached
+        log.warning("OpenVINO compiled model not cached in %s (%s)", blob.parent,
+                    exc.strerror or type(exc).__name__)
+    return compiled
+
+
+def _write_blob(blob: Path, record: Path, key: dict[str, Any], data: bytes,
+                refused: bytes | None) -> None:
+    """Write ``data`` and its record, the record last, unless another process wrote a good
+    blob meanwhile: two compilations of one model can export different bytes, so processes
+    compiling at once write in turn (under a lock), and the later one keeps the earlier's."""
+    blob.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(f"{blob}.lock", timeout=600):
-        with contextlib.suppress(ValueError):
-            if _read_blob(blob, record, key) is not None:
-                return compiled
+        try:
+            found = _read_blob(blob, record, key)
+        except Exception:  # noqa: BLE001 - damaged: written again below
+            found = None
+        if found is not None and found != refused:
+            return
         with contextlib.suppress(FileNotFoundError):
             record.unlink()  # no record while the blob changes
-        atomic_write_bytes(blob, exported.getvalue())
-        atomic_write_bytes(record, json.dumps(
-            {"key": key, "sha256": _sha256_bytes(exported.getvalue())}).encode())
-    return compiled
+        atomic_write_bytes(blob, data)
+        atomic_write_bytes(record, json.dumps({"key": key, "sha256": _sha256_bytes(data)})
+                           .encode())
 
 
 def _read_blob(blob: Path, record_path: Path, key: dict[str, Any]) -> bytes | None:
@@ -158,6 +177,8 @@ def _read_blob(blob: Path, record_path: Path, key: dict[str, Any]) -> bytes | No
         data = blob.read_bytes()
     except FileNotFoundError:
         return None
+    if not isinstance(record, dict):
+        raise ValueError("its record is not a JSON object")
     if record.get("key") != json.loads(json.dumps(key)):
         raise ValueError("its record is for another key")
     if _sha256_bytes(data) != record.get("sha256"):

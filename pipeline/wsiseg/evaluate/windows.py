@@ -132,7 +132,11 @@ def guidenet_probability(model, card, rgb: NDArray[np.uint8], device) -> NDArray
     padded = np.pad(rgb, ((0, pad_r), (0, pad_c), (0, 0)), mode=mode)
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(padded)).to(net.device)[None]
-        prob = net(normalise_rgb(x.permute(0, 3, 1, 2), card))[0, 0].float().cpu().numpy()
+        x = x.permute(0, 3, 1, 2)
+        # An OpenVINO GuideNet normalises uint8 inside its compiled model: the same graph
+        # `wsiseg run` uses, compiled (or imported from the cache) once.
+        out = net.rgb(x) if net.takes_rgb else net(normalise_rgb(x, card))
+        prob = out[0, 0].float().cpu().numpy()
     return prob[:rows, :cols]
 
 
