@@ -20,7 +20,7 @@ Runtimes
 ``openvino``
     The default on CPU. The torch module built from the card is converted once with
     ``openvino.convert_model`` (batch and spatial dimensions dynamic) and cached on disk (see
-    below); later loads import the model compiled for this CPU (≈ 0.13 s in all).
+    below); later loads import the model compiled for this CPU (0.13–0.16 s in all).
 ``torch``
     The default on CUDA and the reference everywhere (eager, channels-last; on CUDA under
     autocast). A missing or failing OpenVINO falls back to it with one warning line.

@@ -14,8 +14,8 @@ dimensions dynamic. Nothing is downloaded.
 
 Beside each entry, :func:`compiled_model` keeps the model compiled for this CPU
 (``<name>-<kind>-<hash>.blob`` and its record ``.blob.json``), imported by later loads,
-which then do not read the converted entry at all (GuideNet's whole load: 0.18–0.19 →
-0.13–0.14 s). A blob is compiled for one CPU, so the CPU's name and capabilities are in its
+which then do not read the converted entry at all (GuideNet's whole load: 0.18–0.21 →
+0.13–0.16 s). A blob is compiled for one CPU, so the CPU's name and capabilities are in its
 key with OpenVINO's version and the inference precision asked for; the runtime settings
 (threads, streams, pinning) apply at import. A blob whose bytes do not match its recorded
 sha256, or that OpenVINO refuses, is compiled and written again: OpenVINO's own
