@@ -18,9 +18,10 @@ except that an OpenVINO GuideNet also takes uint8 RGB, ``net.rgb(pixels)`` with
 Runtimes
 --------
 ``openvino``
-    The default on CPU. The torch module built from the card is converted once with
-    ``openvino.convert_model`` (batch and spatial dimensions dynamic) and cached on disk (see
-    below); later loads import the model compiled for this CPU (0.13–0.16 s in all).
+    The default on CPU (:mod:`wsiseg.runtime_openvino`). The torch module built from the
+    card is converted once with ``openvino.convert_model`` (batch and spatial dimensions
+    dynamic) and cached on disk (see below); later loads import the model compiled for this
+    CPU (0.13–0.16 s in all).
 ``torch``
     The default on CUDA and the reference everywhere (eager, channels-last; on CUDA under
     autocast). A missing or failing OpenVINO falls back to it with one warning line.
@@ -47,8 +48,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,17 +55,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-try:  # with this module, on the importing thread (see resolve_choice)
-    import openvino as ov
-
-    _NO_OPENVINO: Exception | None = None
-except Exception as exc:  # noqa: BLE001 - missing or broken: load_network warns, uses torch
-    ov = None
-    _NO_OPENVINO = exc
-
 from wsiseg.errors import WsisegError
 from wsiseg.nets import ModelCard, load_weights, weights_card, weights_hash
-from wsiseg.runtime_cache import cached_openvino_model, compiled_model, entry_name
+from wsiseg.runtime_cache import cached_openvino_model
+
+# OpenVINO is imported with this module, on the importing thread (see resolve_choice)
+from wsiseg.runtime_openvino import NO_OPENVINO, cpu_has_bf16, openvino_runners
 
 if TYPE_CHECKING:
     from wsiseg.config import Workflow
@@ -210,77 +204,6 @@ def torch_network(
     return Network(card, "torch", names[dtype], device, weights_sha256, run)
 
 
-def _openvino_network(model: Callable[[], Any], card: ModelCard, precision: str, threads: int,
-                      digest: str) -> Network:
-    """``model``: the converted ``openvino.Model``, read (or converted) only when a compiled
-    one is not in the cache."""
-    core = ov.Core()
-    entry = entry_name(card, digest)
-    config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        # One stream using every core the caller grants: batches arrive one at a time, and
-        # the reading / writing threads are light (see docs/benchmarks.md).
-        "NUM_STREAMS": "1",
-        "INFERENCE_NUM_THREADS": str(threads),
-        "PERFORMANCE_HINT": "LATENCY",
-        # Not pinned: the cores are shared with this process's tiling, reading and writing
-        # threads (and other workers); a pinned thread could not leave a busy core.
-        "ENABLE_CPU_PINNING": False,
-    }
-    lock = threading.Lock()  # one request per model, reused; callers on threads take turns
-    requests: dict[str, Any] = {}
-
-    def request(kind: str) -> Any:
-        """The infer request of the float (``"float"``) or uint8 (``"rgb"``) model, compiled
-        on first use: a GuideNet in ``wsiseg run`` only ever needs the uint8 one."""
-        if kind not in requests:
-            def build() -> Any:
-                return model() if kind == "float" else _with_rgb_input(model(), card)
-
-            compiled = compiled_model(core, build, config, entry, kind)
-            requests[kind] = compiled.create_infer_request()
-        return requests[kind]
-
-    def infer(kind: str, x: Any) -> Any:
-        """``x`` (numpy or torch) through the ``kind`` model; the result is of ``x``'s kind."""
-        as_numpy = isinstance(x, np.ndarray)
-        array = x if as_numpy else x.detach().cpu().numpy()
-        if kind == "float":
-            array = np.ascontiguousarray(array, dtype=np.float32)
-        elif array.dtype == np.uint8 and array.ndim == 4 and array.shape[1] == 3:
-            array = np.ascontiguousarray(array)
-        else:
-            raise WsisegError(f"network: expected (N, 3, H, W) uint8 RGB, got "
-                              f"{array.dtype} {tuple(array.shape)}")
-        with lock:
-            req = request(kind)
-            req.infer({0: array}, share_inputs=True)
-            prob = req.get_output_tensor(0).data.copy()  # the request reuses its buffer
-        return prob if as_numpy else torch.from_numpy(prob)
-
-    rgb_in = card.in_channels == 3  # GuideNet: RGB only, normalised by the card
-    # Compiled now (not on first use) so that load time is paid where the caller expects it.
-    request("rgb" if rgb_in else "float")
-    return Network(card, "openvino", precision, torch.device("cpu"), digest,
-                   functools.partial(infer, "float"),
-                   functools.partial(infer, "rgb") if rgb_in else None)
-
-
-def _with_rgb_input(model: Any, card: ModelCard) -> Any:
-    """``model`` taking uint8 RGB ``(N, 3, H, W)``: OpenVINO's pre-processing converts and
-    normalises (``(x / 255 − mean) / std``) inside the compiled graph, on its own threads,
-    instead of a float copy of every batch made on the caller's thread."""
-    from openvino.preprocess import PrePostProcessor
-
-    mean = [255.0 * m for m in card.normalisation["mean"]]
-    std = [255.0 * s for s in card.normalisation["std"]]
-    ppp = PrePostProcessor(model.clone())
-    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
-    ppp.input().model().set_layout(ov.Layout("NCHW"))
-    ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(std)
-    return ppp.build()
-
-
 # ------------------------------------------------------------------------------- entry point
 
 
@@ -323,11 +246,13 @@ def load_network(
         card = weights_card(path, role=role, workflow=workflow)  # no tensors read yet
         digest = weights_hash(path)
         try:
-            if _NO_OPENVINO is not None:  # a fresh error: the module's keeps no frames
-                raise ImportError(str(_NO_OPENVINO)) from None
+            if NO_OPENVINO is not None:  # a fresh error: the module's keeps no frames
+                raise ImportError(str(NO_OPENVINO)) from None
             hint = _openvino_precision(precision)
             model = functools.cache(lambda: cached_openvino_model(path, card, digest))
-            return _openvino_network(model, card, hint, threads or default_threads(), digest)
+            run, run_rgb = openvino_runners(model, card, hint, threads or default_threads(),
+                                            digest)
+            return Network(card, "openvino", hint, torch.device("cpu"), digest, run, run_rgb)
         except WsisegError:
             raise
         except Exception as exc:  # noqa: BLE001 - a missing or broken OpenVINO, any error
@@ -387,18 +312,6 @@ def default_threads() -> int:
             pass
         raise WsisegError(f"WSISEG_INFER_THREADS={env}: expected a positive integer")
     return usable_cores()
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as OpenVINO sees it."""
-    try:
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # noqa: BLE001 - no OpenVINO (ov is None): the CPU's flags (Linux)
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _openvino_precision(precision: str) -> str:

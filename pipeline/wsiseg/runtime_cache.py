@@ -46,7 +46,8 @@ from wsiseg.nets import ModelCard, load_weights, weights_hash
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what a cache entry holds changes (the conversion, or a graph built from
-#: it before compiling, such as ``runtime._with_rgb_input``): older entries are then rebuilt.
+#: it before compiling, such as ``runtime_openvino._with_rgb_input``): older entries are
+#: then rebuilt.
 CACHE_FORMAT = 1
 
 _BUILD_LOCK = threading.Lock()  # one conversion at a time in this process (threads share it)
