@@ -193,3 +193,31 @@ def test_a_store_object_reads_what_another_one_wrote_since(tmp_path, fine_workfl
     other["refined"][:chunk, :chunk] = 200
     assert (np.asarray(first["refined"][:chunk, :chunk]) == 200).all()
     assert first["refined"] is first.array("refined")  # one handle per store object
+
+
+def test_thumbnail_png_holds_the_drawn_pixels_exactly(tmp_path, small_workflow):
+    """The run's `<slide>.png` (encoded with OpenCV since the encoder moved off Pillow for
+    speed) decodes to exactly the thumbnail with the contours drawn, on the real SVS."""
+    from PIL import Image
+
+    from wsiseg.contours.draw import draw_contours
+    from wsiseg.outputs import png_bytes, round_contours, thumbnail_image
+
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, blobs)
+    polygons, _ = round_contours(store)
+    assert polygons  # the blobs give contours to draw
+    thumb = thumbnail_image(store)
+    step = max(1, -(-max(store["image"].shape[1:]) // max(thumb.shape[:2])))
+    expected = draw_contours(thumb, polygons, scale=1.0 / step,
+                             color=tuple(store.workflow.contours.color))
+    with Image.open(out / f"{SLIDE_ID}.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert np.array_equal(np.asarray(im), expected)
+    # Odd shapes and strided views encode losslessly too.
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
+                  rng.integers(0, 256, (37, 91, 3), dtype=np.uint8)[::2, ::3]):
+        (tmp_path / "x.png").write_bytes(png_bytes(image))
+        with Image.open(tmp_path / "x.png") as im:
+            assert np.array_equal(np.asarray(im), image)
