@@ -26,7 +26,14 @@ tile cache) for tiles/s.
     .venv/bin/python scripts/bench/serve.py --size 4096x4096 --mpp 1.0 --area-factor 16
 
 ``--area-factor 16`` adds a slide of 16× the area (first workflow only): a stroke should cost
-about the same there (the round's work follows the scribbled windows, not the slide).
+about the same there (the round's work follows the scribbled windows, not the slide). Run
+one after the other, the two slides' p50s see different minutes of a shared machine (±20 %
+between runs); ``--interleave`` serves both slides at once, each from its own server as
+``wsiseg serve`` runs it, and posts their strokes in turns, so that their ratio does not
+follow the load:
+
+    .venv/bin/python scripts/bench/serve.py --size 4096x4096 --mpp 1.0 --area-factor 16 \
+        --interleave --workflows default --refiners refinenet --answer changed
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,44 +163,76 @@ def running(app):
         sock.close()
 
 
-def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
-                      contours: str = "all") -> list[dict]:
-    import httpx
-
+@contextlib.contextmanager
+def stage_timer():
+    """A :class:`StageTimer` around the round's stages (:func:`stage_owners`)."""
     timer = StageTimer()
     for owner, name, label in stage_owners():
         timer.wrap(owner, name, label)
-    rng = np.random.default_rng(seed)
-    out = []
-    refused = 0
     try:
-        with httpx.Client(timeout=600) as http:
-            while len(out) < n + 1 and refused < n:  # the first one warms up, not counted
-                body = stroke_export(store, truth, rng)
-                if body is None:
-                    break
-                before = dict(timer.seconds)
-                t0 = time.perf_counter()
-                r = http.post(f"{url}/slides/{slide_id}/scribbles?contours={contours}",
-                              content=body,
-                              headers={"Content-Type": "application/geo+json"})
-                total = time.perf_counter() - t0
-                if r.status_code == 422:  # e.g. a stroke mostly off tissue: drawn again
-                    refused += 1
-                    common.log(f"refused: {r.json()['detail']}")
-                    continue
-                r.raise_for_status()
-                answer = r.json()
-                row = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0)
-                       for k in ("parse", "rasterise", "stitch", "trace", "write")}
-                row["network"] = answer["timings"]["network_s"]
-                row["rest"] = total - sum(row.values())
-                row["total"] = total
-                row["windows"] = answer["windows"]
-                out.append(row)
+        yield timer
     finally:
         timer.restore()
-    return out[1:]
+
+
+def stroke_rounds(url: str, slide_id: str, store, truth, n: int, seed: int, contours: str,
+                  timer: StageTimer) -> Iterator[dict]:
+    """Post strokes one after another; yield each answered stroke's row (the first one warms
+    the server up: the callers drop it). Strokes the server refuses are drawn again."""
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    answered = refused = 0
+    with httpx.Client(timeout=600) as http:
+        while answered < n + 1 and refused < n:
+            body = stroke_export(store, truth, rng)
+            if body is None:
+                return
+            before = dict(timer.seconds)
+            t0 = time.perf_counter()
+            r = http.post(f"{url}/slides/{slide_id}/scribbles?contours={contours}",
+                          content=body, headers={"Content-Type": "application/geo+json"})
+            total = time.perf_counter() - t0
+            if r.status_code == 422:  # e.g. a stroke mostly off tissue: drawn again
+                refused += 1
+                common.log(f"refused: {r.json()['detail']}")
+                continue
+            r.raise_for_status()
+            answer = r.json()
+            row = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0)
+                   for k in ("parse", "rasterise", "stitch", "trace", "write")}
+            row["network"] = answer["timings"]["network_s"]
+            row["rest"] = total - sum(row.values())
+            row["total"] = total
+            row["windows"] = answer["windows"]
+            answered += 1
+            yield row
+
+
+def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
+                      contours: str = "all") -> list[dict]:
+    with stage_timer() as timer:
+        return list(stroke_rounds(url, slide_id, store, truth, n, seed, contours, timer))[1:]
+
+
+def strokes_interleaved(servers: list[tuple[str, Any, np.ndarray]], n: int, seed: int,
+                        contours: str) -> list[list[dict]]:
+    """``n`` strokes to each (url, store, truth) server, taking turns stroke by stroke, so
+    that a change in the machine's load falls on every slide alike."""
+    with stage_timer() as timer:
+        turns = [stroke_rounds(url, "slide", store, truth, n, seed, contours, timer)
+                 for url, store, truth in servers]
+        rows: list[list[dict]] = [[] for _ in servers]
+        live = set(range(len(servers)))
+        while live:
+            for i, turn in enumerate(turns):
+                if i in live:
+                    row = next(turn, None)
+                    if row is None:
+                        live.discard(i)
+                    else:
+                        rows[i].append(row)
+    return [r[1:] for r in rows]
 
 
 def open_slide(url: str, slide_id: str, app) -> float:
@@ -248,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--area-factor", type=int, default=1,
                         help="also a slide of this many times the area (a square: 4, 16), "
                              "with the first workflow")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --area-factor: serve both slides at once and post their "
+                             "strokes in turns (one here, one there), so that the ratio of "
+                             "their p50s is taken over the same minutes of the machine")
     args = parser.parse_args(argv)
+    if args.interleave and args.area_factor <= 1:
+        parser.error("--interleave needs --area-factor 4 or more")
 
     from wsiseg.config import load_workflow
     from wsiseg.contours.cache import TRACES
@@ -258,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     w, h = args.size
     side = math.isqrt(args.area_factor)
     sizes = [(w, h)] + ([(w * side, h * side)] if args.area_factor > 1 else [])
-    rows_out, tile_rows = [], []
+    rows_out, tile_rows, notes = [], [], []
     with common.scratch(args.work, "wsiseg-bench-serve-") as work:
-        for size in sizes:
+        for size in sizes if not args.interleave else []:
             slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
             big = size != sizes[0]
             for wf_name in args.workflows.split(",")[: 1 if big else None]:
@@ -292,19 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                             tile_rows.append([wf_name, *(fmt(tiles[k], 0) for k in (
                                 "image cold", "image warm", "heatmap cold", "heatmap warm"))])
                     gc.unfreeze()  # the next row's server freezes its own start-up
-                    totals = np.array([r["total"] for r in rows])
-                    common.log("  strokes, sorted: " + " ".join(f"{t:.3f}" for t in sorted(totals)))
-                    for r in sorted(rows, key=lambda r: -r["total"])[:3]:  # what the p95 is
-                        common.log("  slow stroke: " + ", ".join(
-                            f"{k} {r[k]:.3f}" for k in ("total", *COLUMNS)))
-                    p50 = {k: np.median([r[k] for r in rows]) for k in COLUMNS}
-                    rows_out.append([
-                        wf_name, fmt(mpx, 1), refiner, len(rows),
-                        fmt(np.percentile(totals, 50), 3), fmt(np.percentile(totals, 95), 3),
-                        *(fmt(p50[k], 3) for k in COLUMNS),
-                        fmt(np.median([r["windows"] for r in rows]), 0), fmt(warm_s, 1)])
+                    rows_out.append(table_row(wf_name, mpx, refiner, rows, warm_s))
+        if args.interleave:
+            rows_out, notes = interleaved(args, work, sizes)
     common.print_report("wsiseg serve: strokes over HTTP", [
-        ("Seconds from sending a stroke to its answer; stage columns are medians.",
+        ("Seconds from sending a stroke to its answer; stage columns are medians"
+         + (", the slides' strokes posted in turns." if args.interleave else "."),
          markdown_table(["workflow", "working Mpx", "refiner", "strokes", "p50 s", "p95 s",
                          *(f"{k} p50" for k in COLUMNS), "windows p50", "warm-up s"],
                         rows_out)),
@@ -312,8 +352,74 @@ def main(argv: list[str] | None = None) -> int:
          "warm: the tile cache).",
          markdown_table(["workflow", "image cold", "image warm", "heat map cold",
                          "heat map warm"], tile_rows)),
-    ])
+    ][: 1 if args.interleave else None], notes)
     return 0
+
+
+def table_row(wf_name: str, mpx: float, refiner: str, rows: list[dict],
+              warm_s: float) -> list[str]:
+    """The report's row of one slide's strokes (and the slowest three, logged)."""
+    totals = np.array([r["total"] for r in rows])
+    common.log("  strokes, sorted: " + " ".join(f"{t:.3f}" for t in sorted(totals)))
+    for r in sorted(rows, key=lambda r: -r["total"])[:3]:  # what the p95 is
+        common.log("  slow stroke: " + ", ".join(f"{k} {r[k]:.3f}" for k in ("total", *COLUMNS)))
+    p50 = {k: np.median([r[k] for r in rows]) for k in COLUMNS}
+    return [wf_name, fmt(mpx, 1), refiner, str(len(rows)), fmt(np.percentile(totals, 50), 3),
+            fmt(np.percentile(totals, 95), 3), *(fmt(p50[k], 3) for k in COLUMNS),
+            fmt(np.median([r["windows"] for r in rows]), 0), fmt(warm_s, 1)]
+
+
+def interleaved(args: argparse.Namespace, work: Path,
+                sizes: list[tuple[int, int]]) -> tuple[list[list[str]], list[str]]:
+    """The first workflow's slides at every size served at once, their strokes in turns:
+    the report's rows and, per refiner, the ratio of the largest slide's p50 (and p95) to
+    the first's."""
+    from wsiseg.config import load_workflow
+    from wsiseg.contours.cache import TRACES
+    from wsiseg.nets import init_weights
+    from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
+
+    wf_name = args.workflows.split(",")[0]
+    wf = load_workflow(wf_name)
+    slides = []
+    for size in sizes:
+        slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
+        run = work / f"{wf_name}-{size[0]}x{size[1]}"
+        run.mkdir(parents=True, exist_ok=True)
+        store, truth = build_store(slide, run / "slide.zarr", wf, wf_name)
+        slides.append((run, store, truth, store.frame.working_shape[0]
+                       * store.frame.working_shape[1] / 1e6))
+    weights = work / f"refinenet-{wf_name}.safetensors"
+    init_weights("refinenet", weights, seed=0, workflow=wf)
+    rows_out, notes = [], []
+    for refiner in args.refiners.split(","):
+        apps = []
+        for i, (run, *_) in enumerate(slides):
+            options = ServeOptions(paths=[run], refiner=refiner,
+                                   refinenet=str(weights) if refiner == "refinenet" else None)
+            (work / f"scratch-{i}").mkdir(exist_ok=True)
+            apps.append(build_app(options, work / f"scratch-{i}")[0])
+        freeze_startup_objects()  # as `wsiseg serve` does before it listens
+        with contextlib.ExitStack() as stack:
+            urls = [stack.enter_context(running(app)) for app in apps]
+            TRACES.clear()  # each slide starts cold, as a new server does
+            warm = [open_slide(url, "slide", app) for url, app in zip(urls, apps, strict=True)]
+            common.log(f"{wf_name} / {refiner}: {len(slides)} slides opened; "
+                       f"{args.strokes} strokes each, in turns")
+            per_slide = strokes_interleaved(
+                [(url, store, truth) for url, (_, store, truth, _) in zip(urls, slides,
+                                                                         strict=True)],
+                args.strokes, args.seed, args.answer)
+        gc.unfreeze()
+        for (_, _, _, mpx), rows, warm_s in zip(slides, per_slide, warm, strict=True):
+            rows_out.append(table_row(wf_name, mpx, refiner, rows, warm_s))
+        first, last = (np.array([r["total"] for r in rows]) for rows in
+                       (per_slide[0], per_slide[-1]))
+        notes.append(
+            f"{refiner}: {slides[-1][3]:.1f} against {slides[0][3]:.1f} working Mpx, strokes "
+            f"in turns: p50 {np.percentile(last, 50) / np.percentile(first, 50):.2f}×, "
+            f"p95 {np.percentile(last, 95) / np.percentile(first, 95):.2f}× (goal: p50 ≤ 1.2×)")
+    return rows_out, notes
 
 
 if __name__ == "__main__":
