@@ -1,5 +1,5 @@
-"""Files readable as the umask says (15.7), white glass (15.6), and outputs ↔ rounds without
-an import cycle (18)."""
+"""Files readable as the umask says (15.7), white glass (15.6), outputs ↔ rounds without
+an import cycle (18), and the run's thumbnail PNG holding exactly the drawn pixels."""
 
 from __future__ import annotations
 
@@ -201,14 +201,14 @@ def test_thumbnail_png_holds_the_drawn_pixels_exactly(tmp_path, small_workflow):
     from PIL import Image
 
     from wsiseg.contours.draw import draw_contours
-    from wsiseg.outputs import png_bytes, round_contours, thumbnail_image
+    from wsiseg.outputs import THUMBNAIL_PX, png_bytes, round_contours, thumbnail_image
 
     out = tmp_path / "out"
     store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, blobs)
     polygons, _ = round_contours(store)
     assert polygons  # the blobs give contours to draw
     thumb = thumbnail_image(store)
-    step = max(1, -(-max(store["image"].shape[1:]) // max(thumb.shape[:2])))
+    step = max(1, int(np.ceil(max(store["image"].shape[1:]) / THUMBNAIL_PX)))
     expected = draw_contours(thumb, polygons, scale=1.0 / step,
                              color=tuple(store.workflow.contours.color))
     with Image.open(out / f"{SLIDE_ID}.png") as im:
@@ -221,3 +221,8 @@ def test_thumbnail_png_holds_the_drawn_pixels_exactly(tmp_path, small_workflow):
         (tmp_path / "x.png").write_bytes(png_bytes(image))
         with Image.open(tmp_path / "x.png") as im:
             assert np.array_equal(np.asarray(im), image)
+    # Anything but (h, w, 3) uint8 is refused, not mirrored (2-D) or narrowed (float).
+    for bad in (np.zeros((4, 5), np.uint8), np.zeros((4, 5, 4), np.uint8),
+                np.zeros((4, 5, 3), np.float32), np.zeros((0, 5, 3), np.uint8)):
+        with pytest.raises(ValueError, match="expected a non-empty"):
+            png_bytes(bad)
