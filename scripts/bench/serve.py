@@ -297,38 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave and args.area_factor <= 1:
         parser.error("--interleave needs --area-factor 4 or more")
 
-    from wsiseg.config import load_workflow
-    from wsiseg.contours.cache import TRACES
-    from wsiseg.nets import init_weights
-    from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
-
     w, h = args.size
     side = math.isqrt(args.area_factor)
     sizes = [(w, h)] + ([(w * side, h * side)] if args.area_factor > 1 else [])
     rows_out, tile_rows, notes = [], [], []
     with common.scratch(args.work, "wsiseg-bench-serve-") as work:
         for size in sizes if not args.interleave else []:
-            slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
             big = size != sizes[0]
             for wf_name in args.workflows.split(",")[: 1 if big else None]:
-                wf = load_workflow(wf_name)
-                run = work / f"{wf_name}-{size[0]}x{size[1]}"
-                run.mkdir(parents=True, exist_ok=True)
-                store, truth = build_store(slide, run / "slide.zarr", wf, wf_name)
-                mpx = store.frame.working_shape[0] * store.frame.working_shape[1] / 1e6
-                weights = work / f"refinenet-{wf_name}.safetensors"
-                if not weights.exists():
-                    init_weights("refinenet", weights, seed=0, workflow=wf)
+                run, store, truth, mpx = bench_slide(args, work, size, wf_name)
                 for refiner in args.refiners.split(","):
-                    options = ServeOptions(
-                        paths=[run], refiner=refiner,
-                        refinenet=str(weights) if refiner == "refinenet" else None)
-                    (work / "scratch").mkdir(exist_ok=True)
-                    app, _, _ = build_app(options, work / "scratch")
-                    freeze_startup_objects()  # as `wsiseg serve` does before it listens
-                    with running(app) as url:
-                        TRACES.clear()  # each row starts cold, as a new server does
-                        warm_s = open_slide(url, "slide", app)
+                    with serving([run], refiner, refinenet_weights(work, store.workflow),
+                                 work) as [(url, warm_s)]:
                         common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: opened, "
                                    f"traces warmed in {warm_s:.1f} s; {args.strokes} strokes")
                         rows = strokes_over_http(url, "slide", store, truth, args.strokes,
@@ -338,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.seed)
                             tile_rows.append([wf_name, *(fmt(tiles[k], 0) for k in (
                                 "image cold", "image warm", "heatmap cold", "heatmap warm"))])
-                    gc.unfreeze()  # the next row's server freezes its own start-up
                     rows_out.append(table_row(wf_name, mpx, refiner, rows, warm_s))
         if args.interleave:
             rows_out, notes = interleaved(args, work, sizes)
@@ -369,49 +348,74 @@ def table_row(wf_name: str, mpx: float, refiner: str, rows: list[dict],
             fmt(np.median([r["windows"] for r in rows]), 0), fmt(warm_s, 1)]
 
 
+def bench_slide(args: argparse.Namespace, work: Path, size: tuple[int, int],
+                wf_name: str) -> tuple[Path, Any, np.ndarray, float]:
+    """The generated slide of ``size`` as a served run folder: (folder, store, truth mask,
+    working Mpx)."""
+    from wsiseg.config import load_workflow
+
+    slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
+    run = work / f"{wf_name}-{size[0]}x{size[1]}"
+    run.mkdir(parents=True, exist_ok=True)
+    store, truth = build_store(slide, run / "slide.zarr", load_workflow(wf_name), wf_name)
+    rows, cols = store.frame.working_shape
+    return run, store, truth, rows * cols / 1e6
+
+
+def refinenet_weights(work: Path, wf) -> Path:
+    """Random RefineNet weights for the workflow ``wf`` (``wsiseg models init``), made once."""
+    from wsiseg.nets import init_weights
+
+    weights = work / f"refinenet-{wf.name}.safetensors"
+    if not weights.exists():
+        init_weights("refinenet", weights, seed=0, workflow=wf)
+    return weights
+
+
+@contextlib.contextmanager
+def serving(runs: list[Path], refiner: str, weights: Path,
+            work: Path) -> Iterator[list[tuple[str, float]]]:
+    """A server for each run folder, built and started as ``wsiseg serve`` does (its
+    start-up objects frozen), the trace memo cleared (each starts cold, as a new server
+    does) and its slide opened: yields (url, warm-up seconds) per run."""
+    from wsiseg.contours.cache import TRACES
+    from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
+
+    apps = []
+    for i, run in enumerate(runs):
+        options = ServeOptions(paths=[run], refiner=refiner,
+                               refinenet=str(weights) if refiner == "refinenet" else None)
+        scratch = work / f"scratch-{i}"
+        scratch.mkdir(exist_ok=True)
+        apps.append(build_app(options, scratch)[0])
+    freeze_startup_objects()  # as `wsiseg serve` does before it listens
+    try:
+        with contextlib.ExitStack() as stack:
+            urls = [stack.enter_context(running(app)) for app in apps]
+            TRACES.clear()
+            yield [(url, open_slide(url, "slide", app))
+                   for url, app in zip(urls, apps, strict=True)]
+    finally:
+        gc.unfreeze()  # the next row's servers freeze their own start-up
+
+
 def interleaved(args: argparse.Namespace, work: Path,
                 sizes: list[tuple[int, int]]) -> tuple[list[list[str]], list[str]]:
     """The first workflow's slides at every size served at once, their strokes in turns:
     the report's rows and, per refiner, the ratio of the largest slide's p50 (and p95) to
     the first's."""
-    from wsiseg.config import load_workflow
-    from wsiseg.contours.cache import TRACES
-    from wsiseg.nets import init_weights
-    from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
-
     wf_name = args.workflows.split(",")[0]
-    wf = load_workflow(wf_name)
-    slides = []
-    for size in sizes:
-        slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
-        run = work / f"{wf_name}-{size[0]}x{size[1]}"
-        run.mkdir(parents=True, exist_ok=True)
-        store, truth = build_store(slide, run / "slide.zarr", wf, wf_name)
-        slides.append((run, store, truth, store.frame.working_shape[0]
-                       * store.frame.working_shape[1] / 1e6))
-    weights = work / f"refinenet-{wf_name}.safetensors"
-    init_weights("refinenet", weights, seed=0, workflow=wf)
+    slides = [bench_slide(args, work, size, wf_name) for size in sizes]
+    weights = refinenet_weights(work, slides[0][1].workflow)
     rows_out, notes = [], []
     for refiner in args.refiners.split(","):
-        apps = []
-        for i, (run, *_) in enumerate(slides):
-            options = ServeOptions(paths=[run], refiner=refiner,
-                                   refinenet=str(weights) if refiner == "refinenet" else None)
-            (work / f"scratch-{i}").mkdir(exist_ok=True)
-            apps.append(build_app(options, work / f"scratch-{i}")[0])
-        freeze_startup_objects()  # as `wsiseg serve` does before it listens
-        with contextlib.ExitStack() as stack:
-            urls = [stack.enter_context(running(app)) for app in apps]
-            TRACES.clear()  # each slide starts cold, as a new server does
-            warm = [open_slide(url, "slide", app) for url, app in zip(urls, apps, strict=True)]
+        with serving([run for run, *_ in slides], refiner, weights, work) as opened:
             common.log(f"{wf_name} / {refiner}: {len(slides)} slides opened; "
                        f"{args.strokes} strokes each, in turns")
             per_slide = strokes_interleaved(
-                [(url, store, truth) for url, (_, store, truth, _) in zip(urls, slides,
-                                                                         strict=True)],
-                args.strokes, args.seed, args.answer)
-        gc.unfreeze()
-        for (_, _, _, mpx), rows, warm_s in zip(slides, per_slide, warm, strict=True):
+                [(url, store, truth) for (url, _), (_, store, truth, _) in
+                 zip(opened, slides, strict=True)], args.strokes, args.seed, args.answer)
+        for (*_, mpx), rows, (_, warm_s) in zip(slides, per_slide, opened, strict=True):
             rows_out.append(table_row(wf_name, mpx, refiner, rows, warm_s))
         first, last = (np.array([r["total"] for r in rows]) for rows in
                        (per_slide[0], per_slide[-1]))
