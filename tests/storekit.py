@@ -79,3 +79,28 @@ def assert_unchanged(store: SlideStore, out_dir: Path, before: dict) -> None:
         np.testing.assert_array_equal(after[name], before[name])
     assert after["attrs"] == before["attrs"]
     assert after["files"] == before["files"]
+
+
+def one_tumor(rows: int, cols: int) -> np.ndarray:
+    """A map with one tumor, a disk near the top-left corner (uint8)."""
+    yy, xx = np.mgrid[:rows, :cols]
+    return np.where((yy - 60) ** 2 + (xx - 60) ** 2 < 30**2, 230, 20).astype(np.uint8)
+
+
+def stroke_away_from_the_tumor(store, path, k: int):
+    """A small Stroma stroke on tissue as far as can be from :func:`one_tumor`'s disk."""
+    from scipy import ndimage
+
+    tissue = ndimage.binary_erosion(store.tissue_mask, iterations=3)
+    rows, cols = store.frame.working_shape
+    rr, cc = np.nonzero(tissue)
+    y, x = (rr + 0.5) * rows / tissue.shape[0], (cc + 0.5) * cols / tissue.shape[1]
+    far = np.argsort(np.hypot(y - 60, x - 60))[-1 - 5 * k]
+    line = shapely.LineString([(x[far] - 5, y[far]), (x[far] + 5, y[far] + 2)])
+    return write_export(path, [feature(store.frame.transform_geometry(line, "working",
+                                                                      "qupath"), "Stroma")])
+
+
+def refined_low(store, windows, window_px):
+    """A refiner that finds no tumor in its windows."""
+    return [np.full((window_px, window_px), 0.1, np.float32) for _ in windows]

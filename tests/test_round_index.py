@@ -9,6 +9,7 @@ measured from scratch.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -19,10 +20,19 @@ from wsiseg import round_index, rounds
 from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
 from wsiseg.qupath import annotation_features, read_annotations, write_annotations
 from wsiseg.refine import randomwalk_refiner, refine_round
+from wsiseg.rounds import undo
 from wsiseg.slide.tissue import share_of_mask_covered
 
 from conftest import CMU_SVS, real
-from storekit import blobs, feature, run_store, write_export
+from storekit import (
+    blobs,
+    feature,
+    one_tumor,
+    refined_low,
+    run_store,
+    stroke_away_from_the_tumor,
+    write_export,
+)
 
 SLIDE_ID = "cmu"
 
@@ -165,3 +175,50 @@ def test_area_on_tissue_is_the_exact_overlay_with_background_in_holes_and_inside
     want = [shapely.area(shapely.intersection(p, tissue)) for p in polygons]
     assert got == pytest.approx(want, rel=1e-12, abs=1e-9)
     assert got[3] == 0 and got[0] < ring.area  # background met inside the ring itself
+
+
+def test_a_round_that_changes_no_contour_shares_the_files_of_the_round_before(
+        tmp_path, small_workflow):
+    """A stroke away from every tumor changes no contour: the round's stored GeoJSON (and,
+    once the areas on tissue are known, its index) is a hard link to the round before's,
+    the latest published file is left as it was, and the round's own published file is a
+    file of its own. Undo then restores each round's files byte for byte."""
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, one_tumor)
+    record = [rounds.round_geojson_path(store, k) for k in range(4)]
+    index = [round_index._index_path(store, k) for k in range(4)]
+    latest = out / f"{SLIDE_ID}.geojson"
+    r0_bytes, latest_inode = record[0].read_bytes(), latest.stat().st_ino
+    assert len(rounds.load_round_ids(store, 0)) == 1
+    for k in (1, 2):
+        export = stroke_away_from_the_tumor(store, tmp_path / f"s{k}.geojson", k)
+        result = refine_round(store, export, out, SLIDE_ID, refined_low, "fixed")
+        assert result.round == k and result.new_pixels > 0 and result.windows
+    assert os.path.samefile(record[0], record[1]) and os.path.samefile(record[1], record[2])
+    # round 0's index had no areas on tissue (round 1 measured them): written; round 2's
+    # holds the very arrays of round 1's
+    assert not os.path.samefile(index[0], index[1]) and os.path.samefile(index[1], index[2])
+    assert latest.stat().st_ino == latest_inode and latest.read_bytes() == r0_bytes
+    published = out / f"{SLIDE_ID}.r2.geojson"
+    assert published.read_bytes() == r0_bytes and published.stat().st_nlink == 1
+    # what the next round reads of round 2, from memory or from its (shared) files
+    round_index._RECENT.clear()
+    again = rounds.load_round_contours(store, 2)
+    assert again.ids == rounds.load_round_ids(store, 0)
+    assert [t.encode() for t in again.feature_texts([0])] == [r0_bytes[
+        again._offsets[0]:again._offsets[1] - 1]]
+    # a round that changes a contour (a tumor found where the stroke is) writes its own
+    tumor = stroke_away_from_the_tumor(store, tmp_path / "t.geojson", 3)
+
+    def high(s, windows, window_px):
+        return [np.full((window_px, window_px), 0.9, np.float32) for _ in windows]
+
+    assert refine_round(store, tumor, out, SLIDE_ID, high, "fixed").round == 3
+    assert not os.path.samefile(record[2], record[3]) and record[3].read_bytes() != r0_bytes
+    assert latest.read_bytes() == record[3].read_bytes()
+    # undo: each round's files come back exactly, round 0's never changed
+    undo(store, out, SLIDE_ID)
+    assert latest.read_bytes() == r0_bytes and record[2].read_bytes() == r0_bytes
+    assert undo(store, out, SLIDE_ID) == 1 and undo(store, out, SLIDE_ID) == 0
+    assert record[0].read_bytes() == r0_bytes and latest.read_bytes() == r0_bytes
+    assert rounds.load_round_ids(store, 0) == again.ids

@@ -20,12 +20,21 @@ import wsiseg.outputs
 import wsiseg.refine.round
 import wsiseg.rounds
 from wsiseg import journal
+from wsiseg.atomic import atomic_write_bytes
 from wsiseg.refine import randomwalk_refiner, refine_round
 from wsiseg.rounds import undo
 from wsiseg.store import SlideStore
 
 from conftest import CMU_SVS, REPO, real
-from storekit import blobs, feature, run_store, write_export
+from storekit import (
+    blobs,
+    feature,
+    one_tumor,
+    refined_low,
+    run_store,
+    stroke_away_from_the_tumor,
+    write_export,
+)
 
 SLIDE_ID = "cmu"
 
@@ -108,7 +117,7 @@ STAGES = [
     (wsiseg.rounds, "save_backup", lambda f: _after(f)),
     (wsiseg.refine.round, "blend_windows", lambda f: _nth_call_fails(f, 1)),
     (wsiseg.rounds, "recontour", lambda f: _after(f)),
-    (wsiseg.rounds, "write_feature_collection", lambda f: _after(f)),
+    (wsiseg.rounds, "atomic_write_or_link", lambda f: _after(f)),
     (wsiseg.rounds, "write_round_index", lambda f: _after(f)),
     (wsiseg.outputs, "atomic_copy", lambda f: _nth_call_fails(f, 2)),  # r<k> out, not latest
     (wsiseg.rounds, "write_round_geojson", lambda f: _after(f)),
@@ -164,6 +173,58 @@ def test_a_failure_at_every_step_leaves_store_and_files_byte_for_byte(cmu_store,
             undo(store, out, SLIDE_ID)
     assert diff(after, dir_snapshot(store.path, out)) == []
     assert undo(store, out, SLIDE_ID) == 0
+
+
+def test_a_failing_round_that_changes_no_contour_leaves_everything_as_before(
+        tmp_path, small_workflow, monkeypatch):
+    """Such a round's record and index are hard links to the round before's and its latest
+    published file is left as it was: failing at each step, it still changes nothing."""
+    out = tmp_path / "out"
+    store = run_store(real(CMU_SVS), out, SLIDE_ID, small_workflow, one_tumor)
+    for k in (1, 2):  # round 2 links both its record and its index (see test_round_index)
+        export = stroke_away_from_the_tumor(store, tmp_path / f"s{k}.geojson", k)
+        if k == 2:
+            before = dir_snapshot(store.path, out)
+            for module, name, make in [s for s in STAGES if s[1] != "atomic_copy"]:
+                with monkeypatch.context() as m:
+                    m.setattr(module, name, make(getattr(module, name)))
+                    with pytest.raises((Boom, KeyboardInterrupt)):
+                        refine_round(store, export, out, SLIDE_ID, refined_low, "fixed")
+                assert diff(before, dir_snapshot(store.path, out)) == [], f"failure in {name}"
+        assert refine_round(store, export, out, SLIDE_ID, refined_low, "fixed").round == k
+    record = [wsiseg.rounds.round_geojson_path(store, k) for k in (1, 2)]
+    assert os.path.samefile(*record)
+
+
+def test_a_file_replaced_by_rename_is_backed_up_by_a_hard_link(tmp_path, monkeypatch):
+    """``protect(..., replaced_by_rename=True)`` keeps the old file under the backup's name
+    (no copy); a rollback restores it. Where hard links are refused, it is copied."""
+    root = tmp_path / "store"
+    root.mkdir()
+    published, inside = tmp_path / "slide.geojson", root / "zarr.json"
+    published.write_bytes(b"round 0")
+    inside.write_bytes(b"{}")
+    with journal.Transaction(root, "test") as txn:
+        txn.protect([inside])
+        txn.protect([published], replaced_by_rename=True)
+        backups = sorted((root / journal.JOURNAL_NAME).glob("b*"))
+        assert [os.path.samefile(b, published) for b in backups] == [False, True]
+        atomic_write_bytes(published, b"round 1")
+        inside.write_bytes(b"{changed in place}")
+    assert published.read_bytes() == b"round 0" and inside.read_bytes() == b"{}"
+
+    def refused(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refused)
+    with pytest.raises(Boom), journal.Transaction(root, "test") as txn:
+        txn.protect([published], replaced_by_rename=True)
+        (backup,) = (root / journal.JOURNAL_NAME).glob("b*")
+        assert backup.read_bytes() == b"round 0" and not os.path.samefile(backup, published)
+        atomic_write_bytes(published, b"round 1")
+        raise Boom("injected")
+    assert published.read_bytes() == b"round 0"
+    assert not journal.needs_recovery(root)
 
 
 def test_an_interrupted_round_is_rolled_back_and_said_by_the_next_open(cmu_store, tmp_path,

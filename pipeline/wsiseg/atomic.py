@@ -121,6 +121,59 @@ def atomic_copy(src: str | Path, dst: str | Path, mode: int | None = None) -> No
             fout.write(block)
 
 
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Make ``path`` another name of the file ``source`` (a hard link, renamed over
+    ``path``: atomic as a write), durably. Returns False, ``path`` untouched, where the file
+    system refuses (another device, no hard links).
+
+    Only for files that are never rewritten in place (each is replaced by a rename, as
+    these functions do): a write into one would change both names.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return True
+
+
+def holds_bytes(path: str | Path, data: bytes) -> bool:
+    """Whether the file ``path`` holds exactly ``data`` (False when it is missing)."""
+    try:
+        if os.stat(path).st_size != len(data):  # the usual answer, without reading it
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
+def same_bytes(a: str | Path, b: str | Path) -> bool:
+    """Whether the files ``a`` and ``b`` hold the same bytes (False when one is missing)."""
+    try:
+        if os.stat(a).st_size != os.stat(b).st_size:  # the usual answer, without reading
+            return False
+        return Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:
+        return False
+
+
+def atomic_write_or_link(path: str | Path, data: bytes, twin: str | Path) -> None:
+    """Replace ``path`` with ``data`` atomically: as a hard link to ``twin`` when that file
+    holds exactly these bytes (nothing written: see :func:`atomic_link` for which files
+    may share), else written (:func:`atomic_write_bytes`)."""
+    if not (holds_bytes(twin, data) and atomic_link(twin, path)):
+        atomic_write_bytes(path, data)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or creation in folder ``path`` durable (ignored where unsupported)."""
     try:

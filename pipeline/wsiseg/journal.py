@@ -74,12 +74,15 @@ class Transaction:
             _remove_journal(self.root, self.dir)
 
     # -- before writing ------------------------------------------------------------------
-    def protect(self, paths: Iterable[str | Path]) -> None:
+    def protect(self, paths: Iterable[str | Path], replaced_by_rename: bool = False) -> None:
         """Record ``paths`` (files or folders, existing or not) before they are written.
 
         The backups are copied and made durable first, then their manifest lines written
         and made durable, one fsync each for the lot: until its line is in the manifest, a
-        path is not written.
+        path is not written. ``replaced_by_rename``: the caller promises that these files are
+        only ever replaced by a rename while the transaction runs (the published GeoJSON
+        files), never written in place; their backups are then hard links to them where the
+        file system allows (the old file stays whole under the backup's name), not copies.
         """
         entries, backups = [], []
         for path in paths:
@@ -95,7 +98,8 @@ class Transaction:
                     shutil.copytree(key, backup)
                     entry["dir"] = True
                 else:
-                    shutil.copyfile(key, backup)
+                    if not (replaced_by_rename and _linked(key, backup)):
+                        shutil.copyfile(key, backup)
                     entry["mode"] = key.stat().st_mode & 0o7777
                 entry["backup"] = backup.name
                 backups.append(backup)
@@ -236,6 +240,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _linked(path: Path, backup: Path) -> bool:
+    """Whether ``backup`` could be made a hard link to ``path``."""
+    try:
+        os.link(path, backup)
+    except OSError:  # another device, or no hard links there: copied instead
+        return False
+    return True
 
 
 def _fsync_file(path: Path) -> None:

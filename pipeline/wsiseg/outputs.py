@@ -18,7 +18,7 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg import __version__
-from wsiseg.atomic import atomic_copy, atomic_write_bytes
+from wsiseg.atomic import atomic_copy, atomic_write_bytes, same_bytes
 from wsiseg.contours import (
     RowStreamTracer,
     draw_contours,
@@ -145,10 +145,12 @@ def published_paths(out_dir: Path, slide_id: str, round_k: int) -> tuple[Path, P
 
 def publish_round(record: Path, out_dir: Path, slide_id: str, round_k: int) -> Path:
     """Copy round k's stored GeoJSON ``record`` to ``out_dir`` as that round's file and as
-    the latest (see :func:`published_paths`); returns the latest's path."""
+    the latest (see :func:`published_paths`), which is left as it is when it holds these
+    bytes already (a round that changed no contour); returns the latest's path."""
     round_file, latest = published_paths(out_dir, slide_id, round_k)
     atomic_copy(record, round_file)
-    atomic_copy(record, latest)
+    if not same_bytes(record, latest):
+        atomic_copy(record, latest)
     return latest
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from wsiseg.atomic import atomic_writer
+from wsiseg.atomic import atomic_link, atomic_writer
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import tissue_covered_px
 from wsiseg.qupath import Annotation, annotation_features, is_wsiseg_feature, read_annotations
@@ -105,21 +105,44 @@ class RoundContours:
 
 def write_round_index(
     store: SlideStore, round_k: int, ids: list[str], wkb: list[bytes],
-    offsets: list[int], covered_px: Sequence[float] | None = None,
+    offsets: list[int], covered_px: Sequence[float] | None = None, twin: int | None = None,
 ) -> None:
     """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc);
-    ``wkb``: each feature's geometry (QuPath frame) as WKB."""
+    ``wkb``: each feature's geometry (QuPath frame) as WKB. ``twin``: a round whose GeoJSON
+    file round k's shares (a hard link: no contour changed); when that round's index holds
+    the very arrays too, round k's index is a hard link to it, not written."""
     geojson = round_geojson_path(store, round_k)
     st = geojson.stat()
     ends = np.cumsum([len(b) for b in wkb], dtype=np.int64)
-    with atomic_writer(_index_path(store, round_k)) as f:
-        np.savez(
-            f, ids=np.asarray(ids, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
-            wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8), wkb_end=ends,
-            geojson=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
-            covered_px=np.asarray(np.full(len(ids), np.nan) if covered_px is None
-                                  else covered_px, dtype=np.float64),
-        )
+    arrays = {
+        "ids": np.asarray(ids, dtype=str), "offsets": np.asarray(offsets, dtype=np.int64),
+        "wkb": np.frombuffer(b"".join(wkb), dtype=np.uint8), "wkb_end": ends,
+        "geojson": np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
+        "covered_px": np.asarray(np.full(len(ids), np.nan) if covered_px is None
+                                 else covered_px, dtype=np.float64),
+    }
+    path = _index_path(store, round_k)
+    if twin is not None and _holds_arrays(_index_path(store, twin), arrays) and atomic_link(
+            _index_path(store, twin), path):
+        return
+    with atomic_writer(path) as f:
+        np.savez(f, **arrays)
+
+
+def _holds_arrays(index: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """Whether the index file ``index`` holds exactly these arrays (NaN equal to NaN)."""
+    try:
+        with np.load(index, allow_pickle=False) as z:
+            if sorted(z.files) != sorted(arrays):
+                return False
+            for name, value in arrays.items():
+                held = z[name]
+                if held.dtype != value.dtype or not np.array_equal(
+                        held, value, equal_nan=value.dtype.kind == "f"):
+                    return False
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:

@@ -10,8 +10,8 @@ Layout inside ``<slide-id>.zarr``:
   pixels from before it (:mod:`wsiseg.undo_record`, whose names are re-exported here).
   ``wsiseg undo`` writes them back, so the previous round comes back exactly.
 
-A round and an undo are transactions (:mod:`wsiseg.journal`): :func:`round_paths` lists
-every file and chunk a round writes, protected before the first write, so an interrupted
+A round and an undo are transactions (:mod:`wsiseg.journal`): every file and chunk a round
+writes is protected before the first write (:func:`protect_round_files`), so an interrupted
 round leaves the store and the published files exactly as before it.
 """
 
@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import shapely
 
+from wsiseg.atomic import atomic_write_or_link
 from wsiseg.contours import outer_filled
 from wsiseg.errors import WsisegError
 from wsiseg.journal import Transaction
 from wsiseg.outputs import annotations_for, publish_round, published_paths, round_contours
-from wsiseg.qupath import annotation_features, write_feature_collection
+from wsiseg.qupath import annotation_features, feature_collection_bytes
 from wsiseg.round_index import (
     RoundContours,
     _index_path,
@@ -174,8 +175,14 @@ def write_round_geojson(
         covered.append(new_covered[index] if new_covered is not None else np.nan)
     record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
-    offsets = write_feature_collection(record, texts)
-    write_round_index(store, round_k, ids, wkb, offsets, covered)
+    data, offsets = feature_collection_bytes(texts)
+    # A round that changed no contour (a stroke away from every tumor) has the very bytes of
+    # the round before: its record and index then share that round's files (1.6 MB each
+    # not written on a 67-Mpx slide); the published copies are still files of their own.
+    twin = round_geojson_path(store, round_k - 1)
+    atomic_write_or_link(record, data, twin)
+    write_round_index(store, round_k, ids, wkb, offsets, covered,
+                      twin=round_k - 1 if _same_file(record, twin) else None)
     working = None
     if kept_working is not None:  # transforms are per coordinate: the same as all at once
         working = kept_working + list(store.frame.transform_geometry(
@@ -186,6 +193,13 @@ def write_round_geojson(
     return publish_round(record, out_dir, slide_id, round_k), polygons
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _objects(items: list) -> np.ndarray:
     """A 1-D object array of these items (geometries; never split into their parts)."""
     out = np.empty(len(items), dtype=object)
@@ -193,21 +207,21 @@ def _objects(items: list) -> np.ndarray:
     return out
 
 
-def round_paths(
-    store: SlideStore, round_k: int, out_dir: Path | None, slide_id: str,
-) -> list[Path]:
-    """Every file a round k writes besides ``scribbles``/``refined`` chunks: its undo record
-    (``history/r<k>``, or ``history`` when there is none yet), its contours and index, the
-    store's attributes, and its published files in ``out_dir``."""
+def protect_round_files(
+    txn: Transaction, store: SlideStore, round_k: int, out_dir: Path | None, slide_id: str,
+) -> None:
+    """Protect every file a round k writes besides ``scribbles``/``refined`` chunks: its undo
+    record (``history/r<k>``, or ``history`` when there is none yet), its contours and index,
+    the store's attributes (copied: zarr rewrites ``zarr.json`` in place), and its published
+    files in ``out_dir`` (hard-linked where the file system allows: :func:`publish_round`
+    only ever replaces them by a rename)."""
     history = store.path / "history"
     undo_record = [history / f"r{round_k}", history / "zarr.json"] if history.is_dir() else [
         history]
-    paths = [*undo_record,
-             round_geojson_path(store, round_k), _index_path(store, round_k),
-             store.path / "zarr.json"]
+    txn.protect([*undo_record, round_geojson_path(store, round_k), _index_path(store, round_k),
+                 store.path / "zarr.json"])
     if out_dir is not None:
-        paths += published_paths(out_dir, slide_id, round_k)
-    return paths
+        txn.protect(published_paths(out_dir, slide_id, round_k), replaced_by_rename=True)
 
 
 def protect_boxes(txn: Transaction, store: SlideStore, names: Sequence[str],
@@ -236,11 +250,13 @@ def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
         try:
             with Transaction(store.path, f"undo of round {last}") as txn:
                 protect_boxes(txn, store, ["scribbles", "refined"], [b.region for b in backups])
-                txn.protect(round_paths(store, last, out_dir, slide_id) + [kept_as])
+                protect_round_files(txn, store, last, out_dir, slide_id)
+                txn.protect([kept_as])
                 if out_dir is not None:
                     out_round = published_paths(out_dir, slide_id, last)[0]
                     out_kept = out_dir / f"{slide_id}.r{last}.undone-{stamp}.geojson"
-                    txn.protect([*published_paths(out_dir, slide_id, current), out_kept])
+                    txn.protect([*published_paths(out_dir, slide_id, current), out_kept],
+                                replaced_by_rename=True)
                 for b in backups:
                     r0, c0, rows, cols = b.region
                     sl = np.s_[r0 : r0 + rows, c0 : c0 + cols]

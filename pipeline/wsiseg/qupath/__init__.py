@@ -20,7 +20,12 @@ from wsiseg.qupath.classes import (
     is_wsiseg_feature,
 )
 from wsiseg.qupath.read import read_annotations, read_annotations_report
-from wsiseg.qupath.write import annotation_features, write_annotations, write_feature_collection
+from wsiseg.qupath.write import (
+    annotation_features,
+    feature_collection_bytes,
+    write_annotations,
+    write_feature_collection,
+)
 
 __all__ = [
     "QUPATH_CLASS_COLORS",
@@ -29,6 +34,7 @@ __all__ = [
     "ClassMapping",
     "Label",
     "annotation_features",
+    "feature_collection_bytes",
     "is_wsiseg_feature",
     "read_annotations",
     "read_annotations_report",

@@ -79,19 +79,25 @@ def annotation_features(
     return out
 
 
-def write_feature_collection(path: Path | str, feature_texts: Sequence[str]) -> list[int]:
-    """Write Feature JSON texts as one FeatureCollection, atomically (``.gz``: gzip).
-
-    Returns the byte offset of each feature in the (uncompressed) file, then the offset just
-    past the last one, so a reader can take a feature's text back without parsing the rest.
-    """
-    path = Path(path)
+def feature_collection_bytes(feature_texts: Sequence[str]) -> tuple[bytes, list[int]]:
+    """Feature JSON texts as one FeatureCollection (UTF-8), and the byte offset of each
+    feature in it, then the offset just past the last one, so a reader can take a feature's
+    text back without parsing the rest."""
     head = b'{"type":"FeatureCollection","features":['
     parts = [text.encode() for text in feature_texts]
     offsets = [len(head)]
     for part in parts:
         offsets.append(offsets[-1] + len(part) + 1)  # + the comma after it
-    data = head + b",".join(parts) + b"]}"
+    return head + b",".join(parts) + b"]}", offsets
+
+
+def write_feature_collection(path: Path | str, feature_texts: Sequence[str]) -> list[int]:
+    """Write Feature JSON texts as one FeatureCollection, atomically (``.gz``: gzip).
+
+    Returns the offsets of :func:`feature_collection_bytes` (in the uncompressed file).
+    """
+    path = Path(path)
+    data, offsets = feature_collection_bytes(feature_texts)
     if path.name.lower().endswith(".gz"):
         data = gzip.compress(data, mtime=0)  # mtime 0: same contours, same bytes
     atomic_write_bytes(path, data)

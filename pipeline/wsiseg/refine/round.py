@@ -88,7 +88,7 @@ def refine_round(
             with Transaction(store.path, f"refine round {round_k}") as txn:
                 rounds.protect_boxes(txn, store, ["scribbles"], [box for box, _, _ in rasters])
                 rounds.protect_boxes(txn, store, ["refined"], [r for r, _ in regions])
-                txn.protect(rounds.round_paths(store, round_k, out_dir, slide_id))
+                rounds.protect_round_files(txn, store, round_k, out_dir, slide_id)
                 entry, m, latest_geojson, refine_s = _apply_round(
                     store, round_k, rasters, windows, regions, refiner, latest, out_dir,
                     slide_id)
