@@ -243,6 +243,45 @@ def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> No
     assert len(first[0][0].interiors) + 1 == len(second[0][0].interiors)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_spans_change_which_chunks_come_first_never_the_polygons(seed: int,
+                                                                 monkeypatch) -> None:
+    """``spans`` (where the components are expected: a refine round gives the previous
+    round's outlines) only let the frontier walk process their chunks at once: with right,
+    wrong, huge or empty spans the polygons and means are those found without, and right
+    ones spare the walk its waves."""
+    rng = np.random.default_rng(300 + seed)
+    prob = (ndi.gaussian_filter(rng.random((160, 200)), 6) * 255 * 4 - 255 * 1.5)
+    prob = np.clip(prob, 0, 255).astype(np.uint8)
+    regions = [(int(rng.integers(0, 150)), int(rng.integers(0, 190)), 9, 7),
+               (int(rng.integers(0, 150)), int(rng.integers(0, 190)), 3, 12)]
+    TRACES.clear()
+    want, want_means = tumor_polygons_and_means(prob, chunk_px=16, regions=regions)
+    whole = tumor_polygons(prob, chunk_px=16)
+    spans = {
+        "right": want,
+        "wrong": [shapely.box(0, 0, 10, 10), shapely.Point(150, 100).buffer(9)],
+        "everything": [shapely.box(-5, -5, 400, 400)],
+        "multi-part": [shapely.MultiPolygon(whole[:3])] if len(whole) >= 3 else whole,
+        "none": [],
+    }
+    waves: list[int] = []
+    leaks = merge._Merger.leaks
+
+    def counted(self):
+        waves.append(1)
+        return leaks(self)
+
+    monkeypatch.setattr(merge._Merger, "leaks", counted)
+    for name, span in spans.items():
+        waves.clear()
+        got, means = tumor_polygons_and_means(prob, chunk_px=16, regions=regions, spans=span)
+        assert shapely.to_wkb(got).tolist() == shapely.to_wkb(want).tolist(), name
+        assert means.tolist() == want_means.tolist(), name
+        if name == "right":
+            assert len(waves) <= 2, "the components' chunks were processed at once"
+
+
 def test_mean_of_a_component_does_not_depend_on_the_order_its_chunks_are_met() -> None:
     """A refine round meets a component's chunks from its windows outward, a whole-map
     trace in raster order; the float sums of the pieces must give the same mean to the bit."""

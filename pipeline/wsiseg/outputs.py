@@ -52,14 +52,17 @@ class SlideMeasurements:
 def round_contours(
     store: SlideStore, array: str = "refined",
     regions: Sequence[tuple[int, int, int, int]] | None = None,
+    spans: Sequence[shapely.Geometry] = (),
 ) -> tuple[list[shapely.Polygon], np.ndarray]:
     """Tumor polygons of ``array`` in working pixels, filtered by the workflow, and the mean
     probability of each (float64, over its component's pixels).
 
     ``regions`` (row0, col0, rows, cols each) limit the work to the components touching any
-    of them, each traced once.
+    of them, each traced once; ``spans``: where those are expected to lie (a hint, see
+    :func:`~wsiseg.contours.tumor_polygons_and_means`).
     """
-    return tumor_polygons_and_means(store[array], regions=regions, **_contour_options(store))
+    return tumor_polygons_and_means(store[array], regions=regions, spans=spans,
+                                    **_contour_options(store))
 
 
 def round_tracer(store: SlideStore, array: str = "refined") -> RowStreamTracer:

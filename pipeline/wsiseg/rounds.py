@@ -92,7 +92,10 @@ def recontour(
         return list(range(len(previous))), [], np.zeros(0)
     near = shapely.union_all([_box(r, REPLACE_PX) for r in regions])
     replaced = shapely.intersects(previous, near)
-    traced, means = round_contours(store, regions=[_grown(r, RETRACE_PX) for r in regions])
+    # the replaced features show where the components to trace lie: their chunks are
+    # processed at once, not found wave after wave
+    traced, means = round_contours(store, regions=[_grown(r, RETRACE_PX) for r in regions],
+                                   spans=previous[replaced])
     away = np.flatnonzero(~replaced)
     replaced[away] = _mostly_covered(previous[away], traced)
     return np.flatnonzero(~replaced).tolist(), traced, means
