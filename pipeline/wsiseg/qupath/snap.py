@@ -9,10 +9,12 @@ the geometry valid, without GEOS's snap-rounding overlay; whether it does is che
 the whole shell once per hole (0.35 s for a traced tumor of 60 000 vertices and 9 343 holes,
 which a refine round writes again whenever a stroke touches it); the bound costs 0.13 s.
 For traced contours, whose vertices are pixel corners of the working grid, the same bound
-follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 26–31 ms
+follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 23 ms
 for a 61 000-vertex tumor of 9 343 holes on a 2-core EPYC; 79 ms when it used ``np.isin``
 and ``np.unique``, whose hashing is slower than a sort here, 37–43 ms when the rings' touches
-were sorted again by their float coordinates).
+were sorted again by their float coordinates, 30 ms when the vertices were sorted a second
+time for the check of coordinates at one lattice point and rounded through
+``shapely.transform`` where no vertex lies on another ring).
 """
 
 from __future__ import annotations
@@ -194,14 +196,6 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     if np.abs(ij).max() >= 2**31:
         return None  # beyond what the int64 keys below hold
     ij = ij.astype(np.int64)
-    # The bound holds for the lattice points; the coordinates are within float error of
-    # them, which rounding could merge: two different coordinates at one lattice point
-    # would become one place that no check below saw. Refused: traced vertices at one
-    # place are computed from the same pixel corner, so they are equal.
-    by_point = np.lexsort((ij[:, 1], ij[:, 0]))
-    same_point = (ij[by_point[1:]] == ij[by_point[:-1]]).all(axis=1)
-    if (xy[by_point[1:]][same_point] != xy[by_point[:-1]][same_point]).any():
-        return None
     reach = 2 * math.sqrt(2) * (step / 2 + 4 * float(np.spacing(scale))) + 4 * float_error
     first = np.flatnonzero(ring[1:] == ring[:-1])  # segment k: ij[first[k]] → ij[first[k] + 1]
     along = ij[first + 1] - ij[first]
@@ -217,24 +211,35 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     touches = _lattice_touches(ij, ring, first, unit, n_inside)
     if touches is None:
         return None
-    on, vertex, keys = touches
-    if not len(on):
-        return rounded(polygonal, step)
-    n_rings = int(ring.max()) + 1
-    if not _places_form_a_forest(keys // n_rings, keys % n_rings):
+    on, vertex, keys, by_place = touches
+    # The bound holds for the lattice points; the coordinates are within float error of
+    # them, which rounding could merge: two different coordinates at one lattice point
+    # would become one place that no check saw. Refused: traced vertices at one place are
+    # computed from the same pixel corner, so they are equal. (A ring's closing vertex is
+    # its first one: ``first`` leaves it out.)
+    place_of, at = by_place
+    same_place = np.flatnonzero(place_of[1:] == place_of[:-1])
+    if (xy[first[at[same_place]]] != xy[first[at[same_place + 1]]]).any():
         return None
-    xy, ring = _inserted(xy, ring, first, on, xy[first[vertex]])[:2]
+    if len(on):
+        n_rings = int(ring.max()) + 1
+        if not _places_form_a_forest(keys // n_rings, keys % n_rings):
+            return None
+        xy, ring = _inserted(xy, ring, first, on, xy[first[vertex]])[:2]
     # Rounded and rebuilt at once, with nothing to remove: a segment's ends are distinct
-    # lattice points (g > 0 above), ≥ spacing > 2m apart, so they round to distinct points.
+    # lattice points (g > 0 above), ≥ spacing > 2m apart, so they round to distinct points
+    # (:func:`rounded`, which looks for repeated points, costs 3× as much).
     return _rebuilt(polygonal, _on_grid(xy, step), ring, part_of_ring)
 
 
 def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: np.ndarray,
                      n_inside: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                tuple[np.ndarray, np.ndarray]] | None:
     """The vertices lying inside segments, exactly, on the lattice: (segment, vertex) index
-    pairs into ``first`` (one vertex per place), and the keys place · n_rings + ring of the
-    vertices and of these touches, sorted (n_rings: ``ring.max() + 1``); or None when a ring
+    pairs into ``first`` (one vertex per place), the keys place · n_rings + ring of the
+    vertices and of these touches, sorted (n_rings: ``ring.max() + 1``), and the vertices'
+    places in that order with the indices into ``first`` that sort them; or None when a ring
     touches itself (no valid polygon's ring does) or the keys would not fit in int64.
 
     ``ij``: int64 lattice coordinates; segment k runs from ``ij[first[k]]`` in steps of
@@ -263,10 +268,11 @@ def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: 
                       len(sorted_key) - 1)
     if (sorted_key[same] == inside * n_rings + ring[first[on]]).any():
         return None  # a ring touching itself
+    by_place = (sorted_key // n_rings, by_key)
     if len(on):  # the touches' keys merged into the vertices' sorted ones
         touch_key = np.sort(inside * n_rings + ring[first[on]])
         sorted_key = np.insert(sorted_key, np.searchsorted(sorted_key, touch_key), touch_key)
-    return on, by_key[at], sorted_key
+    return on, by_key[at], sorted_key, by_place
 
 
 def _coordinates(polygonal: shapely.Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
