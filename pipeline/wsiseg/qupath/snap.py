@@ -278,7 +278,12 @@ def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: 
 def _coordinates(polygonal: shapely.Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ring's coordinates (closing vertex included), each one's ring, and each ring's
     part (polygon) of ``polygonal``."""
-    rings, part_of_ring = shapely.get_rings(shapely.get_parts(polygonal), return_index=True)
+    if polygonal.geom_type == "Polygon":  # its one part (get_parts would copy it: 1 ms)
+        rings = shapely.get_rings(polygonal)
+        part_of_ring = np.zeros(len(rings), dtype=np.intp)
+    else:
+        rings, part_of_ring = shapely.get_rings(shapely.get_parts(polygonal),
+                                                return_index=True)
     xy, ring = shapely.get_coordinates(rings, return_index=True)
     return xy, ring, part_of_ring
 
