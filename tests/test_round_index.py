@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import shapely
 
-import wsiseg.outputs
 from wsiseg import round_index, rounds
 from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
 from wsiseg.qupath import annotation_features, read_annotations, write_annotations
@@ -107,15 +106,23 @@ def test_the_ids_of_a_round_read_from_the_index_or_the_file(two_rounds):
     assert rounds.load_round_ids(store, 2) == ids
 
 
-def test_polygons_inside_the_slide_are_written_as_if_clipped(two_rounds, monkeypatch):
-    """Clipping to the slide is skipped for polygons inside it: the same bytes."""
+def test_polygons_inside_the_slide_are_written_as_if_clipped(two_rounds):
+    """Clipping to the slide is skipped for polygons inside it (taken to QuPath's frame in
+    one pass): the same bytes as clipped through level 0; those leaving it are clipped."""
     store, _ = two_rounds
     polygons, means = round_contours(store)
     assert polygons
-    fast = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
-    monkeypatch.setattr(wsiseg.outputs, "_clipped", shapely.intersection)
-    clipped = annotation_features(annotations_for(store, polygons, 1, SLIDE_ID, means))
-    assert fast == clipped
+    frame = store.frame
+    w, h = frame.working_size
+    polygons += [shapely.box(-2.5, 3, 9, 12), shapely.box(w - 6, h - 4, w + 3, h + 0.25)]
+    means = [*means, 0.5, 0.5]
+    fast = annotations_for(store, polygons, 1, SLIDE_ID, means)
+    slide = shapely.box(0, 0, *frame.level0_size)
+    clipped = [dataclasses.replace(a, geometry=frame.transform_geometry(
+        shapely.intersection(frame.transform_geometry(p, "working", "level0"), slide),
+        "level0", "qupath")) for a, p in zip(fast, polygons, strict=True)]
+    assert annotation_features(fast) == annotation_features(clipped)
+    assert shapely.bounds(fast[-1].geometry)[2] <= frame.level0_size[0] - frame.bounds_offset[0]
 
 
 def test_a_round_kept_in_memory_is_the_one_read_back_from_its_files(two_rounds):
