@@ -282,6 +282,27 @@ def test_spans_change_which_chunks_come_first_never_the_polygons(seed: int,
             assert len(waves) <= 2, "the components' chunks were processed at once"
 
 
+@pytest.mark.parametrize("simplify_px", [0.0, 1.0])
+def test_components_of_equal_area_and_top_left_come_in_one_order(simplify_px) -> None:
+    """Two components of 15 px whose bounds both start at (0, 0): their order is the
+    polygons' own (then by the other corner), not the order their chunks were met in, which
+    a hint, the regions or a whole-map trace change (found by the second reader)."""
+    m = np.zeros((16, 16), np.uint8)
+    m[0:6, 0:2] = m[0:3, 2] = 255  # A
+    m[0:8, 7] = m[7, 0:7] = 255  # B
+    regions = [(0, 7, 1, 1), (5, 0, 1, 1)]
+    TRACES.clear()
+    plain, means = tumor_polygons_and_means(m, chunk_px=4, simplify_px=simplify_px,
+                                            regions=regions)
+    hinted, hinted_means = tumor_polygons_and_means(m, chunk_px=4, simplify_px=simplify_px,
+                                                    regions=regions, spans=plain)
+    whole = tumor_polygons(m, chunk_px=4, simplify_px=simplify_px)
+    assert len(plain) == 2
+    assert shapely.to_wkb(hinted).tolist() == shapely.to_wkb(plain).tolist()
+    assert shapely.to_wkb(whole).tolist() == shapely.to_wkb(plain).tolist()
+    assert hinted_means.tolist() == means.tolist()
+
+
 def test_mean_of_a_component_does_not_depend_on_the_order_its_chunks_are_met() -> None:
     """A refine round meets a component's chunks from its windows outward, a whole-map
     trace in raster order; the float sums of the pieces must give the same mean to the bit."""

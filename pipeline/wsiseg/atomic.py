@@ -130,6 +130,9 @@ def atomic_link(source: str | Path, path: str | Path) -> bool:
     these functions do): a write into one would change both names.
     """
     path = Path(path)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(source, path):
+            return True  # (a rename onto another name of its own file would do nothing)
     tmp = temporary_name(path)
     try:
         os.link(source, tmp)

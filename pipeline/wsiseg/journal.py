@@ -1,7 +1,8 @@
 """All-or-nothing changes to a store and its published files: an undo journal.
 
 A :class:`Transaction` keeps, inside the store, ``.wsiseg-txn/``: a manifest of every path
-it is about to change and a copy of each one that existed. A path is *protected* (copied,
+it is about to change and a copy of each one that existed (a hard link, for files the
+caller only ever replaces by a rename). A path is *protected* (copied,
 fsync'd, then listed in the manifest) before anything writes it, so the manifest always
 covers every change made so far. :meth:`Transaction.commit` makes the changes durable and
 then renames the journal away — one atomic rename is the moment the change happens.
@@ -83,6 +84,8 @@ class Transaction:
         only ever replaced by a rename while the transaction runs (the published GeoJSON
         files), never written in place; their backups are then hard links to them where the
         file system allows (the old file stays whole under the backup's name), not copies.
+        Another program writing such a file in place meanwhile (an editor saving over it)
+        writes the backup too: a rollback then restores what that program wrote.
         """
         entries, backups = [], []
         for path in paths:

@@ -140,7 +140,7 @@ def _holds_arrays(index: Path, arrays: dict[str, np.ndarray]) -> bool:
                 if held.dtype != value.dtype or not np.array_equal(
                         held, value, equal_nan=value.dtype.kind == "f"):
                     return False
-    except (OSError, ValueError):
+    except Exception:  # missing, cut short, damaged (zipfile, EOF, key errors): written anew
         return False
     return True
 

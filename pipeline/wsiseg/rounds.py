@@ -215,9 +215,10 @@ def protect_round_files(
 ) -> None:
     """Protect every file a round k writes besides ``scribbles``/``refined`` chunks: its undo
     record (``history/r<k>``, or ``history`` when there is none yet), its contours and index,
-    the store's attributes (copied: zarr rewrites ``zarr.json`` in place), and its published
-    files in ``out_dir`` (hard-linked where the file system allows: :func:`publish_round`
-    only ever replaces them by a rename)."""
+    the store's attributes (copied: zarr writes ``zarr.json`` too, and not every zarr
+    version replaces it by a rename), and its published files in ``out_dir`` (hard-linked
+    where the file system allows: :func:`publish_round` only ever replaces them by a
+    rename)."""
     history = store.path / "history"
     undo_record = [history / f"r{round_k}", history / "zarr.json"] if history.is_dir() else [
         history]

@@ -1,4 +1,5 @@
-"""The probability map as contouring reads it: thresholds, probabilities, block shapes.
+"""The probability map as contouring reads it: thresholds, probabilities, block shapes,
+the blocks a geometry spans.
 
 The map is (H, W) at the working resolution: uint8 probability × 255 (the slide store's
 ``refined``), floating probability in [0, 1], or bool; any array with numpy slicing.
@@ -7,9 +8,11 @@ The map is (H, W) at the working resolution: uint8 probability × 255 (the slide
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import shapely
 from numpy.typing import NDArray
 
 DEFAULT_CHUNK_PX = 1024
@@ -88,3 +91,29 @@ def _block_shape(prob: ArrayLike2D, chunk_px: int | None) -> tuple[int, int]:
     # zarr / h5py: (rows, cols); dask: ((rows, rows, ...), (cols, ...))
     rows, cols = (c[0] if isinstance(c, tuple) else c for c in chunks)
     return int(rows), int(cols)
+
+
+def chunks_spanned(geometries: Sequence[shapely.Geometry], block: tuple[int, int],
+                   grid: tuple[int, int]) -> set[tuple[int, int]]:
+    """The (row, col) chunks of a ``grid`` of ``block`` (rows, cols) px that ``geometries``
+    (working px: x = column, y = row) likely meet: in each row of chunks that an outer
+    ring's vertices reach, those from the leftmost vertex's to the rightmost's. A hint (a
+    long edge may cross a row with no vertex there; a bay may leave a chunk between empty):
+    0.7 ms for a ring of 13 000 vertices, where testing the chunks against the polygon
+    costs 15 ms."""
+    bh, bw = block
+    parts = shapely.get_parts(np.asarray(geometries, dtype=object))
+    xy, part = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
+    if not len(xy):
+        return set()
+    rows = np.clip(xy[:, 1] // bh, 0, grid[0] - 1).astype(np.int64)
+    cols = np.clip(xy[:, 0] // bw, 0, grid[1] - 1).astype(np.int64)
+    band = part.astype(np.int64) * grid[0] + rows  # a row of chunks of one part
+    order = np.argsort(band, kind="stable")
+    band, cols = band[order], cols[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(band)) + 1]
+    lowest, highest = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
+    return {(row, col)
+            for row, low, high in zip((band[starts] % grid[0]).tolist(), lowest.tolist(),
+                                      highest.tolist(), strict=True)
+            for col in range(low, high + 1)}

@@ -23,6 +23,7 @@ from wsiseg.contours.mask import (
     _as_probability,
     _block_shape,
     _check_threshold,
+    chunks_spanned,
     tumor_mask,
 )
 from wsiseg.contours.simplify import _finish
@@ -69,29 +70,6 @@ class _Merger:
             for i in range(row0 // bh, -(-(row0 + rows) // bh))
             for j in range(col0 // bw, -(-(col0 + cols) // bw))
         }
-
-    def chunks_spanned(self, geometries: Sequence[shapely.Geometry]) -> set[tuple[int, int]]:
-        """The chunks that ``geometries`` (working px: x = column, y = row) likely meet: in
-        each row of chunks that an outer ring's vertices reach, those from the leftmost
-        vertex's to the rightmost's. A hint (a long edge may cross a row with no vertex
-        there; a bay may leave a chunk between empty): 0.7 ms for a ring of 13 000
-        vertices, where testing the chunks against the polygon costs 15 ms."""
-        bh, bw = self.block
-        parts = shapely.get_parts(np.asarray(geometries, dtype=object))
-        xy, part = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
-        if not len(xy):
-            return set()
-        rows = np.clip(xy[:, 1] // bh, 0, self.grid[0] - 1).astype(np.int64)
-        cols = np.clip(xy[:, 0] // bw, 0, self.grid[1] - 1).astype(np.int64)
-        band = part.astype(np.int64) * self.grid[0] + rows  # a row of chunks of one part
-        order = np.argsort(band, kind="stable")
-        band, cols = band[order], cols[order]
-        starts = np.r_[0, np.flatnonzero(np.diff(band)) + 1]
-        lowest, highest = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
-        return {(row, col)
-                for row, low, high in zip((band[starts] % self.grid[0]).tolist(),
-                                          lowest.tolist(), highest.tolist(), strict=True)
-                for col in range(low, high + 1)}
 
     def process(self, i: int, j: int) -> None:
         bh, bw = self.block
@@ -371,7 +349,7 @@ def tumor_polygons_and_means(
     merger = _Merger(prob, threshold, _block_shape(prob, chunk_px), boxes, memo=memo)
     todo = set().union(*(merger.chunks_in(*box) for box in boxes))
     if memo and len(spans):
-        todo |= merger.chunks_spanned(spans)
+        todo |= chunks_spanned(spans, merger.block, merger.grid)
     while todo:
         for i, j in sorted(todo):  # raster order keeps few chunk sides pending
             merger.process(i, j)
@@ -398,10 +376,14 @@ def _finished(merger: _Merger, simplify_px: float, min_area_px: float
             exact_owner.append(k)
     finished, owner = _finish(exact, simplify_px, min_area_px, merger.block, merger.memo)
     by_owner = dict(zip((exact_owner[o] for o in owner), finished, strict=True)) | spliced
-    kept = sorted(by_owner)  # in the components' order, which ties below keep
+    kept = sorted(by_owner)
     out = np.asarray([by_owner[k] for k in kept], dtype=object)
     if len(out) == 0:
         return [], np.zeros(0)
-    bounds = shapely.bounds(out)
-    order = np.lexsort((bounds[:, 0], bounds[:, 1], -shapely.area(out)))  # ties: top-left first
+    # Largest first, ties top-left first, then by the other corner and the geometry: an
+    # order of the polygons alone, never of the order their chunks were met in.
+    key = np.column_stack([-shapely.area(out), shapely.bounds(out)[:, [1, 0, 3, 2]]])
+    order = np.lexsort(key.T[::-1])
+    if (key[order][1:] == key[order][:-1]).all(axis=1).any():
+        order = np.asarray(sorted(order, key=lambda k: (*key[k], shapely.to_wkb(out[k]))))
     return out[order].tolist(), means[np.asarray(kept, dtype=np.intp)][order]

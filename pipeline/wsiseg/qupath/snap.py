@@ -9,12 +9,12 @@ the geometry valid, without GEOS's snap-rounding overlay; whether it does is che
 the whole shell once per hole (0.35 s for a traced tumor of 60 000 vertices and 9 343 holes,
 which a refine round writes again whenever a stroke touches it); the bound costs 0.13 s.
 For traced contours, whose vertices are pixel corners of the working grid, the same bound
-follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 23 ms
+follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 21 ms
 for a 61 000-vertex tumor of 9 343 holes on a 2-core EPYC; 79 ms when it used ``np.isin``
 and ``np.unique``, whose hashing is slower than a sort here, 37–43 ms when the rings' touches
 were sorted again by their float coordinates, 30 ms when the vertices were sorted a second
-time for the check of coordinates at one lattice point and rounded through
-``shapely.transform`` where no vertex lies on another ring).
+time for the check of coordinates at one lattice point, rounded through ``shapely.transform``
+where no vertex lies on another ring and its rings read after copying it).
 """
 
 from __future__ import annotations
