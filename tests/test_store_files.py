@@ -254,3 +254,28 @@ def test_attributes_are_written_as_zarr_writes_them(tmp_path, fine_workflow):
     with pytest.raises(Exception, match="read-only|read only"):
         read_only.update_attrs(rounds=[])
     assert SlideStore.open(path).attrs["rounds"] == rounds
+
+
+def test_a_file_shared_with_its_twin_is_written_or_linked_once(tmp_path):
+    """``atomic_write_or_link``: a hard link when the twin holds the bytes (again: nothing
+    done, no temporary left), a file of its own when it does not; a twin index that is
+    empty or damaged is not "the same arrays" (it is written anew, never an error)."""
+    from wsiseg.atomic import atomic_write_or_link
+    from wsiseg.round_index import _holds_arrays
+
+    twin, path = tmp_path / "r1.geojson", tmp_path / "r2.geojson"
+    twin.write_bytes(b"contours")
+    for _ in range(2):
+        atomic_write_or_link(path, b"contours", twin)
+        assert os.path.samefile(path, twin)
+        assert not temporaries_of(path)
+    atomic_write_or_link(path, b"other contours", twin)
+    assert path.read_bytes() == b"other contours" and twin.read_bytes() == b"contours"
+    arrays = {"ids": np.asarray(["a"]), "offsets": np.asarray([0, 5])}
+    index = tmp_path / "r1.index.npz"
+    np.savez(index, **arrays)
+    assert _holds_arrays(index, arrays)
+    assert not _holds_arrays(index, {**arrays, "offsets": np.asarray([0, 6])})
+    for damaged in (b"", index.read_bytes()[:40]):
+        index.write_bytes(damaged)
+        assert not _holds_arrays(index, arrays)
