@@ -129,22 +129,15 @@ def atomic_link(source: str | Path, path: str | Path) -> bool:
     Only for files that are never rewritten in place (each is replaced by a rename, as
     these functions do): a write into one would change both names.
     """
-    path = Path(path)
     with contextlib.suppress(OSError):
         if os.path.samefile(source, path):
             return True  # (a rename onto another name of its own file would do nothing)
-    tmp = temporary_name(path)
     try:
-        os.link(source, tmp)
+        # the file's own permissions: the temporary's chmod must not change them
+        with atomic_path(path, mode=os.stat(source).st_mode & 0o7777) as tmp:
+            os.link(source, tmp)
     except OSError:
         return False
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
     return True
 
 
