@@ -234,14 +234,26 @@ def _walk(succ: NDArray[np.intp], order: NDArray[np.intp]
     return walk, np.repeat(np.arange(n_rings), sizes)
 
 
+def ring_neighbours(ring_id: NDArray[np.intp]) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Each vertex's predecessor and successor in its ring (indices, cyclic in the ring);
+    ``ring_id`` non-decreasing: the rings' vertices one ring after the other, closing
+    vertices left out. O(n): searching the ids in themselves cost 1.5 ms a search for the
+    60 000 vertices of the 67-Mpx bench slide's largest tumor."""
+    n = len(ring_id)
+    idx = np.arange(n)
+    if n == 0:
+        return idx, idx
+    starts = np.flatnonzero(np.r_[True, ring_id[1:] != ring_id[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    first = np.repeat(starts, sizes)
+    last = first + np.repeat(sizes, sizes) - 1
+    return np.where(idx == first, last, idx - 1), np.where(idx == last, first, idx + 1)
+
+
 def ring_corners(
     vertices: NDArray[np.int64], ring_id: NDArray[np.intp]
 ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """The rings' vertices where the outline turns (a ring's top-left vertex always does)."""
-    idx = np.arange(len(vertices))
-    ring_first = np.searchsorted(ring_id, ring_id)
-    ring_last = np.searchsorted(ring_id, ring_id, side="right") - 1
-    nxt = np.where(idx == ring_last, ring_first, idx + 1)
-    prv = np.where(idx == ring_first, ring_last, idx - 1)
+    prv, nxt = ring_neighbours(ring_id)
     turns = np.any(np.sign(vertices - vertices[prv]) != np.sign(vertices[nxt] - vertices), axis=1)
     return vertices[turns], ring_id[turns]

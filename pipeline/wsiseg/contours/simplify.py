@@ -29,7 +29,7 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg.contours.cache import TRACES
-from wsiseg.contours.join import ring_polygons
+from wsiseg.contours.join import ring_neighbours, ring_polygons
 
 
 def _finish(
@@ -188,16 +188,13 @@ def _with_grid_crossings(xy: NDArray[np.int64], vertex_ring: NDArray[np.intp],
                          block: tuple[int, int]) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """Each ring with a vertex added where an edge crosses a grid line (pixel-edge rings
     have only axis-parallel edges), so that no run reaches into two chunks."""
-    idx = np.arange(len(xy))
-    ring_first = np.searchsorted(vertex_ring, vertex_ring)
-    ring_last = np.searchsorted(vertex_ring, vertex_ring, side="right") - 1
-    nxt = xy[np.where(idx == ring_last, ring_first, idx + 1)]
+    nxt = xy[ring_neighbours(vertex_ring)[1]]
     lo, hi = np.minimum(xy, nxt), np.maximum(xy, nxt)
     step = np.array([block[1], block[0]])  # (x, y) spacing of the lines
     crossings = np.maximum((hi - 1) // step - lo // step, 0).sum(axis=1)  # one axis moves
     if not crossings.any():
         return xy, vertex_ring
-    owner = np.repeat(idx, crossings + 1)
+    owner = np.repeat(np.arange(len(xy)), crossings + 1)
     k = np.arange(len(owner)) - np.repeat(np.cumsum(crossings + 1) - crossings - 1,
                                           crossings + 1)  # 0: the vertex, 1..n: crossings
     direction = np.sign(nxt - xy)[owner]
@@ -304,11 +301,9 @@ def without_collinear(xy: NDArray[np.int64], ring_id: NDArray[np.intp]
                        ) -> tuple[NDArray[np.int64], NDArray[np.intp]]:
     """Drop vertices where the ring goes straight on (exact: integer coordinates); such
     vertices are left where a straight stretch crossed a grid line."""
-    idx = np.arange(len(xy))
-    first = np.searchsorted(ring_id, ring_id)
-    last = np.searchsorted(ring_id, ring_id, side="right") - 1
-    d_in = xy - xy[np.where(idx == first, last, idx - 1)]
-    d_out = xy[np.where(idx == last, first, idx + 1)] - xy
+    previous, following = ring_neighbours(ring_id)
+    d_in = xy - xy[previous]
+    d_out = xy[following] - xy
     cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
     straight = (cross == 0) & ((d_in * d_out).sum(axis=1) > 0)
     return xy[~straight], ring_id[~straight]

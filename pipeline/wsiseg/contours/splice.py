@@ -29,7 +29,7 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg.contours.cache import TRACES
-from wsiseg.contours.join import linked, ring_polygons
+from wsiseg.contours.join import linked, ring_neighbours, ring_polygons
 from wsiseg.contours.simplify import cut_runs, simplify_runs, without_collinear
 
 _Y = np.int64(1) << 32  # vertex key y·2³² + x: the (y, x) order of integer vertices
@@ -71,10 +71,7 @@ def fragment(pieces: Sequence[shapely.Polygon], block: tuple[int, int], toleranc
     simple, simple_sizes = simplify_runs(runs, tolerance_px, memo=False)
     xy, first, closing, size = runs.xy, runs.first, runs.closing, runs.size
     # each vertex's successor in its ring, for the exact area and the last edges' directions
-    ring_start = np.searchsorted(runs.vertex_ring, runs.vertex_ring)
-    ring_last = np.searchsorted(runs.vertex_ring, runs.vertex_ring, side="right") - 1
-    idx = np.arange(len(xy))
-    nxt = xy[np.where(idx == ring_last, ring_start, idx + 1)]
+    nxt = xy[ring_neighbours(runs.vertex_ring)[1]]
     cross = (xy[:, 0] * nxt[:, 1] - nxt[:, 0] * xy[:, 1]).astype(np.float64)
     vertex_key = xy[:, 1] * _Y + xy[:, 0]
     twice_area = np.add.reduceat(cross, first)
