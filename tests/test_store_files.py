@@ -256,7 +256,7 @@ def test_attributes_are_written_as_zarr_writes_them(tmp_path, fine_workflow):
     assert SlideStore.open(path).attrs["rounds"] == rounds
 
 
-def test_a_file_shared_with_its_twin_is_written_or_linked_once(tmp_path):
+def test_a_file_shared_with_its_twin_is_written_or_linked_once(tmp_path, monkeypatch):
     """``atomic_write_or_link``: a hard link when the twin holds the bytes (again: nothing
     done, no temporary left), a file of its own when it does not; a twin index that is
     empty or damaged is not "the same arrays" (it is written anew, never an error)."""
@@ -265,10 +265,15 @@ def test_a_file_shared_with_its_twin_is_written_or_linked_once(tmp_path):
 
     twin, path = tmp_path / "r1.geojson", tmp_path / "r2.geojson"
     twin.write_bytes(b"contours")
+    os.chmod(twin, 0o2640)  # setgid: a chmod by a user outside the group would drop it
+    chmods = []
+    real_chmod = os.chmod
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: chmods.append(a) or real_chmod(*a, **k))
     for _ in range(2):
         atomic_write_or_link(path, b"contours", twin)
         assert os.path.samefile(path, twin)
         assert not temporaries_of(path)
+    assert chmods == [] and stat.S_IMODE(twin.stat().st_mode) == 0o2640  # not touched
     atomic_write_or_link(path, b"other contours", twin)
     assert path.read_bytes() == b"other contours" and twin.read_bytes() == b"contours"
     arrays = {"ids": np.asarray(["a"]), "offsets": np.asarray([0, 5])}

@@ -86,7 +86,9 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # fsync needs no write access on Linux
             os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path) if mode is None else mode)
+        wanted = _mode_for(path) if mode is None else mode
+        if os.stat(tmp).st_mode & 0o7777 != wanted:  # (a chmod may drop a setgid bit)
+            os.chmod(tmp, wanted)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -124,7 +126,7 @@ def atomic_copy(src: str | Path, dst: str | Path, mode: int | None = None) -> No
 def atomic_link(source: str | Path, path: str | Path) -> bool:
     """Make ``path`` another name of the file ``source`` (a hard link, renamed over
     ``path``: atomic as a write), durably. Returns False, ``path`` untouched, where the file
-    system refuses (another device, no hard links).
+    system refuses (another device, no hard links) or the file cannot be read or replaced.
 
     Only for files that are never rewritten in place (each is replaced by a rename, as
     these functions do): a write into one would change both names.

@@ -7,7 +7,7 @@ is ever in memory. Geometries are in **working pixels** with the frame conventio
 ``[i, i+1) × [j, j+1)`` in ``(x, y)``. The caller converts to level-0 / QuPath pixels with
 :meth:`wsiseg.slide.frame.Frame.transform_geometry`.
 
-Modules: :mod:`~wsiseg.contours.mask` (threshold, probability, block shape),
+Modules: :mod:`~wsiseg.contours.mask` (threshold, probability, block shape, chunks spanned),
 :mod:`~wsiseg.contours.trace` (one chunk, pixel edges), :mod:`~wsiseg.contours.merge` (chunks →
 whole components; :func:`tumor_polygons`), :mod:`~wsiseg.contours.join` (pieces → one
 polygon), :mod:`~wsiseg.contours.simplify` (finishing),

@@ -1,5 +1,5 @@
 """The probability map as contouring reads it: thresholds, probabilities, block shapes,
-the blocks a geometry spans.
+the chunks a geometry spans.
 
 The map is (H, W) at the working resolution: uint8 probability × 255 (the slide store's
 ``refined``), floating probability in [0, 1], or bool; any array with numpy slicing.

@@ -384,6 +384,7 @@ def _finished(merger: _Merger, simplify_px: float, min_area_px: float
     # order of the polygons alone, never of the order their chunks were met in.
     key = np.column_stack([-shapely.area(out), shapely.bounds(out)[:, [1, 0, 3, 2]]])
     order = np.lexsort(key.T[::-1])
-    if (key[order][1:] == key[order][:-1]).all(axis=1).any():
+    ranked = key[order]
+    if (ranked[1:] == ranked[:-1]).all(axis=1).any():
         order = np.asarray(sorted(order, key=lambda k: (*key[k], shapely.to_wkb(out[k]))))
     return out[order].tolist(), means[np.asarray(kept, dtype=np.intp)][order]
