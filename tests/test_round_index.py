@@ -9,6 +9,7 @@ measured from scratch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -229,3 +230,21 @@ def test_a_round_that_changes_no_contour_shares_the_files_of_the_round_before(
     assert undo(store, out, SLIDE_ID) == 1 and undo(store, out, SLIDE_ID) == 0
     assert record[0].read_bytes() == r0_bytes and latest.read_bytes() == r0_bytes
     assert rounds.load_round_ids(store, 0) == again.ids
+
+
+def test_a_damaged_index_is_ignored_and_the_geojson_read(two_rounds):
+    """The index is derived data: empty, cut short or of another file, the round's
+    contours, ids and feature texts come from its GeoJSON, as they would without it."""
+    store, _ = two_rounds
+    index = round_index._index_path(store, 2)
+    want = rounds.load_round_contours(store, 2)
+    texts = rounds.round_feature_texts(store, 2, set(want.ids))
+    good = index.read_bytes()
+    for damaged in (b"", good[: len(good) // 2], b"PK\x03\x04 not a zip"):
+        index.write_bytes(damaged)
+        round_index._RECENT.clear()
+        assert rounds.load_round_ids(store, 2) == want.ids
+        parsed = rounds.load_round_contours(store, 2)
+        assert parsed.ids == want.ids and parsed._annotations is not None  # from the GeoJSON
+        assert [json.loads(t) for t in rounds.round_feature_texts(store, 2, set(want.ids))] \
+            == [json.loads(t) for t in texts]

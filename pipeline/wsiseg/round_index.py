@@ -155,23 +155,21 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
     geojson = round_geojson_path(store, round_k)
     if not geojson.exists():
         raise WsisegError(f"{store.path}: round {round_k} has no stored contours ({geojson.name})")
-    index = _index_path(store, round_k)
     files_stamp = _files_stamp(store, round_k)  # before reading: a later change misses
-    if index.exists():
-        with np.load(index, allow_pickle=False) as z:
-            st = geojson.stat()
-            stamp = [st.st_size, st.st_mtime_ns]
-            if z["geojson"].tolist() == stamp:
-                wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
-                starts = np.concatenate([[0], ends[:-1]])
-                parts = [wkb[a:b] for a, b in zip(starts, ends, strict=True)]
-                covered = z["covered_px"] if "covered_px" in z.files else None
-                contours = RoundContours(ids=z["ids"].tolist(),
-                                         geometries=np.asarray(shapely.from_wkb(parts)),
-                                         _source=geojson, _offsets=z["offsets"],
-                                         _stamp=stamp, covered_px=covered, _wkb=parts)
-                _remember(store, round_k, contours, files_stamp)
-                return contours
+    st = geojson.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    z = _index_arrays(_index_path(store, round_k), stamp, ("ids", "wkb", "wkb_end", "offsets"),
+                      ("covered_px",))
+    if z is not None:
+        wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
+        starts = np.concatenate([[0], ends[:-1]])
+        parts = [wkb[a:b] for a, b in zip(starts, ends, strict=True)]
+        contours = RoundContours(ids=z["ids"].tolist(),
+                                 geometries=np.asarray(shapely.from_wkb(parts)),
+                                 _source=geojson, _offsets=z["offsets"], _stamp=stamp,
+                                 covered_px=z.get("covered_px"), _wkb=parts)
+        _remember(store, round_k, contours, files_stamp)
+        return contours
     ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
     return RoundContours(ids=[a.id for a in ours],
                          geometries=np.asarray([a.geometry for a in ours], dtype=object),
@@ -185,12 +183,11 @@ def load_round_ids(store: SlideStore, round_k: int) -> list[str]:
     if recent is not None:
         return list(recent.ids)
     geojson = round_geojson_path(store, round_k)
-    index = _index_path(store, round_k)
-    if geojson.exists() and index.exists():
-        with np.load(index, allow_pickle=False) as z:
-            st = geojson.stat()
-            if z["geojson"].tolist() == [st.st_size, st.st_mtime_ns]:
-                return z["ids"].tolist()
+    if geojson.exists():
+        st = geojson.stat()
+        z = _index_arrays(_index_path(store, round_k), [st.st_size, st.st_mtime_ns], ("ids",))
+        if z is not None:
+            return z["ids"].tolist()
     return load_round_contours(store, round_k).ids
 
 
@@ -199,17 +196,31 @@ def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> li
     order, byte for byte as the round's GeoJSON holds them: sliced by the index's byte
     ranges (one read of the file, no geometry decoded), else parsed and written anew."""
     geojson = round_geojson_path(store, round_k)
-    index = _index_path(store, round_k)
-    if geojson.exists() and index.exists():
+    if geojson.exists():
         data = geojson.read_bytes()
         st = geojson.stat()
-        with np.load(index, allow_pickle=False) as z:
-            if z["geojson"].tolist() == [len(data), st.st_mtime_ns]:
-                ids, off = z["ids"].tolist(), z["offsets"]
-                return [data[off[i] : off[i + 1] - 1].decode()
-                        for i, feature_id in enumerate(ids) if feature_id in wanted]
+        z = _index_arrays(_index_path(store, round_k), [len(data), st.st_mtime_ns],
+                          ("ids", "offsets"))
+        if z is not None:
+            ids, off = z["ids"].tolist(), z["offsets"]
+            return [data[off[i] : off[i + 1] - 1].decode()
+                    for i, feature_id in enumerate(ids) if feature_id in wanted]
     contours = load_round_contours(store, round_k)
     return contours.feature_texts([i for i, f in enumerate(contours.ids) if f in wanted])
+
+
+def _index_arrays(index: Path, stamp: list[int], required: tuple[str, ...],
+                  optional: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
+    """These arrays of an index made for the GeoJSON of this (size, mtime_ns) ``stamp``; None
+    when the index is missing, stale, or cannot be read (cut short, damaged): it is derived
+    data, and the GeoJSON is read instead."""
+    try:
+        with np.load(index, allow_pickle=False) as z:
+            if not {"geojson", *required} <= set(z.files) or z["geojson"].tolist() != stamp:
+                return None
+            return {name: z[name] for name in (*required, *optional) if name in z.files}
+    except Exception:  # FileNotFoundError, zipfile.BadZipFile, EOFError, ...
+        return None
 
 
 def _index_path(store: SlideStore, round_k: int) -> Path:
