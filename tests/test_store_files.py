@@ -270,11 +270,11 @@ def test_a_file_shared_with_its_twin_is_written_or_linked_once(tmp_path, monkeyp
     real_chmod = os.chmod
     monkeypatch.setattr(os, "chmod", lambda *a, **k: chmods.append(a) or real_chmod(*a, **k))
     for _ in range(2):
-        atomic_write_or_link(path, b"contours", twin)
+        assert atomic_write_or_link(path, b"contours", twin)
         assert os.path.samefile(path, twin)
         assert not temporaries_of(path)
     assert chmods == [] and stat.S_IMODE(twin.stat().st_mode) == 0o2640  # not touched
-    atomic_write_or_link(path, b"other contours", twin)
+    assert not atomic_write_or_link(path, b"other contours", twin)
     assert path.read_bytes() == b"other contours" and twin.read_bytes() == b"contours"
     arrays = {"ids": np.asarray(["a"]), "offsets": np.asarray([0, 5])}
     index = tmp_path / "r1.index.npz"

@@ -164,12 +164,14 @@ def same_bytes(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def atomic_write_or_link(path: str | Path, data: bytes, twin: str | Path) -> None:
+def atomic_write_or_link(path: str | Path, data: bytes, twin: str | Path) -> bool:
     """Replace ``path`` with ``data`` atomically: as a hard link to ``twin`` when that file
     holds exactly these bytes (nothing written: see :func:`atomic_link` for which files
-    may share), else written (:func:`atomic_write_bytes`)."""
-    if not (holds_bytes(twin, data) and atomic_link(twin, path)):
-        atomic_write_bytes(path, data)
+    may share), else written (:func:`atomic_write_bytes`). Returns whether it was linked."""
+    if holds_bytes(twin, data) and atomic_link(twin, path):
+        return True
+    atomic_write_bytes(path, data)
+    return False
 
 
 def fsync_dir(path: str | Path) -> None:

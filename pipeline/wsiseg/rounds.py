@@ -182,10 +182,9 @@ def write_round_geojson(
     # A round that changed no contour (a stroke away from every tumor) has the very bytes of
     # the round before: its record and index then share that round's files (1.6 MB each
     # not written on a 67-Mpx slide); the published copies are still files of their own.
-    twin = round_geojson_path(store, round_k - 1)
-    atomic_write_or_link(record, data, twin)
+    linked = atomic_write_or_link(record, data, round_geojson_path(store, round_k - 1))
     write_round_index(store, round_k, ids, wkb, offsets, covered,
-                      twin=round_k - 1 if _same_file(record, twin) else None)
+                      twin=round_k - 1 if linked else None)
     working = None
     if kept_working is not None:  # transforms are per coordinate: the same as all at once
         working = kept_working + list(store.frame.transform_geometry(
@@ -194,13 +193,6 @@ def write_round_geojson(
         remember_written_round(store, round_k, ids, _objects(geometries), wkb, offsets,
                                covered, None if working is None else _objects(working))
     return publish_round(record, out_dir, slide_id, round_k), polygons
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _objects(items: list) -> np.ndarray:
