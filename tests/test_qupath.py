@@ -27,7 +27,7 @@ from wsiseg.qupath import (
     read_annotations_report,
     write_annotations,
 )
-from wsiseg.qupath.snap import PRECISION_PX, geometry_json
+from wsiseg.qupath.snap import PRECISION_PX, geojson_geometry_text, geometry_json
 
 from qupath_rules import validate_feature_collection
 
@@ -651,6 +651,27 @@ def test_validate_bounds_ids_and_top_level() -> None:
     assert validate_feature_collection(_fc(twice, twice)) == ["feature #2: duplicate id 'a'"]
     assert validate_feature_collection([inside]) == ["top level is not a FeatureCollection"]
     assert validate_feature_collection({"type": "FeatureCollection"}) != []
+
+
+def test_geometry_text_is_geos_geojson_with_integers_written_bare() -> None:
+    # coordinates on the 0.01 grid, of every magnitude a slide has, and negative ones
+    rng = np.random.default_rng(3)
+    k = rng.integers(-10**9, 10**9, size=(4000, 2)).astype(np.float64)
+    k[::3] = np.rint(k[::3] / 100) * 100  # integers, as pixel-edge contours mostly are
+    xy = np.floor(k + 0.5) / 100
+    shell = [(-2e7, -2e7), (2e7, -2e7), (2e7, 2e7), (-2e7, 2e7)]
+    hole = [(1, 1), (2.5, 1), (2.5, 2.25), (1, 2.25)]
+    shapes = [shapely.Polygon(shell, [hole]), shapely.Polygon(hole),
+              shapely.MultiPolygon([shapely.Polygon(shell, [hole]),
+                                    shapely.Polygon([(3e7, 0), (3e7 + 0.07, 0), (3e7, 0.01)])])]
+    shapes.append(shapely.Polygon(np.r_[[[-3e7, -3e7]], xy, [[3e7, 3e7]]]))  # text only
+    for shape in shapes:
+        reference = shapely.to_geojson(shape).replace(".0,", ",").replace(".0]", "]")
+        assert geojson_geometry_text(shape) == reference
+        assert json.loads(geojson_geometry_text(shape))["type"] == shape.geom_type
+    # GEOS's GeoJSON writer keeps the sign of zero ("-0.0"); the text writes 0
+    assert geojson_geometry_text(shapely.Polygon([(-0.0, 0), (1, 0), (1, 1)])) == (
+        '{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,0]]]}')
 
 
 def test_grid_snap_by_rounding_equals_set_precision_and_repairs_what_it_breaks():

@@ -88,9 +88,7 @@ def geometry_json(geometry: shapely.Geometry | None, where: str, valid: bool = F
     # Canonical vertex order (a re-export writes the same bytes), then RFC 7946's right-hand
     # rule; QuPath itself ignores orientation.
     snapped = shapely.orient_polygons(shapely.normalize(snapped))
-    # GEOS writes the shortest decimal of each snapped coordinate, i.e. ≤ 2 decimals; drop the
-    # ".0" of integers, as QuPath does (pixel-edge contours are mostly integers).
-    return _without_dot_zero(shapely.to_geojson(snapped))
+    return geojson_geometry_text(snapped)
 
 
 def rounded(polygonal: shapely.Geometry, step: float = PRECISION_PX) -> shapely.Geometry:
@@ -387,7 +385,24 @@ def _places_form_a_forest(place: np.ndarray, rings: np.ndarray) -> bool:
     return len(links) == n_nodes - connected_components(graph, directed=False)[0]
 
 
-def _without_dot_zero(text: str) -> str:
-    """GeoJSON text without the ".0" of integral coordinates (GEOS writes the shortest
-    decimal, so ".0" before "," or "]" only ends an integer)."""
-    return text.replace(".0,", ",").replace(".0]", "]")
+def geojson_geometry_text(polygonal: shapely.Geometry) -> str:
+    """GeoJSON text of a non-empty Polygon or MultiPolygon whose coordinates lie on the
+    0.01 grid (as :func:`rounded` leaves them): each coordinate its shortest decimal, without
+    the ".0" of integers, as QuPath writes them (pixel-edge contours are mostly integers).
+
+    Written through GEOS's WKT writer with two decimals, trailing zeros trimmed — the
+    shortest decimal of a coordinate on the grid — and its punctuation made GeoJSON's:
+    0.6 s/M vertices against GEOS's GeoJSON writer's 1.1 s (its JSON document built first),
+    the same text but for -0, written 0.
+    """
+    wkt = shapely.to_wkt(polygonal, rounding_precision=2, trim=True)
+    if polygonal.geom_type == "Polygon":  # POLYGON ((x y, x y), (x y, ...))
+        kind, depth = "Polygon", 2
+    else:  # MULTIPOLYGON (((x y, ...)), ((...), (...)))
+        kind, depth = "MultiPolygon", 3
+        wkt = wkt.replace(")), ((", "]]],[[[")
+    body = wkt[wkt.index("(") + depth - 1: len(wkt) - depth + 1]  # "(x y, ..., x y)"
+    body = body.replace("), (", "]],[[").replace(", ", "],[").replace(" ", ",")
+    brackets = depth + 1
+    return (f'{{"type":"{kind}","coordinates":{"[" * brackets}{body[1:-1]}'
+            f'{"]" * brackets}}}')
