@@ -327,16 +327,16 @@ def test_features_away_from_the_scribbles_are_carried_over_byte_for_byte(cmu_run
     indexed = rounds.load_round_contours(store, 1)
     assert indexed.ids == [f["id"] for f in r1]
     everything = list(range(len(indexed.ids)))
-    indexed_features = [json.loads(t) for t in indexed.feature_texts(everything)]
+    indexed_features = [json.loads(t) for t in indexed.feature_bytes(everything)]
     assert indexed_features == r1
     record = rounds.round_geojson_path(store, 1)
     record.write_bytes(record.read_bytes().replace(b"]}", b"] }"))  # same content, new size
     with pytest.raises(WsisegError, match="changed since its contours were read"):
-        indexed.feature_texts(everything)  # byte ranges of the old file are not trusted
+        indexed.feature_bytes(everything)  # byte ranges of the old file are not trusted
     parsed = rounds.load_round_contours(store, 1)
     assert parsed.ids == indexed.ids
     # the index keeps the geometry before the writer's 0.01 px snap
     assert max(shapely.hausdorff_distance(parsed.geometries, indexed.geometries)) < 0.02
-    assert [json.loads(t) for t in parsed.feature_texts(everything)] == indexed_features
+    assert [json.loads(t) for t in parsed.feature_bytes(everything)] == indexed_features
     assert undo(store, out, SLIDE_ID) == 0
     assert not (store.path / "rounds" / "r1.index.npz").exists()

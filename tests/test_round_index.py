@@ -143,7 +143,8 @@ def test_a_round_kept_in_memory_is_the_one_read_back_from_its_files(two_rounds):
         shapely.to_wkb(read.working_geometries(store)))
     np.testing.assert_array_equal(kept.covered_px, read.covered_px)
     all_features = list(range(len(read.ids)))
-    assert kept.feature_texts(all_features) == read.feature_texts(all_features)
+    assert kept.feature_bytes(all_features) == read.feature_bytes(all_features)
+    assert kept._data == rounds.round_geojson_path(store, 2).read_bytes()  # (sliced, not read)
     assert rounds.load_round_ids(store, 2) == read.ids
 
 
@@ -213,7 +214,7 @@ def test_a_round_that_changes_no_contour_shares_the_files_of_the_round_before(
     round_index._RECENT.clear()
     again = rounds.load_round_contours(store, 2)
     assert again.ids == rounds.load_round_ids(store, 0)
-    assert [t.encode() for t in again.feature_texts([0])] == [r0_bytes[
+    assert again.feature_bytes([0]) == [r0_bytes[
         again._offsets[0]:again._offsets[1] - 1]]
     # a round that changes a contour (a tumor found where the stroke is) writes its own
     tumor = stroke_away_from_the_tumor(store, tmp_path / "t.geojson", 3)

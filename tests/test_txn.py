@@ -119,7 +119,7 @@ STAGES = [
     (wsiseg.rounds, "recontour", lambda f: _after(f)),
     (wsiseg.rounds, "atomic_write_or_link", lambda f: _after(f)),
     (wsiseg.rounds, "write_round_index", lambda f: _after(f)),
-    (wsiseg.outputs, "atomic_copy", lambda f: _nth_call_fails(f, 2)),  # r<k> out, not latest
+    (wsiseg.outputs, "atomic_write_bytes", lambda f: _nth_call_fails(f, 2)),  # r<k> out
     (wsiseg.rounds, "write_round_geojson", lambda f: _after(f)),
     (wsiseg.refine.round, "measurements", lambda f: _after(f)),
     (SlideStore, "update_attrs", lambda f: _after(f)),
@@ -185,7 +185,7 @@ def test_a_failing_round_that_changes_no_contour_leaves_everything_as_before(
         export = stroke_away_from_the_tumor(store, tmp_path / f"s{k}.geojson", k)
         if k == 2:
             before = dir_snapshot(store.path, out)
-            for module, name, make in [s for s in STAGES if s[1] != "atomic_copy"]:
+            for module, name, make in [s for s in STAGES if s[1] != "atomic_write_bytes"]:
                 with monkeypatch.context() as m:
                     m.setattr(module, name, make(getattr(module, name)))
                     with pytest.raises((Boom, KeyboardInterrupt)):

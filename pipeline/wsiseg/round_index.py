@@ -40,7 +40,7 @@ class RoundContours:
     """A round's exported contours, as the next refine round uses them.
 
     ``geometries`` are in QuPath-frame level-0 px (as exported, before QuPath's 0.01 px
-    snap), one per feature. ``feature_texts`` gives features' JSON back.
+    snap), one per feature. ``feature_bytes`` gives features' JSON back.
     """
 
     ids: list[str]
@@ -53,6 +53,7 @@ class RoundContours:
     covered_px: np.ndarray | None = None
     _working: np.ndarray | None = None  # working_geometries, once computed
     _wkb: list[bytes] | None = None  # each geometry's WKB as the index holds it
+    _data: bytes | None = None  # _source's bytes, when this process wrote them
 
     def covered_of(self, store: SlideStore, indices: list[int]) -> np.ndarray:
         """The area on tissue (working px²) of these features: recorded in the index, or
@@ -89,18 +90,20 @@ class RoundContours:
             return [self._wkb[i] for i in indices]
         return list(shapely.to_wkb(self.geometries[np.asarray(indices, dtype=np.intp)]))
 
-    def feature_texts(self, indices: list[int]) -> list[str]:
-        """The Feature JSON texts of these features: byte for byte as written when read
-        through the index, written anew from the parsed annotations otherwise."""
+    def feature_bytes(self, indices: list[int]) -> list[bytes]:
+        """The Feature JSON texts (UTF-8) of these features: byte for byte as written when
+        read through the index, written anew from the parsed annotations otherwise."""
         if self._annotations is not None:
             chosen = [self._annotations[i] for i in indices]
-            return [text for _, _, text in annotation_features(chosen)]
-        data = self._source.read_bytes()  # one read; only the kept features are sliced
+            return [text.encode() for _, _, text in annotation_features(chosen)]
+        # one read at most (none when this process wrote the file); only the kept
+        # features are sliced, from the file these byte ranges were made for
+        data = self._source.read_bytes() if self._data is None else self._data
         st = self._source.stat()
-        if [len(data), st.st_mtime_ns] != self._stamp:
+        if [st.st_size, st.st_mtime_ns] != self._stamp or len(data) != st.st_size:
             raise WsisegError(f"{self._source}: changed since its contours were read")
-        off = self._offsets
-        return [data[off[i] : off[i + 1] - 1].decode() for i in indices]
+        off = self._offsets.tolist()
+        return [data[off[i] : off[i + 1] - 1] for i in indices]
 
 
 def write_round_index(
@@ -206,7 +209,8 @@ def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> li
             return [data[off[i] : off[i + 1] - 1].decode()
                     for i, feature_id in enumerate(ids) if feature_id in wanted]
     contours = load_round_contours(store, round_k)
-    return contours.feature_texts([i for i, f in enumerate(contours.ids) if f in wanted])
+    return [text.decode() for text in contours.feature_bytes(
+        [i for i, f in enumerate(contours.ids) if f in wanted])]
 
 
 def _index_arrays(index: Path, stamp: list[int], required: tuple[str, ...],
@@ -240,11 +244,12 @@ _RECENT_STORES = 8
 def remember_written_round(
     store: SlideStore, round_k: int, ids: list[str], geometries: np.ndarray,
     wkb: list[bytes], offsets: list[int], covered_px: Sequence[float],
-    working: np.ndarray | None = None,
+    working: np.ndarray | None = None, data: bytes | None = None,
 ) -> None:
     """Keep round k's contours, just written (its GeoJSON, then :func:`write_round_index`
     with these arguments), for its next load; ``working``: the geometries in working px,
-    when known."""
+    when known; ``data``: the GeoJSON's bytes (its features are then sliced from them, not
+    read again)."""
     files_stamp = _files_stamp(store, round_k)
     if files_stamp is None:
         return
@@ -252,7 +257,8 @@ def remember_written_round(
     contours = RoundContours(
         ids=list(ids), geometries=geometries, _source=round_geojson_path(store, round_k),
         _offsets=np.asarray(offsets, dtype=np.int64), _stamp=[geojson_size, geojson_mtime_ns],
-        covered_px=np.asarray(covered_px, dtype=np.float64), _working=working, _wkb=list(wkb))
+        covered_px=np.asarray(covered_px, dtype=np.float64), _working=working, _wkb=list(wkb),
+        _data=data)
     _remember(store, round_k, contours, files_stamp)
 
 

@@ -154,12 +154,13 @@ def write_round_geojson(
     if polygons is None:
         polygons, means = round_contours(store)
     annotations = annotations_for(store, polygons, round_k, slide_id, means)
-    texts, ids, wkb, covered, geometries = [], [], [], [], []
+    texts: list[str | bytes] = []
+    ids, wkb, covered, geometries = [], [], [], []
     kept_covered, new_covered = covered_px if covered_px is not None else (None, None)
     kept_working = None
     if kept is not None:
         previous, indices = kept
-        texts += previous.feature_texts(indices)
+        texts += previous.feature_bytes(indices)
         ids += [previous.ids[i] for i in indices]
         wkb += previous.wkb_of(indices)
         covered += (list(kept_covered) if kept_covered is not None
@@ -191,8 +192,8 @@ def write_round_geojson(
             _objects(geometries[n_kept:]), "qupath", "working"))
     if kept is not None:  # a refine round's, for the next one: a server's next stroke
         remember_written_round(store, round_k, ids, _objects(geometries), wkb, offsets,
-                               covered, None if working is None else _objects(working))
-    return publish_round(record, out_dir, slide_id, round_k), polygons
+                               covered, None if working is None else _objects(working), data)
+    return publish_round(record, out_dir, slide_id, round_k, data), polygons
 
 
 def _objects(items: list) -> np.ndarray:

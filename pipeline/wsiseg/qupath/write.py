@@ -79,12 +79,12 @@ def annotation_features(
     return out
 
 
-def feature_collection_bytes(feature_texts: Sequence[str]) -> tuple[bytes, list[int]]:
-    """Feature JSON texts as one FeatureCollection (UTF-8), and the byte offset of each
-    feature in it, then the offset just past the last one, so a reader can take a feature's
-    text back without parsing the rest."""
+def feature_collection_bytes(feature_texts: Sequence[str | bytes]) -> tuple[bytes, list[int]]:
+    """Feature JSON texts (``str``, or ``bytes`` in UTF-8) as one FeatureCollection (UTF-8),
+    and the byte offset of each feature in it, then the offset just past the last one, so a
+    reader can take a feature's text back without parsing the rest."""
     head = b'{"type":"FeatureCollection","features":['
-    parts = [text.encode() for text in feature_texts]
+    parts = [text if isinstance(text, bytes) else text.encode() for text in feature_texts]
     offsets = [len(head)]
     for part in parts:
         offsets.append(offsets[-1] + len(part) + 1)  # + the comma after it
