@@ -11,6 +11,7 @@ import shapely
 from scipy import ndimage as ndi
 
 import wsiseg.contours.merge as merge
+import wsiseg.contours.trace as chunk_trace
 from wsiseg.contours import (
     RowStreamTracer,
     draw_contours,
@@ -140,9 +141,9 @@ def test_each_traced_polygon_is_exactly_its_components_pixels() -> None:
         mask = rng.random((h, w)) < rng.uniform(0.2, 0.8)
         if k % 2:
             mask = ndi.binary_opening(mask) | (rng.random((h, w)) < 0.05)
-        labels, polygons = merge._trace_block(mask, 3, 5)
+        labels, polygons = chunk_trace._trace_block(mask, 3, 5)
         if k % 40 == 0:  # any nonzero pixel is tumor, whatever the mask's dtype
-            as_uint8 = merge._trace_block(mask.astype(np.uint8) * 255, 3, 5)[1]
+            as_uint8 = chunk_trace._trace_block(mask.astype(np.uint8) * 255, 3, 5)[1]
             assert all(shapely.equals_exact(p, q, 0)
                        for p, q in zip(as_uint8, polygons, strict=True))
         assert np.array_equal(labels, ndi.label(mask)[0])
@@ -217,13 +218,13 @@ def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> 
 
 def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> None:
     traced: list[tuple[int, int]] = []
-    real = merge._trace_block
+    real = chunk_trace._trace_block
 
     def counting(mask, row0, col0):
         traced.append((row0, col0))
         return real(mask, row0, col0)
 
-    monkeypatch.setattr(merge, "_trace_block", counting)
+    monkeypatch.setattr(chunk_trace, "_trace_block", counting)
     prob = np.zeros((128, 128), dtype=np.uint8)
     prob[10:120, 10:120] = 200  # one component over all 16 chunks of 32²
     prob[40:50, 40:50] = 0

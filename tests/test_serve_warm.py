@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-import wsiseg.contours.merge as merge
+import wsiseg.contours.trace as chunk_trace
 from wsiseg.contours.cache import TRACES, TraceMemo
 from wsiseg.serve import warm
 from wsiseg.store import SlideStore
@@ -33,7 +33,7 @@ def test_the_first_stroke_after_opening_traces_only_the_chunks_it_changed(
     before = np.asarray(refined[...])
     body = export_of(store, [(border_stroke(store, 0, length_px=120.0), "Tumor")])
     traced: list[tuple[int, int]] = []
-    real = merge._trace_block
+    real = chunk_trace._trace_block
 
     def counting(mask, row0, col0):
         traced.append((row0, col0))
@@ -45,7 +45,7 @@ def test_the_first_stroke_after_opening_traces_only_the_chunks_it_changed(
         assert api.get(f"/slides/{SLIDE_ID}/contours").status_code == 200
         assert warmer.wait(SLIDE_ID, timeout_s=60) is warm
         assert (len(TRACES) > 0) is warm
-        monkeypatch.setattr(merge, "_trace_block", counting)
+        monkeypatch.setattr(chunk_trace, "_trace_block", counting)
         r = api.post(f"/slides/{SLIDE_ID}/scribbles", content=body, headers=GEOJSON_HEADERS)
         assert r.status_code == 200, r.text
         assert r.json()["refined"]

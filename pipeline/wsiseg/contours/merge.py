@@ -18,17 +18,10 @@ from scipy.sparse.csgraph import connected_components
 
 from wsiseg.contours.cache import TRACES, array_identity, chunk_file, chunk_stamp
 from wsiseg.contours.join import join_pieces
-from wsiseg.contours.mask import (
-    ArrayLike2D,
-    _as_probability,
-    _block_shape,
-    _check_threshold,
-    chunks_spanned,
-    tumor_mask,
-)
+from wsiseg.contours.mask import ArrayLike2D, _block_shape, _check_threshold, chunks_spanned
 from wsiseg.contours.simplify import _finish
 from wsiseg.contours.splice import fragment, splice
-from wsiseg.contours.trace import _trace_block
+from wsiseg.contours.trace import ChunkTrace, chunk_side, trace_chunk
 
 # side name → (row step, column step) to the neighbouring chunk, and the side facing back
 _SIDES: dict[str, tuple[int, int]] = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1),
@@ -75,7 +68,7 @@ class _Merger:
         bh, bw = self.block
         r0, c0 = i * bh, j * bw
         r1, c1 = min(r0 + bh, self.prob.shape[0]), min(c0 + bw, self.prob.shape[1])
-        labels, polygons, sums, counts = self._traced(np.s_[r0:r1, c0:c1], (i, j))
+        labels, polygons, sums, counts, side_labels = self._traced(np.s_[r0:r1, c0:c1], (i, j))
         offset = self.n_pieces
         self.n_pieces += len(polygons)
         self.done.add((i, j))
@@ -83,40 +76,46 @@ class _Merger:
             self.sums.append(sums)
             self.counts.append(counts)
 
-        on_border: set[int] = set()
+        on_border = []
         for side, (di, dj) in _SIDES.items():
             ni, nj = i + di, j + dj
             if not (0 <= ni < self.grid[0] and 0 <= nj < self.grid[1]):
                 continue
-            local = _side(labels, side)
+            present = side_labels[side]
+            facing = (self.pending.pop((ni, nj, _OPPOSITE[side]), None)
+                      if (ni, nj) in self.done else None)
+            if not len(present):
+                continue
+            on_border.append(present)
+            local = chunk_side(labels, side)
             ids = np.where(local > 0, local.astype(np.int64) + offset, 0)
-            if ids.any():
-                on_border.update(np.unique(local[local > 0]).tolist())
-            if (ni, nj) in self.done:
-                facing = self.pending.pop((ni, nj, _OPPOSITE[side]), None)
-                if facing is not None and ids.any():
-                    both = (ids > 0) & (facing > 0)
-                    self.pairs.append(np.column_stack([ids[both], facing[both]]))
-            elif ids.any():
+            if facing is not None:
+                both = (ids > 0) & (facing > 0)
+                self.pairs.append(np.column_stack([ids[both], facing[both]]))
+            elif (ni, nj) not in self.done:
                 self.pending[(i, j, side)] = ids
 
         in_region: set[int] = set()
         for rr0, cc0, rrows, rcols in self.regions:
+            if rr0 >= r1 or cc0 >= c1 or rr0 + rrows <= r0 or cc0 + rcols <= c0:
+                continue  # (most chunks of a large tumor lie away from the windows)
             window = labels[max(rr0 - r0, 0): max(rr0 + rrows - r0, 0),
                             max(cc0 - c0, 0): max(cc0 + rcols - c0, 0)]
             in_region.update(np.unique(window[window > 0]).tolist())
-        for label, polygon in enumerate(polygons, start=1):
-            if label in on_border:
-                self.border_pieces[offset + label] = polygon
-                self.piece_place[offset + label] = ((i, j), label)
-                if label in in_region:
-                    self.in_region.add(offset + label)
-            elif label in in_region:
-                self.finished[offset + label] = polygon
+        # only the pieces on a side or in a region are kept: a chunk of a large tumor holds
+        # hundreds of pieces, most of them neither (specks inside it), not looked at one by one
+        border = np.unique(np.concatenate(on_border)).tolist() if on_border else []
+        for label in border:
+            self.border_pieces[offset + label] = polygons[label - 1]
+            self.piece_place[offset + label] = ((i, j), label)
+            if label in in_region:
+                self.in_region.add(offset + label)
+        for label in sorted(in_region.difference(border)):
+            self.finished[offset + label] = polygons[label - 1]
 
-    def _traced(self, box: tuple[slice, slice], chunk: tuple[int, int]) -> tuple[
-            NDArray[np.integer], list[shapely.Polygon], NDArray[np.float64], NDArray[np.int64]]:
-        """One chunk's labels, pieces, and per piece the probability's sum and pixel count.
+    def _traced(self, box: tuple[slice, slice], chunk: tuple[int, int]) -> ChunkTrace:
+        """One chunk's labels, pieces, per piece the probability's sum and pixel count, and
+        the labels on each of its sides.
 
         With ``memo``, from :data:`TRACES` when it holds the same pixels at the same place:
         found by the chunk file's stamp without reading the chunk when the block is one
@@ -139,31 +138,24 @@ class _Merger:
             hit = TRACES.get(key)
         self.trace_keys[chunk] = key
         if hit is not None:
-            labels, polygons, sums, counts = hit
-            if labels is None:
-                labels = np.zeros((box[0].stop - r0, box[1].stop - c0), np.uint8)
-            return labels, polygons, sums, counts
-        labels, polygons, sums, counts = self._trace(values, r0, c0)
-        kept = labels if polygons else None  # a chunk without tumor: no (zero) labels kept
+            if hit.labels is None:
+                return hit._replace(labels=np.zeros((box[0].stop - r0, box[1].stop - c0),
+                                                    np.uint8))
+            return hit
+        traced = self._trace(values, r0, c0)
+        labels, polygons = traced.labels, traced.polygons
+        # a chunk without tumor: no (zero) labels kept
+        kept = traced if polygons else traced._replace(labels=None)
         # measured (RSS): 426 B per polygon (GEOS and its Python object), 16.8 B per
         # vertex; the estimate errs high so that the budget holds
-        size = (kept.nbytes if kept is not None else 0) + 450 * len(polygons) + 256
+        size = (labels.nbytes if polygons else 0) + 450 * len(polygons) + 256
         size += int(shapely.get_num_coordinates(polygons).sum()) * 24 if polygons else 0
-        TRACES.put(key, (kept, polygons, sums, counts), size)
-        return labels, polygons, sums, counts
+        size += sum(a.nbytes for a in traced.side_labels.values())
+        TRACES.put(key, kept, size)
+        return traced
 
-    def _trace(self, values: np.ndarray, r0: int, c0: int) -> tuple[
-            NDArray[np.integer], list[shapely.Polygon], NDArray[np.float64], NDArray[np.int64]]:
-        labels, polygons = _trace_block(tumor_mask(values, self.threshold), r0, c0)
-        sums = counts = np.zeros(0)
-        if polygons:
-            flat = labels.ravel()
-            n = len(polygons) + 1
-            sums = np.bincount(flat, weights=_as_probability(values).ravel(), minlength=n)[1:]
-            counts = np.bincount(flat, minlength=n)[1:]
-            if n <= np.iinfo(np.uint16).max:
-                labels = labels.astype(np.uint16)
-        return labels, polygons, sums, counts
+    def _trace(self, values: np.ndarray, r0: int, c0: int) -> ChunkTrace:
+        return trace_chunk(values, self.threshold, r0, c0)
 
     def _components(self) -> NDArray[np.intp]:
         n = self.n_pieces + 1
@@ -226,16 +218,6 @@ class _Merger:
             fragments.append(fragment([self.border_pieces[g] for g in sorted(ids)], self.block,
                                       simplify_px, key))
         return splice(fragments)
-
-
-def _side(labels: NDArray[np.int32], side: str) -> NDArray[np.int32]:
-    if side == "top":
-        return labels[0, :]
-    if side == "bottom":
-        return labels[-1, :]
-    if side == "left":
-        return labels[:, 0]
-    return labels[:, -1]
 
 
 def tumor_polygons(

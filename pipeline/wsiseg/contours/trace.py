@@ -16,12 +16,65 @@ and the 256 chunks of the 67-Mpx bench map, in 2.9 instead of 5.4 ms per 512² c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import shapely
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from wsiseg.contours.join import link_rings, ring_corners, ring_polygons, ring_twice_areas
+from wsiseg.contours.mask import _as_probability, tumor_mask
+
+#: A chunk's sides, where its pieces may continue into the neighbouring chunks.
+SIDES = ("top", "bottom", "left", "right")
+
+
+class ChunkTrace(NamedTuple):
+    """One chunk traced (:func:`trace_chunk`): its pieces, their sums, and its sides."""
+
+    labels: NDArray[np.integer] | None  # (rows, cols) piece k's pixels labelled k, 0 elsewhere
+    polygons: list[shapely.Polygon]  # piece k's outline is polygons[k - 1], global working px
+    sums: NDArray[np.float64]  # (pieces,) the probability summed over each piece's pixels
+    counts: NDArray[np.int64]  # (pieces,) ... and its pixel count
+    side_labels: dict[str, NDArray[np.int64]]  # per side (SIDES), the labels on it, sorted
+
+
+def trace_chunk(values: np.ndarray, threshold: float, row0: int, col0: int) -> ChunkTrace:
+    """The tumor pieces of one chunk of probability ``values`` (any dtype of
+    :func:`~wsiseg.contours.mask.tumor_mask`) whose pixel (0, 0) is working px (row0, col0).
+
+    Per piece also the probability's sum and pixel count (a component's mean is then one
+    bincount per chunk, no second read), and per side the labels on it, which the merge
+    across chunks looks at (found once per trace, not once per use of a memo's trace).
+    Labels are uint16 where they fit.
+    """
+    labels, polygons = _trace_block(tumor_mask(values, threshold), row0, col0)
+    sums = counts = np.zeros(0)
+    if polygons:
+        flat = labels.ravel()
+        n = len(polygons) + 1
+        sums = np.bincount(flat, weights=_as_probability(values).ravel(), minlength=n)[1:]
+        counts = np.bincount(flat, minlength=n)[1:]
+        if n <= np.iinfo(np.uint16).max:
+            labels = labels.astype(np.uint16)
+    side_labels = {}
+    for side in SIDES:
+        local = chunk_side(labels, side)
+        side_labels[side] = np.unique(local[local > 0]).astype(np.int64)
+    return ChunkTrace(labels, polygons, sums, counts, side_labels)
+
+
+def chunk_side(labels: NDArray[np.integer], side: str) -> NDArray[np.integer]:
+    """The labels along one side (one of :data:`SIDES`) of a chunk's label image."""
+    if side == "top":
+        return labels[0, :]
+    if side == "bottom":
+        return labels[-1, :]
+    if side == "left":
+        return labels[:, 0]
+    return labels[:, -1]
+
 
 
 def _trace_block(
