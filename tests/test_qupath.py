@@ -27,7 +27,8 @@ from wsiseg.qupath import (
     read_annotations_report,
     write_annotations,
 )
-from wsiseg.qupath.snap import PRECISION_PX, geojson_geometry_text, geometry_json
+from wsiseg.qupath.snap import PRECISION_PX, geometry_json
+from wsiseg.qupath.text import geometry_text
 
 from qupath_rules import validate_feature_collection
 
@@ -667,10 +668,10 @@ def test_geometry_text_is_geos_geojson_with_integers_written_bare() -> None:
     shapes.append(shapely.Polygon(np.r_[[[-3e7, -3e7]], xy, [[3e7, 3e7]]]))  # text only
     for shape in shapes:
         reference = shapely.to_geojson(shape).replace(".0,", ",").replace(".0]", "]")
-        assert geojson_geometry_text(shape) == reference
-        assert json.loads(geojson_geometry_text(shape))["type"] == shape.geom_type
+        assert geometry_text(shape) == reference
+        assert json.loads(geometry_text(shape))["type"] == shape.geom_type
     # GEOS's GeoJSON writer keeps the sign of zero ("-0.0"); the text writes 0
-    assert geojson_geometry_text(shapely.Polygon([(-0.0, 0), (1, 0), (1, 1)])) == (
+    assert geometry_text(shapely.Polygon([(-0.0, 0), (1, 0), (1, 1)])) == (
         '{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,0]]]}')
 
 

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
 from wsiseg.contours import tumor_polygons
-from wsiseg.qupath import snap
+from wsiseg.qupath import snap, text
 from wsiseg.qupath.snap import PRECISION_PX, geometry_json, lattice_rounding, proven_rounding
+from wsiseg.qupath.text import geometry_text
 from wsiseg.slide.frame import Frame
 
 SQUARE = [(0, 0), (10, 0), (10, 10), (0, 10)]
@@ -147,10 +148,83 @@ def test_a_vouched_contour_on_its_lattice_needs_no_search_and_no_geos_check(monk
     expected = geometry_json(polygon, "x", valid=True)
     calls = []
     real = shapely.is_valid
-    monkeypatch.setattr(shapely, "is_valid", lambda g, **kw: calls.append(g) or real(g, **kw))
-    monkeypatch.setattr(snap, "proven_rounding", lambda g: calls.append(g))
-    assert geometry_json(polygon, "x", valid=True, grid=(7.9145, 0.5, -0.5)) == expected
+    with monkeypatch.context() as m:
+        m.setattr(shapely, "is_valid", lambda g, **kw: calls.append(g) or real(g, **kw))
+        m.setattr(snap, "proven_rounding", lambda g: calls.append(g))
+        m.setattr(shapely, "normalize", lambda g, **kw: calls.append(g))
+        got = geometry_json(polygon, "x", valid=True, grid=(7.9145, 0.5, -0.5))
     assert calls == []
+    assert got == expected  # the canonical text, found from the arrays
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scale", [1.0, 2.0, 7.9145, 2 / 3])
+def test_the_canonical_text_from_arrays_is_geos_normal_form(seed, scale):
+    """GEOS's normalisation, oriented: rings from their smallest coordinate, holes by size
+    and coordinates; found here with array operations, the same text."""
+    grid = (scale, 0.5, -0.5)
+    rng = np.random.default_rng(seed)
+    mask = ndi.gaussian_filter(rng.standard_normal((200, 200)), 1.2) > 0.4  # many holes
+    polygons = [shapely.affinity.affine_transform(p, [scale, 0, 0, scale, 0.5, -0.5])
+                for p in tumor_polygons(~mask, chunk_px=64, simplify_px=1.0)]
+    # two holes of one size from one smallest coordinate: a tie only their other
+    # coordinates decide, in both orders
+    shell = [(0, 0), (100, 0), (100, 100), (0, 100)]
+    a, b = [(60, 60), (61, 62), (62, 61)], [(60, 60), (63, 60), (62, 58)]
+    polygons += [shapely.affinity.affine_transform(shapely.Polygon(shell, holes),
+                                                   [scale, 0, 0, scale, 0.5, -0.5])
+                 for holes in ([a, b], [b, a])]
+    assert sum(len(p.interiors) for p in polygons) > 20
+    proven = 0
+    for polygon in polygons:
+        rounded = lattice_rounding(polygon, grid)
+        if rounded is None:  # (a long steep segment on a fine lattice: left to the search)
+            continue
+        proven += 1
+        reference = geometry_text(shapely.orient_polygons(shapely.normalize(rounded)))
+        assert geometry_json(polygon, "x", valid=True, grid=grid) == reference
+        # the same rings in another order and from other starts: the same text
+        shuffled = shapely.Polygon(
+            np.roll(np.asarray(polygon.exterior.coords)[:-1], 3, axis=0),
+            [np.asarray(h.coords)[:-1] for h in polygon.interiors][::-1])
+        assert geometry_json(shuffled, "x", valid=True, grid=grid) == reference
+    assert proven == len(polygons) or (scale < 1 and proven >= 2)
+
+
+def test_a_contour_on_its_lattice_not_turning_the_rfc_way_is_normalised_by_geos():
+    grid = (7.9145, 0.5, -0.5)
+    polygon = max(_traced(0, 7.9145, 0.5), key=lambda p: len(p.interiors))
+    turned = shapely.Polygon(polygon.exterior, [polygon.interiors[0].coords[::-1],
+                                                *polygon.interiors[1:]])
+    assert text.canonical_polygon_text(*snap._lattice_rounded(turned, grid)[:2]) is None
+    got = geometry_json(turned, "x", valid=True, grid=grid)
+    assert got == geometry_json(polygon, "x", valid=True, grid=grid)  # the same polygon
+    assert got == geometry_text(shapely.orient_polygons(shapely.normalize(
+        lattice_rounding(turned, grid))))
+
+
+def test_ring_texts_are_remembered():
+    polygons = _traced(2, 2.0, 0.0)
+    big = max(polygons, key=lambda p: len(p.interiors))
+    grid = (2.0, 0.0, 0.0)
+    text.RING_TEXTS.clear()
+    first = geometry_json(big, "x", valid=True, grid=grid)
+    assert len(text.RING_TEXTS._texts) == len(big.interiors) + 1
+    # a polygon with one hole less: its rings' texts are found, not written again
+    fewer = shapely.Polygon(big.exterior, big.interiors[1:])
+    written = []
+    real = shapely.to_wkt
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shapely, "to_wkt", lambda g, **kw: written.append(g) or real(g, **kw))
+        again = geometry_json(fewer, "x", valid=True, grid=grid)
+        assert geometry_json(big, "x", valid=True, grid=grid) == first
+    assert written == []
+    text.RING_TEXTS.clear()
+    assert geometry_json(fewer, "x", valid=True, grid=grid) == again
+    # what the budget cannot hold is not kept
+    small = text._RingTexts(10)
+    small.put_many([b"k" * 8], ["[[1,2],[3,4]]"])
+    assert small.get_many([b"k" * 8]) == [None]
 
 
 @pytest.mark.parametrize("touch", [

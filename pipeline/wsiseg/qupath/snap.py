@@ -10,11 +10,8 @@ the whole shell once per hole (0.35 s for a traced tumor of 60 000 vertices and 
 which a refine round writes again whenever a stroke touches it); the bound costs 0.13 s.
 For traced contours, whose vertices are pixel corners of the working grid, the same bound
 follows from lattice arithmetic without a spatial search (:func:`lattice_rounding`, 21 ms
-for a 61 000-vertex tumor of 9 343 holes on a 2-core EPYC; 79 ms when it used ``np.isin``
-and ``np.unique``, whose hashing is slower than a sort here, 37–43 ms when the rings' touches
-were sorted again by their float coordinates, 30 ms when the vertices were sorted a second
-time for the check of coordinates at one lattice point, rounded through ``shapely.transform``
-where no vertex lies on another ring and its rings read after copying it).
+for that tumor on a 2-core EPYC; its history in ``docs/benchmarks.md`` §7), and their
+canonical text from their arrays (:func:`~wsiseg.qupath.text.canonical_polygon_text`).
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from wsiseg.qupath.geometry import _polygonal
+from wsiseg.qupath.text import canonical_polygon_text, geometry_text
 
 #: QuPath ≥ 0.6 snaps imported vertices to this grid (``qupath-geojson.md`` §2.4).
 PRECISION_PX = 0.01
@@ -68,7 +66,15 @@ def geometry_json(geometry: shapely.Geometry | None, where: str, valid: bool = F
     snapped = None
     if geometry.geom_type in _POLYGONAL:
         if valid and grid is not None:
-            snapped = lattice_rounding(geometry, grid)
+            on_grid = _lattice_rounded(geometry, grid)
+            if on_grid is not None:
+                # a traced contour's rings turn the RFC 7946 way: its canonical order and
+                # text come from its arrays, its unchanged rings' text remembered
+                text = (canonical_polygon_text(*on_grid[:2])
+                        if geometry.geom_type == "Polygon" else None)
+                if text is not None:
+                    return text
+                snapped = _rebuilt(geometry, *on_grid)
         if valid and snapped is None:
             snapped = proven_rounding(geometry)
         if snapped is None:
@@ -87,8 +93,7 @@ def geometry_json(geometry: shapely.Geometry | None, where: str, valid: bool = F
         return None
     # Canonical vertex order (a re-export writes the same bytes), then RFC 7946's right-hand
     # rule; QuPath itself ignores orientation.
-    snapped = shapely.orient_polygons(shapely.normalize(snapped))
-    return geojson_geometry_text(snapped)
+    return geometry_text(shapely.orient_polygons(shapely.normalize(snapped)))
 
 
 def rounded(polygonal: shapely.Geometry, step: float = PRECISION_PX) -> shapely.Geometry:
@@ -181,6 +186,15 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
     step : float
         The rounding grid's spacing.
     """
+    on_grid = _lattice_rounded(polygonal, grid, step)
+    return None if on_grid is None else _rebuilt(polygonal, *on_grid)
+
+
+def _lattice_rounded(polygonal: shapely.Geometry, grid: tuple[float, float, float],
+                     step: float = PRECISION_PX
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`lattice_rounding` as the rounded coordinates, each one's ring and each ring's
+    part (as :func:`_coordinates` gives them, with the touches' vertices inserted)."""
     spacing, x0, y0 = (float(v) for v in grid)
     xy, ring, part_of_ring = _coordinates(polygonal)
     if not (spacing > 0 and len(xy)):
@@ -224,10 +238,10 @@ def lattice_rounding(polygonal: shapely.Geometry, grid: tuple[float, float, floa
         if not _places_form_a_forest(keys // n_rings, keys % n_rings):
             return None
         xy, ring = _inserted(xy, ring, first, on, xy[first[vertex]])[:2]
-    # Rounded and rebuilt at once, with nothing to remove: a segment's ends are distinct
-    # lattice points (g > 0 above), ≥ spacing > 2m apart, so they round to distinct points
-    # (:func:`rounded`, which looks for repeated points, costs 3× as much).
-    return _rebuilt(polygonal, _on_grid(xy, step), ring, part_of_ring)
+    # Rounded, with nothing to remove: a segment's ends are distinct lattice points (g > 0
+    # above), ≥ spacing > 2m apart, so they round to distinct points (:func:`rounded`,
+    # which looks for repeated points, costs 3× as much).
+    return _on_grid(xy, step), ring, part_of_ring
 
 
 def _lattice_touches(ij: np.ndarray, ring: np.ndarray, first: np.ndarray, unit: np.ndarray,
@@ -383,26 +397,3 @@ def _places_form_a_forest(place: np.ndarray, rings: np.ndarray) -> bool:
     graph = coo_matrix((np.ones(len(links)), (ring_node, n_rings + place_node)),
                        shape=(n_nodes, n_nodes))
     return len(links) == n_nodes - connected_components(graph, directed=False)[0]
-
-
-def geojson_geometry_text(polygonal: shapely.Geometry) -> str:
-    """GeoJSON text of a non-empty Polygon or MultiPolygon whose coordinates lie on the
-    0.01 grid (as :func:`rounded` leaves them): each coordinate its shortest decimal, without
-    the ".0" of integers, as QuPath writes them (pixel-edge contours are mostly integers).
-
-    Written through GEOS's WKT writer with two decimals, trailing zeros trimmed — the
-    shortest decimal of a coordinate on the grid — and its punctuation made GeoJSON's:
-    0.6 s/M vertices against GEOS's GeoJSON writer's 1.1 s (its JSON document built first),
-    the same text but for -0, written 0.
-    """
-    wkt = shapely.to_wkt(polygonal, rounding_precision=2, trim=True)
-    if polygonal.geom_type == "Polygon":  # POLYGON ((x y, x y), (x y, ...))
-        kind, depth = "Polygon", 2
-    else:  # MULTIPOLYGON (((x y, ...)), ((...), (...)))
-        kind, depth = "MultiPolygon", 3
-        wkt = wkt.replace(")), ((", "]]],[[[")
-    body = wkt[wkt.index("(") + depth - 1: len(wkt) - depth + 1]  # "(x y, ..., x y)"
-    body = body.replace("), (", "]],[[").replace(", ", "],[").replace(" ", ",")
-    brackets = depth + 1
-    return (f'{{"type":"{kind}","coordinates":{"[" * brackets}{body[1:-1]}'
-            f'{"]" * brackets}}}')
