@@ -221,10 +221,18 @@ def test_ring_texts_are_remembered():
     assert written == []
     text.RING_TEXTS.clear()
     assert geometry_json(fewer, "x", valid=True, grid=grid) == again
-    # what the budget cannot hold is not kept
+    # what the budget cannot hold is not kept; past half the budget a generation is
+    # dropped, and the texts used meanwhile are carried into the next one
     small = text._RingTexts(10)
     small.put_many([b"k" * 8], ["[[1,2],[3,4]]"])
     assert small.get_many([b"k" * 8]) == [None]
+    cache = text._RingTexts(100)  # 50 characters a generation
+    cache.put_many([b"a" * 10, b"b" * 10], ["[[0,0]]" * 2, "[[1,1]]" * 2])  # 24 each
+    cache.put_many([b"c" * 10], ["[[2,2]]" * 2])  # a new generation: a, b older
+    assert cache.get_many([b"a" * 10]) == ["[[0,0]]" * 2]  # carried into the current one
+    cache.put_many([b"d" * 10], ["[[3,3]]" * 2])  # a full one more: b is dropped
+    assert cache.get_many([b"a" * 10, b"b" * 10, b"c" * 10, b"d" * 10]) == [
+        "[[0,0]]" * 2, None, "[[2,2]]" * 2, "[[3,3]]" * 2]
 
 
 @pytest.mark.parametrize("touch", [
