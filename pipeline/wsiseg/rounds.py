@@ -17,6 +17,7 @@ round leaves the store and the published files exactly as before it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.journal import Transaction
 from wsiseg.outputs import annotations_for, publish_round, published_paths, round_contours
 from wsiseg.qupath import annotation_features, feature_collection_bytes
+from wsiseg.qupath.text import remembering_ring_texts
 from wsiseg.round_index import (
     RoundContours,
     _index_path,
@@ -171,7 +173,10 @@ def write_round_geojson(
         if known is not None:
             kept_working = list(known[at])
     n_kept = len(geometries)
-    for index, feature_id, text in annotation_features(annotations):
+    # a refine round's new features are mostly rings the round before wrote already
+    with remembering_ring_texts() if kept is not None else contextlib.nullcontext():
+        features = annotation_features(annotations)
+    for index, feature_id, text in features:
         texts.append(text)
         ids.append(feature_id)
         geometries.append(annotations[index].geometry)

@@ -8,7 +8,8 @@ All coordinates are level-0 pixels in **QuPath's** frame; the caller converts wi
 Modules: :mod:`~wsiseg.qupath.classes` (class table, labels, annotations),
 :mod:`~wsiseg.qupath.read` (the reader) on :mod:`~wsiseg.qupath.containers` (files → features)
 and :mod:`~wsiseg.qupath.geometry` (GeoJSON → shapely), :mod:`~wsiseg.qupath.write` (the writer)
-on :mod:`~wsiseg.qupath.snap` (one geometry snapped to QuPath's grid, valid).
+on :mod:`~wsiseg.qupath.snap` (one geometry snapped to QuPath's grid, valid) and
+:mod:`~wsiseg.qupath.text` (its GeoJSON text, in canonical order).
 """
 
 from wsiseg.qupath.classes import (

@@ -7,15 +7,18 @@ writes them (pixel-edge contours are mostly integers). Two writers of the same t
 - :func:`canonical_polygon_text` for a polygon's rings as coordinate arrays, in the
   canonical order the writer gives every geometry (GEOS's ``normalize``, then RFC 7946's
   orientation), found with array operations and written ring by ring, each ring's text
-  remembered (:data:`RING_TEXTS`): a stroke on a tumor of 9 000 holes changes a few rings,
-  and the text of the others is the same as in the round before. For the 61 000 vertices of
-  the 67-Mpx bench slide's largest tumor, GEOS's normalisation, orientation and text took
-  4.6 + 1.5 + 12 ms.
+  remembered in refine rounds (:func:`remembering_ring_texts`): a stroke on a tumor of 9 000
+  holes changes a few rings, and the text of the others is the same as in the round before.
+  For the 61 000 vertices of the 67-Mpx bench slide's largest tumor, GEOS's normalisation,
+  orientation and text took 4.6 + 1.5 + 12 ms; from the arrays, its rings' texts known, 8.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import shapely
@@ -87,8 +90,21 @@ class _RingTexts:
             self._texts, self._older, self._chars = {}, {}, 0
 
 
-#: The process's ring texts: 64 M characters, a few hundred large tumors' worth.
+#: The process's ring texts: 64 M characters, dozens of large tumors' worth; kept only
+#: inside :func:`remembering_ring_texts` (refine rounds: a batch run writes each tumor once).
 RING_TEXTS = _RingTexts(64 * 2**20)
+_REMEMBERING = contextvars.ContextVar("wsiseg_remembering_ring_texts", default=False)
+
+
+@contextlib.contextmanager
+def remembering_ring_texts() -> Iterator[None]:
+    """Inside the block (this thread or task), :func:`canonical_polygon_text` looks ring
+    texts up in :data:`RING_TEXTS` and adds the ones it writes."""
+    token = _REMEMBERING.set(True)
+    try:
+        yield
+    finally:
+        _REMEMBERING.reset(token)
 
 
 def canonical_polygon_text(xy: NDArray[np.float64], ring: NDArray[np.intp]) -> str | None:
@@ -134,9 +150,14 @@ def canonical_polygon_text(xy: NDArray[np.float64], ring: NDArray[np.intp]) -> s
     at = ring_start + (first[ring] + position) % (sizes - 1)[ring]
     xy = xy[at]
     order = _holes_in_order(place[at], starts, sizes)
-    data = xy.tobytes()
-    keys = [data[16 * a: 16 * b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
-    texts = RING_TEXTS.get_many(keys)
+    remember = _REMEMBERING.get()
+    if remember:
+        data = xy.tobytes()
+        keys = [data[16 * a: 16 * b] for a, b in zip(starts.tolist(), ends.tolist(),
+                                                         strict=True)]
+        texts = RING_TEXTS.get_many(keys)
+    else:
+        texts = [None] * len(sizes)
     missing = [r for r, text in enumerate(texts) if text is None]
     if missing:
         chosen = np.asarray(missing, dtype=np.intp)
@@ -146,7 +167,8 @@ def canonical_polygon_text(xy: NDArray[np.float64], ring: NDArray[np.intp]) -> s
         made = [_line_text(w) for w in shapely.to_wkt(lines, rounding_precision=2, trim=True)]
         for r, text in zip(missing, made, strict=True):
             texts[r] = text
-        RING_TEXTS.put_many([keys[r] for r in missing], made)
+        if remember:
+            RING_TEXTS.put_many([keys[r] for r in missing], made)
     rings = ",".join([texts[0], *(texts[r] for r in order)])  # type: ignore[misc]
     return f'{{"type":"Polygon","coordinates":[{rings}]}}'
 
