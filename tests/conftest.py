@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from wsiseg.contours.cache import TRACES
+from wsiseg.qupath.text import RING_TEXTS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -27,11 +28,14 @@ os.environ.setdefault("WSISEG_NO_PROGRESS", "1")
 
 @pytest.fixture(autouse=True)
 def _fresh_trace_memo():
-    """The trace memo is the process's: each test starts and ends with it empty, so none
-    finds another's traces (which would hide a trace it should have made)."""
+    """The trace memo and the ring texts are the process's: each test starts and ends with
+    them empty, so none finds another's traces or texts (which would hide one it should
+    have made)."""
     TRACES.clear()
+    RING_TEXTS.clear()
     yield
     TRACES.clear()
+    RING_TEXTS.clear()
 
 
 def real(path: Path) -> Path:

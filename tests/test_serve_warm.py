@@ -11,6 +11,7 @@ import pytest
 
 import wsiseg.contours.trace as chunk_trace
 from wsiseg.contours.cache import TRACES, TraceMemo
+from wsiseg.qupath.text import RING_TEXTS
 from wsiseg.serve import warm
 from wsiseg.store import SlideStore
 
@@ -45,6 +46,7 @@ def test_the_first_stroke_after_opening_traces_only_the_chunks_it_changed(
         assert api.get(f"/slides/{SLIDE_ID}/contours").status_code == 200
         assert warmer.wait(SLIDE_ID, timeout_s=60) is warm
         assert (len(TRACES) > 0) is warm
+        assert (len(RING_TEXTS._texts) > 0) is warm  # the contours' ring texts, written
         monkeypatch.setattr(chunk_trace, "_trace_block", counting)
         r = api.post(f"/slides/{SLIDE_ID}/scribbles", content=body, headers=GEOJSON_HEADERS)
         assert r.status_code == 200, r.text

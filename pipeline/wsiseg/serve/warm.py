@@ -1,4 +1,4 @@
-"""Warming the trace memo for the slide a client opens.
+"""Warming the trace memo (and the ring texts) for the slide a client opens.
 
 A round re-traces every chunk of each tumor component a stroke touches, except the chunks
 whose pixels the process's memo (:mod:`wsiseg.contours.cache`) already holds. The memo fills
@@ -6,7 +6,9 @@ as rounds run, so without this the first stroke on a large tumor pays for all of
 instead of 0.7 s for the 60 000-vertex tumor of the 67-Mpx bench slide, docs/benchmarks.md
 §7). When a client fetches a slide's contours (the viewer on loading; the QuPath script on
 its first run for the image), the slide's current map is traced once on a background
-thread, so the strokes that follow find their chunks traced. The viewer and the QuPath
+thread, so the strokes that follow find their chunks traced, and its contours' ring texts
+written (:func:`~wsiseg.qupath.text.remembering_ring_texts`), so the first stroke on a
+large tumor writes only the rings it changed. The viewer and the QuPath
 script in live mode fetch them before any stroke is drawn; a one-shot run of the QuPath
 script fetches them right before its first round, which then runs beside the warm-up (as
 cold as without it; the rounds after are warm).
@@ -27,7 +29,9 @@ import threading
 
 from wsiseg.contours.cache import TRACES, TraceMemo
 from wsiseg.errors import WsisegError
-from wsiseg.outputs import round_contours
+from wsiseg.outputs import annotations_for, round_contours
+from wsiseg.qupath import annotation_features
+from wsiseg.qupath.text import remembering_ring_texts
 from wsiseg.serve.registry import Slide
 
 log = logging.getLogger(__name__)
@@ -131,7 +135,10 @@ def _trace_all(slide: Slide) -> bool:
         store = slide.open("r")
         rows, cols = store.frame.working_shape
         # as a round traces (regions given: the memo is read and filled), over the whole map
-        round_contours(store, regions=[(0, 0, rows, cols)])
+        polygons, means = round_contours(store, regions=[(0, 0, rows, cols)])
+        # and writes: the rings' texts, which a round writing a changed tumor finds
+        with remembering_ring_texts():
+            annotation_features(annotations_for(store, polygons, 0, slide.id, means))
         return True
     except WsisegError as exc:  # a store being written, gone, or bad: its round will say so
         log.info("warming the traces of slide %s failed: %s", slide.id, exc)
