@@ -203,6 +203,35 @@ def test_a_contour_on_its_lattice_not_turning_the_rfc_way_is_normalised_by_geos(
         lattice_rounding(turned, grid))))
 
 
+def test_a_ring_changed_past_its_first_vertices_is_written_anew():
+    """(Second reader) a ring whose text is remembered, changed far from where it starts:
+    the text written is the changed ring's, as a fresh write gives it."""
+    grid = (1.0, 0.0, 0.0)
+    shell = [(0, 0), (100, 0), (100, 100), (0, 100)]  # RFC 7946: counter-clockwise
+    hole = [(20, 20), (20, 40), (28, 40), (28, 20)]  # clockwise
+    notched = [(20, 20), (20, 40), (27, 40), (27, 39), (28, 39), (28, 20)]
+    with text.remembering_ring_texts():
+        geometry_json(shapely.Polygon(shell, [hole]), "x", valid=True, grid=grid)
+        remembered = geometry_json(shapely.Polygon(shell, [notched]), "x", valid=True,
+                                   grid=grid)
+    text.RING_TEXTS.clear()
+    fresh = geometry_json(shapely.Polygon(shell, [notched]), "x", valid=True, grid=grid)
+    assert remembered == fresh and "[27,39]" in fresh
+
+
+def test_coordinates_beyond_any_slide_are_left_to_geos():
+    """(Second reader) the canonical order's one key per place would overflow past 3e7 px
+    both ways: such rings are refused (GEOS orders them), nearer ones are not."""
+    def rings(half: float) -> tuple[np.ndarray, np.ndarray]:
+        shell = [(-half, -half), (half, -half), (half, half), (-half, half), (-half, -half)]
+        hole = [(0, 0), (0, 10), (10, 10), (10, 0), (0, 0)]  # clockwise
+        return np.asarray(shell + hole, dtype=np.float64), np.repeat([0, 1], 5)
+    assert text.canonical_polygon_text(*rings(4e7)) is None
+    near = text.canonical_polygon_text(*rings(1e7))
+    polygon = shapely.Polygon(rings(1e7)[0][:5], [rings(1e7)[0][5:]])
+    assert near == geometry_text(shapely.orient_polygons(shapely.normalize(polygon)))
+
+
 def test_ring_texts_are_remembered():
     polygons = _traced(2, 2.0, 0.0)
     big = max(polygons, key=lambda p: len(p.interiors))
@@ -229,8 +258,9 @@ def test_ring_texts_are_remembered():
     small = text._RingTexts(10)
     small.put_many([b"k" * 8], ["[[1,2],[3,4]]"])
     assert small.get_many([b"k" * 8]) == [None]
-    cache = text._RingTexts(100)  # 50 characters a generation
-    cache.put_many([b"a" * 10, b"b" * 10], ["[[0,0]]" * 2, "[[1,1]]" * 2])  # 24 each
+    entry = 10 + 14 + text._ENTRY_OVERHEAD  # each of these: key, text, its objects
+    cache = text._RingTexts(4 * entry + 2)  # two entries a generation
+    cache.put_many([b"a" * 10, b"b" * 10], ["[[0,0]]" * 2, "[[1,1]]" * 2])
     cache.put_many([b"c" * 10], ["[[2,2]]" * 2])  # a new generation: a, b older
     assert cache.get_many([b"a" * 10]) == ["[[0,0]]" * 2]  # carried into the current one
     cache.put_many([b"d" * 10], ["[[3,3]]" * 2])  # a full one more: b is dropped

@@ -26,7 +26,8 @@ from numpy.typing import NDArray
 
 
 def geometry_text(polygonal: shapely.Geometry) -> str:
-    """GeoJSON text of a non-empty Polygon or MultiPolygon on the 0.01 grid.
+    """GeoJSON text of a non-empty Polygon or MultiPolygon on the 0.01 grid, of no empty
+    part (the writer drops those first).
 
     GEOS's WKT writer with two decimals, trailing zeros trimmed — the shortest decimal of a
     coordinate on the grid — with its punctuation made GeoJSON's: 0.6 s/M vertices against
@@ -46,17 +47,21 @@ def geometry_text(polygonal: shapely.Geometry) -> str:
             f'{"]" * brackets}}}')
 
 
+#: Bytes of Python objects and dict slot per remembered ring, besides its key and text.
+_ENTRY_OVERHEAD = 130
+
+
 class _RingTexts:
-    """Ring texts by the bytes of the ring's coordinates, within a budget of characters;
+    """Ring texts by the bytes of the ring's coordinates, within a budget of bytes;
     safe across threads. Two generations instead of a least-recently-used order (which cost
     half the lookups' time): texts found are carried into the current generation, and the
     previous one is dropped whole when the current one fills half the budget."""
 
-    def __init__(self, budget_chars: int) -> None:
-        self.budget_chars = budget_chars
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
         self._texts: dict[bytes, str] = {}  # the current generation
         self._older: dict[bytes, str] = {}
-        self._chars = 0  # the current generation's
+        self._bytes = 0  # the current generation's (keys, texts, overhead)
         self._lock = threading.Lock()
 
     def get_many(self, keys: list[bytes]) -> list[str | None]:
@@ -77,20 +82,20 @@ class _RingTexts:
     def _add(self, key: bytes, text: str) -> None:
         if key in self._texts:
             return
-        size = len(key) + len(text)
-        if size > self.budget_chars // 2:
+        size = len(key) + len(text) + _ENTRY_OVERHEAD
+        if size > self.budget_bytes // 2:
             return
-        if self._chars + size > self.budget_chars // 2:
-            self._older, self._texts, self._chars = self._texts, {}, 0
+        if self._bytes + size > self.budget_bytes // 2:
+            self._older, self._texts, self._bytes = self._texts, {}, 0
         self._texts[key] = text
-        self._chars += size
+        self._bytes += size
 
     def clear(self) -> None:
         with self._lock:
-            self._texts, self._older, self._chars = {}, {}, 0
+            self._texts, self._older, self._bytes = {}, {}, 0
 
 
-#: The process's ring texts: 64 M characters, dozens of large tumors' worth; kept only
+#: The process's ring texts: 64 MiB, dozens of large tumors' worth; kept only
 #: inside :func:`remembering_ring_texts` (refine rounds: a batch run writes each tumor once).
 RING_TEXTS = _RingTexts(64 * 2**20)
 _REMEMBERING = contextvars.ContextVar("wsiseg_remembering_ring_texts", default=False)
@@ -141,6 +146,8 @@ def canonical_polygon_text(xy: NDArray[np.float64], ring: NDArray[np.intp]) -> s
     # each coordinate's place by (x, y), exact: the coordinates are hundredths
     k = np.rint(xy * 100).astype(np.int64)
     k -= k.min(axis=0)
+    if (int(k[:, 0].max()) + 1) * (int(k[:, 1].max()) + 1) >= 2**62:
+        return None  # (beyond 3e7 px both ways: no slide; the key below would overflow)
     place = k[:, 0] * (int(k[:, 1].max()) + 1) + k[:, 1]
     place[ends - 1] = np.iinfo(np.int64).max  # a ring's closing coordinate is its first
     ring_start = starts[ring]
