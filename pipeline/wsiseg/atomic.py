@@ -154,16 +154,6 @@ def holds_bytes(path: str | Path, data: bytes) -> bool:
         return False
 
 
-def same_bytes(a: str | Path, b: str | Path) -> bool:
-    """Whether the files ``a`` and ``b`` hold the same bytes (False when one is missing)."""
-    try:
-        if os.stat(a).st_size != os.stat(b).st_size:  # the usual answer, without reading
-            return False
-        return Path(a).read_bytes() == Path(b).read_bytes()
-    except OSError:
-        return False
-
-
 def atomic_write_or_link(path: str | Path, data: bytes, twin: str | Path) -> bool:
     """Replace ``path`` with ``data`` atomically: as a hard link to ``twin`` when that file
     holds exactly these bytes (nothing written: see :func:`atomic_link` for which files

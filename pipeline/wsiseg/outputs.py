@@ -18,7 +18,7 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg import __version__
-from wsiseg.atomic import atomic_copy, atomic_write_bytes, holds_bytes, same_bytes
+from wsiseg.atomic import atomic_write_bytes, holds_bytes
 from wsiseg.contours import (
     RowStreamTracer,
     draw_contours,
@@ -156,13 +156,10 @@ def publish_round(record: Path, out_dir: Path, slide_id: str, round_k: int,
     """Copy round k's stored GeoJSON ``record`` to ``out_dir`` as that round's file and as
     the latest (see :func:`published_paths`), which is left as it is when it holds these
     bytes already (a round that changed no contour); returns the latest's path. ``data``:
-    the record's bytes, when the caller holds them (then written, not read again)."""
+    the record's bytes, when the caller holds them (a round does: not read again)."""
     round_file, latest = published_paths(out_dir, slide_id, round_k)
-    if data is None:  # copied in blocks: the record may be large
-        atomic_copy(record, round_file)
-        if not same_bytes(record, latest):
-            atomic_copy(record, latest)
-        return latest
+    if data is None:
+        data = record.read_bytes()
     atomic_write_bytes(round_file, data)
     if not holds_bytes(latest, data):
         atomic_write_bytes(latest, data)
