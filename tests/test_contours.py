@@ -11,6 +11,7 @@ import shapely
 from scipy import ndimage as ndi
 
 import wsiseg.contours.merge as merge
+import wsiseg.contours.splice as splice_module
 import wsiseg.contours.trace as chunk_trace
 from wsiseg.contours import (
     RowStreamTracer,
@@ -22,7 +23,7 @@ from wsiseg.contours import (
     uint8_threshold,
 )
 from wsiseg.contours.cache import TRACES
-from wsiseg.contours.simplify import _rotated
+from wsiseg.contours.simplify import _rotated, cut_runs
 
 
 def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
@@ -242,6 +243,39 @@ def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> No
     assert shapely.equals_exact(second[0][0], fresh[0][0], 0)
     assert second[1].tolist() == fresh[1].tolist()
     assert len(first[0][0].interiors) + 1 == len(second[0][0].interiors)
+
+
+def test_a_chunk_whose_mask_stayed_is_summed_again_not_traced(monkeypatch) -> None:
+    """A stroke changes the probability of a whole window and the mask of few of its
+    chunks: a chunk of new pixels but the same mask keeps its trace (memo, by the mask's
+    digest) and its fragments, and only its pieces' sums are new."""
+    traced: list[tuple[int, int]] = []
+    real = chunk_trace._trace_block
+
+    def counting(mask, row0, col0):
+        traced.append((row0, col0))
+        return real(mask, row0, col0)
+
+    monkeypatch.setattr(chunk_trace, "_trace_block", counting)
+    cut = []
+    monkeypatch.setattr(splice_module, "cut_runs",
+                        lambda *a, **k: cut.append(1) or cut_runs(*a, **k))
+    prob = np.zeros((128, 128), dtype=np.uint8)
+    prob[10:120, 10:120] = 200  # one component over all 16 chunks of 32²
+    prob[40:50, 40:50] = 0
+    first = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=1.0,
+                                     regions=[(60, 60, 4, 4)])
+    traced.clear()
+    cut.clear()
+    prob[70:75, 100:110] = 250  # other probability in chunk (2, 3), the same mask
+    second = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=1.0,
+                                      regions=[(60, 60, 4, 4)])
+    assert traced == [] and cut == []
+    assert shapely.equals_exact(first[0][0], second[0][0], 0)
+    whole = tumor_polygons_and_means(prob, chunk_px=32, simplify_px=1.0)  # no memo
+    assert second[1].tolist() == whole[1].tolist() != first[1].tolist()
+    assert second[1][0] == pytest.approx(
+        prob[prob >= 128].astype(np.float64).sum() / 255 / (prob >= 128).sum(), rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(6))

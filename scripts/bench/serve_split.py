@@ -11,7 +11,7 @@ the strokes nearest the p50 one by one.
 
     .venv/bin/python scripts/bench/serve_split.py --cache /tmp/wbserve/cache --strokes 60
 
-Timers nest (``recontour`` holds ``process``, which holds ``_trace``): read a function's
+Timers nest (``recontour`` holds ``process``, which holds ``trace_mask``): read a function's
 time against its caller's, and compare the two slides row by row.
 """
 
@@ -35,7 +35,8 @@ from serve import build_store, stroke_export  # noqa: E402
 #: last name.
 TIMED = [
     ("wsiseg.rounds", "recontour"), ("wsiseg.rounds", "round_contours"),
-    ("wsiseg.contours.merge", "_Merger.process"), ("wsiseg.contours.merge", "_Merger._trace"),
+    ("wsiseg.contours.merge", "_Merger.process"), ("wsiseg.contours.merge", "trace_mask"),
+    ("wsiseg.contours.merge", "piece_sums"),
     ("wsiseg.contours.merge", "_Merger.leaks"), ("wsiseg.contours.merge", "_finished"),
     ("wsiseg.contours.merge", "_Merger.spliced"), ("wsiseg.contours.merge", "splice"),
     ("wsiseg.contours.merge", "fragment"), ("wsiseg.rounds", "_mostly_covered"),

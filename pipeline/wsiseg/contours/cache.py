@@ -3,10 +3,12 @@ the chunks whose pixels changed.
 
 A stroke that touches a large tumor makes its whole component be traced again (every chunk
 it spans; see :func:`wsiseg.rounds.recontour`), though only the chunks under the refined
-windows changed. A chunk's trace is a pure function of its pixels, position and threshold,
-so it is kept here under a digest of those; a server answering strokes on one slide then
-traces only what changed. Entries are dropped, least recently used first, past
-:data:`BUDGET_BYTES`.
+windows changed. A chunk's trace is a pure function of its tumor mask and position, so it
+is kept here under a digest of those, and its pieces' probability sums under a digest of its
+pixels, position and threshold (:meth:`TraceMemo.mask_key`, :meth:`TraceMemo.key`; a
+stroke changes the probability of a whole window, the mask of few of its chunks); a server
+answering strokes on one slide then traces only what changed. Entries are dropped, least
+recently used first, past :data:`BUDGET_BYTES`.
 
 Reading a chunk to hash it costs ~1.5 ms (zarr's read, 1 ms, and the digest), so a stroke on
 a tumor of 100 chunks would pay 0.15 s only to learn that 96 of them did not change. For a
@@ -65,6 +67,14 @@ class TraceMemo:
         digest.update(np.float64(threshold).tobytes() + values.dtype.str.encode())
         digest.update(np.ascontiguousarray(values).data)
         return digest.digest()
+
+    @staticmethod
+    def mask_key(mask: np.ndarray, row0: int, col0: int) -> bytes:
+        """The key of a chunk's tumor mask (bool) at working px (row0, col0)."""
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(np.asarray([row0, col0, *mask.shape], dtype=np.int64).tobytes())
+        digest.update(np.packbits(mask).data)
+        return b"mask" + digest.digest()
 
     def get(self, key: bytes) -> Any | None:
         with self._lock:

@@ -18,10 +18,16 @@ from scipy.sparse.csgraph import connected_components
 
 from wsiseg.contours.cache import TRACES, array_identity, chunk_file, chunk_stamp
 from wsiseg.contours.join import join_pieces
-from wsiseg.contours.mask import ArrayLike2D, _block_shape, _check_threshold, chunks_spanned
+from wsiseg.contours.mask import (
+    ArrayLike2D,
+    _block_shape,
+    _check_threshold,
+    chunks_spanned,
+    tumor_mask,
+)
 from wsiseg.contours.simplify import _finish
 from wsiseg.contours.splice import fragment, splice
-from wsiseg.contours.trace import ChunkTrace, chunk_side, trace_chunk
+from wsiseg.contours.trace import ChunkTrace, chunk_side, piece_sums, trace_chunk, trace_mask
 
 # side name → (row step, column step) to the neighbouring chunk, and the side facing back
 _SIDES: dict[str, tuple[int, int]] = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1),
@@ -117,42 +123,52 @@ class _Merger:
         """One chunk's labels, pieces, per piece the probability's sum and pixel count, and
         the labels on each of its sides.
 
-        With ``memo``, from :data:`TRACES` when it holds the same pixels at the same place:
-        found by the chunk file's stamp without reading the chunk when the block is one
-        stored chunk whose file the memo saw, else by the digest of the pixels read."""
+        With ``memo``, from :data:`TRACES`, in two entries: the probability's sums under
+        the digest of its pixels (with the place and threshold), and the rest under the
+        digest of its tumor mask (with the place), which a stroke's small change of
+        probability mostly keeps: such a chunk is not traced again, only summed. The
+        pixels' digest is found by the chunk file's stamp without reading the chunk when
+        the block is one stored chunk whose file the memo saw."""
         r0, c0 = box[0].start, box[1].start
         if not self.memo:
-            values = np.asarray(self.prob[box])
-            return self._trace(values, r0, c0)
+            return self._trace(np.asarray(self.prob[box]), r0, c0)
         file = chunk_file(self.prob, chunk) if self.block == self.chunks else None
         stamp = chunk_stamp(file) if file is not None else None
         # a digest covers the pixels, the place and the threshold; so must the stamp's key
         where = f"{file} at threshold {self.threshold!r} of {self.identity}"
         key = TRACES.key_by_stamp(where, stamp)
-        hit = TRACES.get(key) if key is not None else None
-        if hit is None:
+        values = None
+        if key is None or (hit := self._summed(key)) is None:
             values = np.asarray(self.prob[box])
             key = TRACES.key(values, r0, c0, self.threshold)
             if file is not None and chunk_stamp(file) == stamp:  # not written meanwhile
                 TRACES.remember_stamp(where, stamp, key)
-            hit = TRACES.get(key)
-        self.trace_keys[chunk] = key
-        if hit is not None:
-            if hit.labels is None:
-                return hit._replace(labels=np.zeros((box[0].stop - r0, box[1].stop - c0),
-                                                    np.uint8))
-            return hit
-        traced = self._trace(values, r0, c0)
-        labels, polygons = traced.labels, traced.polygons
-        # a chunk without tumor: no (zero) labels kept
-        kept = traced if polygons else traced._replace(labels=None)
-        # measured (RSS): 426 B per polygon (GEOS and its Python object), 16.8 B per
-        # vertex; the estimate errs high so that the budget holds
-        size = (labels.nbytes if polygons else 0) + 450 * len(polygons) + 256
-        size += int(shapely.get_num_coordinates(polygons).sum()) * 24 if polygons else 0
-        size += sum(a.nbytes for a in traced.side_labels.values())
-        TRACES.put(key, kept, size)
-        return traced
+            hit = self._summed(key)
+        if hit is None:
+            mask = tumor_mask(values, self.threshold)
+            mask_key = TRACES.mask_key(mask, r0, c0)
+            shape = TRACES.get(mask_key)
+            if shape is None:
+                shape = trace_mask(mask, r0, c0)
+                TRACES.put(mask_key, shape if shape.polygons else shape._replace(labels=None),
+                           _trace_bytes(shape))
+            hit = mask_key, shape, piece_sums(shape, mask, values)
+            TRACES.put(key, hit[::2], hit[2].nbytes + 200)
+        mask_key, shape, sums = hit
+        self.trace_keys[chunk] = mask_key  # (a fragment depends on the pieces alone)
+        if shape.labels is None:  # a chunk without tumor: no (zero) labels kept
+            shape = shape._replace(labels=np.zeros((box[0].stop - r0, box[1].stop - c0),
+                                                   np.uint8))
+        return shape._replace(sums=sums)
+
+    @staticmethod
+    def _summed(key: bytes) -> tuple[bytes, ChunkTrace, NDArray[np.float64]] | None:
+        """The memo's trace of a chunk by the digest of its pixels: its mask's digest, the
+        mask's trace and the pieces' sums; None when either entry is not (or no longer)
+        held."""
+        summed = TRACES.get(key)
+        shape = TRACES.get(summed[0]) if summed is not None else None
+        return None if shape is None else (summed[0], shape, summed[1])
 
     def _trace(self, values: np.ndarray, r0: int, c0: int) -> ChunkTrace:
         return trace_chunk(values, self.threshold, r0, c0)
@@ -218,6 +234,16 @@ class _Merger:
             fragments.append(fragment([self.border_pieces[g] for g in sorted(ids)], self.block,
                                       simplify_px, key))
         return splice(fragments)
+
+
+def _trace_bytes(traced: ChunkTrace) -> int:
+    """Memory a chunk's trace holds in the memo. Measured (RSS): 426 B per polygon (GEOS and
+    its Python object), 16.8 B per vertex; the estimate errs high so that the budget holds."""
+    size = 256 + sum(a.nbytes for a in traced.side_labels.values()) + traced.counts.nbytes
+    if traced.polygons:
+        size += traced.labels.nbytes + 450 * len(traced.polygons)
+        size += int(shapely.get_num_coordinates(traced.polygons).sum()) * 24
+    return size
 
 
 def tumor_polygons(

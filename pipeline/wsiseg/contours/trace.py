@@ -49,20 +49,43 @@ def trace_chunk(values: np.ndarray, threshold: float, row0: int, col0: int) -> C
     across chunks looks at (found once per trace, not once per use of a memo's trace).
     Labels are uint16 where they fit.
     """
-    labels, polygons = _trace_block(tumor_mask(values, threshold), row0, col0)
-    sums = counts = np.zeros(0)
+    mask = tumor_mask(values, threshold)
+    traced = trace_mask(mask, row0, col0)
+    return traced._replace(sums=piece_sums(traced, mask, values))
+
+
+def trace_mask(mask: NDArray[np.bool_], row0: int, col0: int) -> ChunkTrace:
+    """:func:`trace_chunk` of a chunk's tumor mask: all but the sums (empty), which depend
+    on the probability (:func:`piece_sums`); the rest is the same for every probability
+    with this mask, which a refine round's small changes mostly keep."""
+    labels, polygons = _trace_block(mask, row0, col0)
+    counts = np.zeros(0, dtype=np.int64)
     if polygons:
-        flat = labels.ravel()
-        n = len(polygons) + 1
-        sums = np.bincount(flat, weights=_as_probability(values).ravel(), minlength=n)[1:]
-        counts = np.bincount(flat, minlength=n)[1:]
-        if n <= np.iinfo(np.uint16).max:
+        counts = np.bincount(labels[mask], minlength=len(polygons) + 1)[1:]
+        if len(polygons) < np.iinfo(np.uint16).max:
             labels = labels.astype(np.uint16)
     side_labels = {}
     for side in SIDES:
         local = chunk_side(labels, side)
         side_labels[side] = np.unique(local[local > 0]).astype(np.int64)
-    return ChunkTrace(labels, polygons, sums, counts, side_labels)
+    return ChunkTrace(labels, polygons, np.zeros(0), counts, side_labels)
+
+
+def piece_sums(traced: ChunkTrace, mask: NDArray[np.bool_], values: np.ndarray
+               ) -> NDArray[np.float64]:
+    """(pieces,) float64: the probability summed over each piece of ``traced`` (the trace
+    of ``mask``, the tumor mask of ``values``).
+
+    Over the tumor pixels only; uint8 codes are summed as integers (exact, in any order),
+    then divided by 255 once.
+    """
+    if not traced.polygons:
+        return np.zeros(0)
+    n = len(traced.polygons) + 1
+    on = traced.labels[mask]
+    if values.dtype == np.uint8:
+        return np.bincount(on, weights=values[mask], minlength=n)[1:] / 255.0
+    return np.bincount(on, weights=_as_probability(values[mask]), minlength=n)[1:]
 
 
 def chunk_side(labels: NDArray[np.integer], side: str) -> NDArray[np.integer]:
