@@ -36,7 +36,7 @@ def stored(tmp_path, monkeypatch):
 
 
 def _fresh(array: zarr.Array, threshold: float = 0.5):
-    """The same trace from a numpy copy: no memo, no stamps."""
+    """The same trace from a numpy copy: no stamps (the memo by digests only)."""
     return tumor_polygons_and_means(np.asarray(_READ(array, ...)),
                                     chunk_px=32, regions=REGION, threshold=threshold)
 
@@ -136,3 +136,22 @@ def test_a_resized_or_recreated_array_is_not_taken_for_the_old_one(stored, tmp_p
     array.resize((100, 100))
     assert _same(tumor_polygons_and_means(array, regions=REGION), _fresh(array))
     assert max(p.bounds[2] for p in _fresh(array)[0]) == 100
+
+
+def test_a_chunk_whose_trace_was_dropped_but_not_its_sums_is_read_and_traced(
+        stored, monkeypatch) -> None:
+    """The memo holds a chunk in two entries (its pieces' sums by its pixels' digest, its
+    trace by its mask's): the first still found by the stamp, the second dropped, the chunk
+    is read and traced again, not taken for one without pieces (second reader's test)."""
+    array, reads = stored
+    monkeypatch.setattr(cache, "SETTLED_S", 0.0)
+    first = tumor_polygons_and_means(array, regions=REGION)
+    values = np.asarray(_READ(array, np.s_[64:96, 96:128]))
+    dropped = cache.TRACES.mask_key(values >= 128, 64, 96)
+    real_get = cache.TRACES.get
+    monkeypatch.setattr(cache.TRACES, "get",
+                        lambda key: None if key == dropped else real_get(key))
+    reads.clear()
+    again = tumor_polygons_and_means(array, regions=REGION)
+    assert reads == [(64, 96)]
+    assert _same(again, first) and _same(again, _fresh(array))

@@ -79,16 +79,16 @@ def recontour(
     - a feature outside the first margin whose component reached the second one is traced
       again as well: the traced polygon covering most of it replaces it.
 
-    Cost: only the chunks whose pixels changed are traced and simplified again (the others
-    come from the memo of :mod:`wsiseg.contours.cache`, simplification being local to a
-    chunk by construction), and of the rest only those written in the last 2 s, or never
-    seen by the memo, are read (the others are found by their files' stamps); a touched
-    component is then spliced from its chunks' simplified fragments
-    (:mod:`wsiseg.contours.splice`), the unchanged chunks' fragments from the memo. On the
-    67-Mpx bench slide tracing after a stroke on the tumor of 60 000 vertices and 9 000 holes
-    costs 0.09–0.15 s in a warm server instead of 2.8 s cold. What stays whole-polygon: in the
-    writer, its text and the clearance bound that proves its rounding valid
-    (docs/benchmarks.md §7).
+    Cost: only the chunks whose tumor mask changed are traced and simplified again, those
+    whose pixels changed summed again (the others come from the memo of
+    :mod:`wsiseg.contours.cache`, simplification being local to a chunk by construction),
+    and of the rest only those written in the last 2 s, or never seen by the memo, are read
+    (the others are found by their files' stamps); a touched component is then spliced from
+    its chunks' simplified fragments (:mod:`wsiseg.contours.splice`), the unchanged chunks'
+    fragments from the memo. On the 67-Mpx bench slide tracing after a stroke on the tumor
+    of 60 000 vertices and 9 000 holes costs 0.09–0.15 s in a warm server instead of 2.8 s
+    cold. What stays whole-polygon: in the writer, its text and the clearance bound that
+    proves its rounding valid (docs/benchmarks.md §7).
     """
     if not regions:
         return list(range(len(previous))), [], np.zeros(0)

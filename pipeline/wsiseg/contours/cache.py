@@ -1,5 +1,5 @@
-"""A bounded memo of traced chunks, keyed by their pixels: a refine round re-traces only
-the chunks whose pixels changed.
+"""A bounded memo of traced chunks, keyed by their tumor masks (and their pieces' sums by
+their pixels): a refine round re-traces only the chunks whose mask changed.
 
 A stroke that touches a large tumor makes its whole component be traced again (every chunk
 it spans; see :func:`wsiseg.rounds.recontour`), though only the chunks under the refined
@@ -62,6 +62,8 @@ class TraceMemo:
 
     @staticmethod
     def key(values: np.ndarray, row0: int, col0: int, threshold: float) -> bytes:
+        """The key of a chunk's pixels ``values`` at working px (row0, col0), compared with
+        ``threshold``."""
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.asarray([row0, col0, *values.shape], dtype=np.int64).tobytes())
         digest.update(np.float64(threshold).tobytes() + values.dtype.str.encode())

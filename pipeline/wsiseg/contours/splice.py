@@ -5,8 +5,8 @@ runs at its vertices on the chunk grid lines and where rings touch, and a polygo
 chunk are simplified together. So a component's simplified outline is its chunks' simplified
 runs, linked end to start on the grid lines, with the stretches along the lines between them.
 A *fragment* is that part of one chunk: the runs of the component's pieces there, simplified,
-and the pieces' edges along the chunk's sides. It depends on the chunk's pixels and on which of
-its pieces the component holds, so the memo of :mod:`~wsiseg.contours.cache` keeps it; a refine
+and the pieces' edges along the chunk's sides. It depends on the chunk's tumor mask and on which
+of its pieces the component holds, so the memo of :mod:`~wsiseg.contours.cache` keeps it; a refine
 round that changes one chunk of a large tumor computes one fragment and links a few hundred
 runs, instead of joining and simplifying the tumor's tens of thousands of vertices.
 

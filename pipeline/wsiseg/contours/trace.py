@@ -36,6 +36,7 @@ class ChunkTrace(NamedTuple):
     labels: NDArray[np.integer] | None  # (rows, cols) piece k's pixels labelled k, 0 elsewhere
     polygons: list[shapely.Polygon]  # piece k's outline is polygons[k - 1], global working px
     sums: NDArray[np.float64]  # (pieces,) the probability summed over each piece's pixels
+    #                            (empty from :func:`trace_mask`)
     counts: NDArray[np.int64]  # (pieces,) ... and its pixel count
     side_labels: dict[str, NDArray[np.int64]]  # per side (SIDES), the labels on it, sorted
 
