@@ -217,7 +217,9 @@ def test_pieces_join_into_the_unchunked_outline_vertex_for_vertex(seed: int) -> 
             assert shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0)
 
 
-def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> None:
+@pytest.fixture
+def traced_chunks(monkeypatch) -> list[tuple[int, int]]:
+    """The (row0, col0) of each chunk traced from now on, in order."""
     traced: list[tuple[int, int]] = []
     real = chunk_trace._trace_block
 
@@ -226,6 +228,11 @@ def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> No
         return real(mask, row0, col0)
 
     monkeypatch.setattr(chunk_trace, "_trace_block", counting)
+    return traced
+
+
+def test_regions_retrace_only_the_chunks_whose_mask_changed(traced_chunks) -> None:
+    traced = traced_chunks
     prob = np.zeros((128, 128), dtype=np.uint8)
     prob[10:120, 10:120] = 200  # one component over all 16 chunks of 32²
     prob[40:50, 40:50] = 0
@@ -245,18 +252,12 @@ def test_regions_retrace_only_the_chunks_whose_pixels_changed(monkeypatch) -> No
     assert len(first[0][0].interiors) + 1 == len(second[0][0].interiors)
 
 
-def test_a_chunk_whose_mask_stayed_is_summed_again_not_traced(monkeypatch) -> None:
+def test_a_chunk_whose_mask_stayed_is_summed_again_not_traced(traced_chunks,
+                                                              monkeypatch) -> None:
     """A stroke changes the probability of a whole window and the mask of few of its
     chunks: a chunk of new pixels but the same mask keeps its trace (memo, by the mask's
     digest) and its fragments, and only its pieces' sums are new."""
-    traced: list[tuple[int, int]] = []
-    real = chunk_trace._trace_block
-
-    def counting(mask, row0, col0):
-        traced.append((row0, col0))
-        return real(mask, row0, col0)
-
-    monkeypatch.setattr(chunk_trace, "_trace_block", counting)
+    traced = traced_chunks
     cut = []
     monkeypatch.setattr(splice_module, "cut_runs",
                         lambda *a, **k: cut.append(1) or cut_runs(*a, **k))
