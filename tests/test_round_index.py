@@ -88,6 +88,16 @@ def test_measurements_from_the_index_equal_those_measured_from_scratch(two_round
     assert per_feature / tissue_px == pytest.approx(whole, rel=1e-9, abs=1e-12)
 
 
+def test_the_polygons_of_features_are_their_parts_in_order():
+    """A feature's Polygon is one polygon, a MultiPolygon's parts are several: what a
+    round's measurements count as foci."""
+    a, b, c = shapely.box(0, 0, 2, 2), shapely.box(5, 0, 6, 1), shapely.box(8, 8, 9, 9)
+    got = rounds.polygons_of(np.asarray([a, shapely.MultiPolygon([b, c]), shapely.Polygon()],
+                                        dtype=object))
+    assert [p.wkt for p in got] == [a.wkt, b.wkt, c.wkt, "POLYGON EMPTY"]
+    assert got[0] is a  # (not a copy: a large tumor's copy costs milliseconds a round)
+
+
 def test_an_index_without_areas_on_tissue_is_measured_once(two_rounds):
     """Round 0 (written before any refine round) and older indexes have no areas on tissue:
     they are measured when a round needs them."""

@@ -234,7 +234,7 @@ def measurements(
     """
     wf = store.workflow
     tissue = store.tissue_mask
-    tissue_mm2 = float(tissue.sum()) * wf.tissue.mask_mpp**2 / 1e6
+    tissue_mm2 = float(np.count_nonzero(tissue)) * wf.tissue.mask_mpp**2 / 1e6
     areas_mm2 = [float(p.area) * wf.working_mpp**2 / 1e6 for p in polygons]
     tumor_mm2 = float(sum(areas_mm2))
     # The share of the tissue that is tumor (tumor ∩ tissue / tissue): tumor traced beyond
@@ -296,7 +296,7 @@ def _share_of_tissue(store: SlideStore, covered_px: float) -> float:
         return 0.0
     rows, cols = store.frame.working_shape
     sy, sx = rows / mask.shape[0], cols / mask.shape[1]
-    return min(1.0, float(covered_px) / (float(mask.sum()) * sy * sx))
+    return min(1.0, float(covered_px) / (float(np.count_nonzero(mask)) * sy * sx))
 
 
 def _strided_read(image, step: int) -> np.ndarray:

@@ -50,8 +50,20 @@ from wsiseg.undo_record import Backup, load_backup, save_backup  # noqa: F401 (r
 
 def polygons_of_round(store: SlideStore, round_k: int) -> list[shapely.Polygon]:
     """A round's tumor polygons in working px, read back from the store."""
-    contours = load_round_contours(store, round_k)
-    return [p for g in contours.working_geometries(store) for p in shapely.get_parts(g)]
+    return polygons_of(load_round_contours(store, round_k).working_geometries(store))
+
+
+def polygons_of(geometries: Sequence[shapely.Geometry]) -> list[shapely.Polygon]:
+    """The polygons of features' geometries, in order: a Polygon itself, a MultiPolygon's
+    parts (``shapely.get_parts`` would copy each Polygon: 2.7 ms a round for the 67-Mpx
+    bench slide's largest tumor)."""
+    out: list[shapely.Polygon] = []
+    for geometry in geometries:
+        if geometry.geom_type == "Polygon":
+            out.append(geometry)
+        else:
+            out.extend(shapely.get_parts(geometry))
+    return out
 
 
 #: Features within this many working px of a changed region are replaced (see recontour).

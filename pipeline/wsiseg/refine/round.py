@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import shapely
 
 from wsiseg import rounds
 from wsiseg.errors import WsisegError
@@ -142,7 +141,7 @@ def _apply_round(store, round_k, rasters, windows, regions, refiner, latest, out
     latest_geojson, _ = rounds.write_round_geojson(store, out_dir, slide_id, round_k, fresh,
                                                    kept=(latest, kept), means=means,
                                                    covered_px=covered)
-    polygons = [p for g in previous[kept] for p in shapely.get_parts(g)] + fresh
+    polygons = rounds.polygons_of(previous[kept]) + fresh
     m = measurements(store, polygons, round_k,
                      covered_px=float(covered[0].sum() + covered[1].sum()))
     entry = {
