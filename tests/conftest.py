@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from wsiseg import filecache
 from wsiseg.contours.cache import TRACES
 from wsiseg.qupath.text import RING_TEXTS
 
@@ -28,14 +29,16 @@ os.environ.setdefault("WSISEG_NO_PROGRESS", "1")
 
 @pytest.fixture(autouse=True)
 def _fresh_trace_memo():
-    """The trace memo and the ring texts are the process's: each test starts and ends with
-    them empty, so none finds another's traces or texts (which would hide one it should
-    have made)."""
+    """The trace memo, the ring texts and the arrays read once are the process's: each test
+    starts and ends with them empty, so none finds another's traces, texts or arrays (which
+    would hide one it should have made)."""
     TRACES.clear()
     RING_TEXTS.clear()
+    filecache.clear()
     yield
     TRACES.clear()
     RING_TEXTS.clear()
+    filecache.clear()
 
 
 def real(path: Path) -> Path:

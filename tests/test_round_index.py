@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import shapely
 
-from wsiseg import round_index, rounds
+from wsiseg import filecache, round_index, rounds
 from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
 from wsiseg.qupath import annotation_features, read_annotations, write_annotations
 from wsiseg.refine import randomwalk_refiner, refine_round
 from wsiseg.rounds import undo
 from wsiseg.slide.tissue import share_of_mask_covered
+from wsiseg.store import SlideStore
 
 from conftest import CMU_SVS, real
 from storekit import (
@@ -86,6 +87,17 @@ def test_measurements_from_the_index_equal_those_measured_from_scratch(two_round
     rows, cols = store.frame.working_shape
     tissue_px = mask.sum() * (rows / mask.shape[0]) * (cols / mask.shape[1])
     assert per_feature / tissue_px == pytest.approx(whole, rel=1e-9, abs=1e-12)
+
+
+def test_a_store_opened_again_reads_its_tissue_mask_once(two_rounds, monkeypatch):
+    """A server opens the store anew for each stroke; the tissue mask, written once, is read
+    once while its files stay the same (wsiseg.filecache)."""
+    store, _ = two_rounds
+    monkeypatch.setattr(filecache, "SETTLED_S", 0.0)
+    first = SlideStore.open(store.path, mode="r").tissue_mask
+    again = SlideStore.open(store.path, mode="r").tissue_mask
+    assert again is first and not again.flags.writeable
+    assert np.array_equal(first, np.asarray(store.array("tissue")[...]))
 
 
 def test_the_polygons_of_features_are_their_parts_in_order():

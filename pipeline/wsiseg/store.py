@@ -46,6 +46,7 @@ from wsiseg import __version__, journal
 from wsiseg.atomic import atomic_write_bytes
 from wsiseg.config import Workflow, workflow_from_dict
 from wsiseg.errors import StoreError
+from wsiseg.filecache import read_once
 from wsiseg.lock import StoreLock, is_writable
 from wsiseg.slide.frame import Frame
 
@@ -251,12 +252,14 @@ class SlideStore:
 
     @property
     def tissue_mask(self) -> np.ndarray:
-        """bool (h, w) at the workflow's mask resolution, read-only: read once per store
-        object (written when the store is created, never after; a refine round asks 3–4
-        times, 1.7 ms each for the 1024² mask of a 67-Mpx slide)."""
+        """bool (h, w) at the workflow's mask resolution, read-only: written when the store
+        is created, never after, so read once per store object (a refine round asks 3–4
+        times) and kept by the process while its files are the same ones
+        (:func:`wsiseg.filecache.read_once`: a server opens the store anew for each stroke;
+        2.5 ms a read for the 1024² mask of a 67-Mpx slide)."""
         if self._tissue is None:
-            self._tissue = np.asarray(self.array("tissue")[...], dtype=bool)
-            self._tissue.flags.writeable = False
+            self._tissue = read_once(self.path / "tissue", lambda: np.asarray(
+                self.array("tissue")[...], dtype=bool))
         return self._tissue
 
     def array(self, name: str) -> zarr.Array:
