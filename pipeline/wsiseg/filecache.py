@@ -8,7 +8,9 @@ made anew, with new files). An array read here is kept under the identity of the
 was read from — each one's inode, device, size, modification and change times — and read
 again when any of them differs. Files younger than :data:`SETTLED_S` are read every time:
 file times tick in steps of a few ms, so a file rewritten within one tick, to the same
-size, would keep its identity (the "racy" rule of git's index).
+size, would keep its identity (the "racy" rule of git's index). The stamps and that rule
+(:func:`file_stamp`, :func:`settled`) are also those of the trace memo's chunk files
+(:mod:`wsiseg.contours.cache`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ SETTLED_S = 2.0
 #: Memory the kept arrays may hold, least recently used dropped first.
 BUDGET_BYTES = 64 * 2**20
 
-Identity = tuple[tuple[str | int, ...], ...]  # per file: its path, inode, device, size, times
+Stamp = tuple[int, ...]  # a file's inode, device, size, modification and change times (ns)
+Identity = tuple[tuple[str | int, ...], ...]  # per file: its path and stamp
 
 _ARRAYS: OrderedDict[str, tuple[Identity, np.ndarray]] = OrderedDict()
 _BYTES = 0
@@ -59,22 +62,33 @@ def clear() -> None:
         _BYTES = 0
 
 
+def file_stamp(path: str | Path) -> Stamp | None:
+    """The identity of a file now: inode, device, size, modification and change times in
+    ns; None when there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def settled(stamp: Stamp, seconds: float) -> bool:
+    """Whether the file of ``stamp`` had been left alone for ``seconds`` when stamped."""
+    return time.time_ns() - max(stamp[3], stamp[4]) > seconds * 1e9
+
+
 def _identity(folder: Path) -> Identity | None:
-    """The identities of the files under ``folder``, by path; None when there are none or
-    one of them is not settled."""
+    """The stamps of the files under ``folder``, by path; None when there are none or one
+    of them is gone or not settled."""
     out = []
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
+            stamp = file_stamp(path)
+            if stamp is None or not settled(stamp, SETTLED_S):
                 return None
-            out.append((path, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    now = time.time_ns()
-    if not out or any(now - max(f[4], f[5]) <= SETTLED_S * 1e9 for f in out):
-        return None
-    return tuple(sorted(out))
+            out.append((path, *stamp))
+    return tuple(sorted(out)) or None
 
 
 def _keep(key: str, identity: Identity, array: np.ndarray) -> None:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from wsiseg.filecache import Stamp, file_stamp, settled
+
 #: Memory the memo may hold: about 500 traced 512² chunks with tumor (labels as uint16).
 BUDGET_BYTES = 256 * 2**20
 #: Chunk files whose digest the memo remembers by stamp (~200 B each).
@@ -43,7 +43,6 @@ MAX_STAMPS = 2**16
 #: Seconds a chunk file must have been left alone before its stamp stands for its pixels.
 SETTLED_S = 2.0
 
-Stamp = tuple[int, ...]
 
 
 class TraceMemo:
@@ -116,7 +115,7 @@ class TraceMemo:
         """Remember that the chunk ``where`` has digest ``key`` while its file has
         ``stamp`` (taken before its pixels were read, and again after); ignored while the
         file is not settled."""
-        if stamp is None or not _settled(stamp):
+        if stamp is None or not settled(stamp, SETTLED_S):
             return
         with self._lock:
             self._stamps[where] = (stamp, key)
@@ -155,19 +154,11 @@ def chunk_file(array: Any, index: tuple[int, ...]) -> Path | None:
 
 
 def chunk_stamp(file: Path) -> Stamp | None:
-    """The identity of a chunk file now: inode, device, size, modification and change
-    times in ns; None when there is no file (zarr leaves chunks of the fill value unwritten;
-    a missing file has no times to tell whether it was there a moment ago, so such a chunk
-    is read, which costs little: nothing is decoded)."""
-    try:
-        st = os.stat(file)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _settled(stamp: Stamp) -> bool:
-    return time.time_ns() - max(stamp[3], stamp[4]) > SETTLED_S * 1e9
+    """The identity of a chunk file now (:func:`wsiseg.filecache.file_stamp`); None when
+    there is no file (zarr leaves chunks of the fill value unwritten; a missing file has no
+    times to tell whether it was there a moment ago, so such a chunk is read, which costs
+    little: nothing is decoded)."""
+    return file_stamp(file)
 
 
 #: The process's memo, used when tracing regions (refine rounds), not whole maps.
