@@ -44,7 +44,6 @@ MAX_STAMPS = 2**16
 SETTLED_S = 2.0
 
 
-
 class TraceMemo:
     """Least-recently-used traces of chunks within a byte budget; safe across threads."""
 
