@@ -27,7 +27,14 @@ from wsiseg.contours.mask import (
 )
 from wsiseg.contours.simplify import _finish
 from wsiseg.contours.splice import fragment, splice
-from wsiseg.contours.trace import ChunkTrace, chunk_side, piece_sums, trace_chunk, trace_mask
+from wsiseg.contours.trace import (
+    ChunkTrace,
+    chunk_side,
+    piece_sums,
+    trace_chunk,
+    trace_mask,
+    trace_nbytes,
+)
 
 # side name → (row step, column step) to the neighbouring chunk, and the side facing back
 _SIDES: dict[str, tuple[int, int]] = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1),
@@ -151,7 +158,7 @@ class _Merger:
             if shape is None:
                 shape = trace_mask(mask, r0, c0)
                 TRACES.put(mask_key, shape if shape.polygons else shape._replace(labels=None),
-                           _trace_bytes(shape))
+                           trace_nbytes(shape))
             sums = piece_sums(shape, mask, values)
             TRACES.put(key, (mask_key, sums), sums.nbytes + 400)  # (measured: ≈ 350 B)
             hit = mask_key, shape, sums
@@ -235,17 +242,6 @@ class _Merger:
             fragments.append(fragment([self.border_pieces[g] for g in sorted(ids)], self.block,
                                       simplify_px, key))
         return splice(fragments)
-
-
-def _trace_bytes(traced: ChunkTrace) -> int:
-    """Memory a chunk's trace holds in the memo. Measured (RSS): ≈ 1 070 B for a chunk
-    without tumor (its objects), 426 B per polygon (GEOS and its Python object), 16.8 B per
-    vertex; the estimate errs high so that the budget holds."""
-    size = 1_100 + sum(a.nbytes for a in traced.side_labels.values()) + traced.counts.nbytes
-    if traced.polygons:
-        size += traced.labels.nbytes + 450 * len(traced.polygons)
-        size += int(shapely.get_num_coordinates(traced.polygons).sum()) * 24
-    return size
 
 
 def tumor_polygons(
