@@ -271,3 +271,90 @@ def test_a_damaged_index_is_ignored_and_the_geojson_read(two_rounds):
         assert parsed.ids == want.ids and parsed._annotations is not None  # from the GeoJSON
         assert [json.loads(t) for t in rounds.round_feature_texts(store, 2, set(want.ids))] \
             == [json.loads(t) for t in texts]
+
+
+def _cold(store, round_k):
+    round_index._RECENT.clear()
+    return rounds.load_round_contours(store, round_k)
+
+
+def test_an_index_writes_the_geometry_of_its_new_features_only(two_rounds):
+    """A feature's WKB is written once, in the block of the round that made it; a later
+    round's index refers to that block (its size follows the round's change, not the
+    slide), and read cold gives every feature's geometry exactly as the round kept it."""
+    store, _ = two_rounds
+    kept = rounds.load_round_contours(store, 2)  # as the round wrote it (memory)
+    cold = _cold(store, 2)
+    assert cold.ids == kept.ids and cold._wkb == kept._wkb and cold._annotations is None
+    assert cold._wkb_refs == kept._wkb_refs
+    previous = _cold(store, 1)
+    with np.load(round_index._index_path(store, 2)) as z:
+        block = z["wkb"].tobytes()
+        new_ids = set(kept.ids) - set(previous.ids)
+        # only the features new in round 2 are in its block, in file order
+        assert block == b"".join(w for i, w in zip(kept.ids, kept._wkb, strict=True)
+                                 if i in new_ids)
+        assert set(z["ref_rounds"].tolist()) <= {0, 1, 2}
+    for feature_id, ref in zip(kept.ids, kept._wkb_refs, strict=True):
+        made_in = 2 if feature_id in new_ids else ref[0]
+        assert ref[0] == made_in
+    assert any(ref[0] < 2 for ref in kept._wkb_refs)  # some geometry not written again
+
+
+def test_an_index_whose_block_is_missing_or_another_is_not_used(two_rounds, tmp_path):
+    """A block referred to by an index is part of it: missing, damaged, or rewritten with
+    other geometry (its digest differs), the round's contours come from its GeoJSON."""
+    store, _ = two_rounds
+    want = _cold(store, 2)
+    refs_to = {k for k, _, _ in want._wkb_refs if k != 2}
+    assert refs_to
+    earlier = round_index._index_path(store, min(refs_to))
+    good = earlier.read_bytes()
+    with np.load(earlier) as z:
+        other = {name: z[name] for name in z.files}
+    other["wkb"] = other["wkb"].copy()
+    other["wkb"][-1] ^= 1  # one byte of geometry changed: another block ...
+    rewritten = {**other, "wkb_digest": np.frombuffer(round_index._block_digest(
+        other["wkb"].tobytes(), other["wkb_end"]), dtype=np.uint8)}  # ... and its digest
+    for damaged in ("missing", b"", good[: len(good) // 2], other, rewritten):
+        if isinstance(damaged, str):
+            earlier.unlink()
+        elif isinstance(damaged, dict):
+            np.savez(earlier, **damaged)
+        else:
+            earlier.write_bytes(damaged)
+        got = _cold(store, 2)
+        assert got.ids == want.ids and got._annotations is not None  # parsed from the GeoJSON
+        # the same geometry, as written: in canonical order, on the 0.01 grid
+        assert shapely.equals_exact(shapely.normalize(got.geometries),
+                                    shapely.normalize(want.geometries), 0.01).all()
+    earlier.write_bytes(good)
+    assert _cold(store, 2)._annotations is None
+
+
+def test_an_index_from_before_shared_blocks_is_read_and_the_next_round_writes_its_own(
+        two_rounds, tmp_path):
+    """An index written by an earlier wsiseg holds every feature's WKB and no references:
+    it is read as before, and the next round writes the geometry of the features it keeps
+    from it into its own block (where they lie on disk is not known)."""
+    store, out = two_rounds
+    index = round_index._index_path(store, 2)
+    want = _cold(store, 2)
+    with np.load(index) as z:
+        arrays = {name: z[name] for name in ("ids", "offsets", "geojson", "covered_px")}
+    ends = np.cumsum([len(w) for w in want._wkb], dtype=np.int64)
+    np.savez(index, wkb=np.frombuffer(b"".join(want._wkb), dtype=np.uint8), wkb_end=ends,
+             **arrays)
+    old = _cold(store, 2)
+    assert old._annotations is None and old._wkb == want._wkb and old._wkb_refs is None
+    rx, cx = np.nonzero(store.tissue_mask)
+    rows, cols = store.frame.working_shape
+    y = (rx[len(rx) // 3] + 0.5) * rows / store.tissue_mask.shape[0]
+    x = (cx[len(cx) // 3] + 0.5) * cols / store.tissue_mask.shape[1]
+    box = store.frame.transform_geometry(shapely.box(x - 6, y - 6, x + 6, y + 6),
+                                         "working", "qupath")
+    export = write_export(tmp_path / "s3.geojson", [feature(box, "Stroma")])
+    refine_round(store, export, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+    third = _cold(store, 3)
+    assert all(k == 3 for k, _, _ in third._wkb_refs)  # nothing referred to round 2's index
+    assert rounds.load_round_ids(store, 3) == third.ids

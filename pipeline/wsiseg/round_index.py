@@ -10,10 +10,17 @@ array only when it is used); an index that does not match its GeoJSON (size, mti
 ignored and the GeoJSON parsed instead. :mod:`wsiseg.rounds` writes both, in a round's
 transaction, and the process keeps what it wrote for its next round (a server's next
 stroke), for as long as both files are the ones written.
+
+A feature's WKB is written once, into the *block* of the round that made it; later rounds'
+indexes refer to that round's block by its digest (:data:`WkbRef`), so a round writes the
+geometry of its new features only, not of the whole slide's (4.2 MB a stroke on a 67-Mpx
+slide of 16 copies of the bench slide). A block that is missing or not the one referred to
+makes the index unusable, as a damaged one: the GeoJSON is parsed instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,10 +36,13 @@ from wsiseg.outputs import tissue_covered_px
 from wsiseg.qupath import Annotation, annotation_features, is_wsiseg_feature, read_annotations
 from wsiseg.store import SlideStore
 
+#: Where a feature's WKB lies on disk: the round whose index holds it in its block, that
+#: block's digest (:func:`_block_digest`) and the feature's slot in it.
+WkbRef = tuple[int, bytes, int]
+
 
 def round_geojson_path(store: SlideStore, round_k: int) -> Path:
     return store.path / "rounds" / f"r{round_k}.geojson"
-
 
 
 @dataclass
@@ -53,6 +63,7 @@ class RoundContours:
     covered_px: np.ndarray | None = None
     _working: np.ndarray | None = None  # working_geometries, once computed
     _wkb: list[bytes] | None = None  # each geometry's WKB as the index holds it
+    _wkb_refs: list[WkbRef] | None = None  # ... and where (when read from or written to one)
     _data: bytes | None = None  # _source's bytes, when this process wrote them
 
     def covered_of(self, store: SlideStore, indices: list[int]) -> np.ndarray:
@@ -90,6 +101,13 @@ class RoundContours:
             return [self._wkb[i] for i in indices]
         return list(shapely.to_wkb(self.geometries[np.asarray(indices, dtype=np.intp)]))
 
+    def wkb_refs_of(self, indices: list[int]) -> list[WkbRef | None]:
+        """Where these features' WKB lies in an index's block (None: in none known, so the
+        next index writes it)."""
+        if self._wkb_refs is None:
+            return [None] * len(indices)
+        return [self._wkb_refs[i] for i in indices]
+
     def feature_bytes(self, indices: list[int]) -> list[bytes]:
         """The Feature JSON texts (UTF-8) of these features: byte for byte as written when
         read through the index, written anew from the parsed annotations otherwise."""
@@ -109,17 +127,35 @@ class RoundContours:
 def write_round_index(
     store: SlideStore, round_k: int, ids: list[str], wkb: list[bytes],
     offsets: list[int], covered_px: Sequence[float] | None = None, twin: int | None = None,
-) -> None:
+    refs: Sequence[WkbRef | None] | None = None,
+) -> list[WkbRef]:
     """Write ``rounds/r<k>.index.npz`` for the GeoJSON just written (see the module doc);
-    ``wkb``: each feature's geometry (QuPath frame) as WKB. ``twin``: a round whose GeoJSON
-    file round k's shares (a hard link: no contour changed); when that round's index holds
-    the very arrays too, round k's index is a hard link to it, not written."""
+    ``wkb``: each feature's geometry (QuPath frame) as WKB; ``refs``: where an earlier
+    round's index holds it already (None: nowhere, it goes into this round's block).
+    ``twin``: a round whose GeoJSON file round k's shares (a hard link: no contour
+    changed); when that round's index holds the very arrays too, round k's index is a hard
+    link to it, not written. Returns where each feature's WKB now lies."""
+    refs = [None] * len(ids) if refs is None else list(refs)
+    own = [i for i, ref in enumerate(refs) if ref is None]
+    block = b"".join(wkb[i] for i in own)
+    ends = np.cumsum([len(wkb[i]) for i in own], dtype=np.int64)
+    digest = _block_digest(block, ends)
+    slot = iter(range(len(own)))
+    placed: list[WkbRef] = [(round_k, digest, next(slot)) if ref is None else ref
+                            for ref in refs]
+    table = sorted({(k, d) for k, d, _ in placed})  # the blocks referred to
+    row = {key: t for t, key in enumerate(table)}
     geojson = round_geojson_path(store, round_k)
     st = geojson.stat()
-    ends = np.cumsum([len(b) for b in wkb], dtype=np.int64)
     arrays = {
         "ids": np.asarray(ids, dtype=str), "offsets": np.asarray(offsets, dtype=np.int64),
-        "wkb": np.frombuffer(b"".join(wkb), dtype=np.uint8), "wkb_end": ends,
+        "wkb": np.frombuffer(block, dtype=np.uint8), "wkb_end": ends,
+        "wkb_digest": np.frombuffer(digest, dtype=np.uint8),
+        "wkb_ref": np.asarray([(row[k, d], s) for k, d, s in placed],
+                              dtype=np.int64).reshape(-1, 2),
+        "ref_rounds": np.asarray([k for k, _ in table], dtype=np.int64),
+        "ref_digests": np.frombuffer(b"".join(d for _, d in table),
+                                     dtype=np.uint8).reshape(-1, len(digest)),
         "geojson": np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
         "covered_px": np.asarray(np.full(len(ids), np.nan) if covered_px is None
                                  else covered_px, dtype=np.float64),
@@ -127,9 +163,47 @@ def write_round_index(
     path = _index_path(store, round_k)
     if twin is not None and _holds_arrays(_index_path(store, twin), arrays) and atomic_link(
             _index_path(store, twin), path):
-        return
+        return placed
     with atomic_writer(path) as f:
         np.savez(f, **arrays)
+    return placed
+
+
+def _block_digest(block: bytes, ends: np.ndarray) -> bytes:
+    """What names a block of WKB: 16 bytes of BLAKE2b over its entries' ends and bytes."""
+    return hashlib.blake2b(ends.astype(np.int64).tobytes() + block, digest_size=16).digest()
+
+
+def _block_parts(block: np.ndarray, ends: np.ndarray) -> list[bytes]:
+    data, bounds = block.tobytes(), [0, *ends.tolist()]
+    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _feature_wkb(store: SlideStore, z: dict[str, np.ndarray]
+                 ) -> tuple[list[bytes], list[WkbRef] | None] | None:
+    """Each feature's WKB, from the index's own block and those of the earlier rounds it
+    refers to, and where each lies; None when a block referred to is missing or another
+    (the index is then unusable). An index from before blocks were shared holds every
+    feature in its own block, in order (its places are not known: None)."""
+    if "wkb_ref" not in z:
+        return _block_parts(z["wkb"], z["wkb_end"]), None
+    if not {"wkb_digest", "ref_rounds", "ref_digests"} <= set(z):
+        return None
+    table = list(zip(z["ref_rounds"].tolist(), (d.tobytes() for d in z["ref_digests"]),
+                     strict=True))
+    blocks = []
+    for round_j, digest in table:
+        # the block as this index holds it, else as round j's does; checked, not trusted
+        held = z if z["wkb_digest"].tobytes() == digest else _index_arrays(
+            _index_path(store, round_j), None, ("wkb", "wkb_end"))
+        if held is None or _block_digest(held["wkb"].tobytes(), held["wkb_end"]) != digest:
+            return None
+        blocks.append(_block_parts(held["wkb"], held["wkb_end"]))
+    places = z["wkb_ref"].tolist()
+    if any(not 0 <= t < len(blocks) or not 0 <= s < len(blocks[t]) for t, s in places):
+        return None
+    return ([blocks[t][s] for t, s in places],
+            [(table[t][0], table[t][1], s) for t, s in places])
 
 
 def _holds_arrays(index: Path, arrays: dict[str, np.ndarray]) -> bool:
@@ -162,15 +236,14 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
     st = geojson.stat()
     stamp = [st.st_size, st.st_mtime_ns]
     z = _index_arrays(_index_path(store, round_k), stamp, ("ids", "wkb", "wkb_end", "offsets"),
-                      ("covered_px",))
-    if z is not None:
-        wkb, ends = z["wkb"].tobytes(), z["wkb_end"]
-        starts = np.concatenate([[0], ends[:-1]])
-        parts = [wkb[a:b] for a, b in zip(starts, ends, strict=True)]
+                      ("covered_px", "wkb_digest", "wkb_ref", "ref_rounds", "ref_digests"))
+    found = _feature_wkb(store, z) if z is not None else None
+    if z is not None and found is not None:
+        parts, refs = found
         contours = RoundContours(ids=z["ids"].tolist(),
                                  geometries=np.asarray(shapely.from_wkb(parts)),
                                  _source=geojson, _offsets=z["offsets"], _stamp=stamp,
-                                 covered_px=z.get("covered_px"), _wkb=parts)
+                                 covered_px=z.get("covered_px"), _wkb=parts, _wkb_refs=refs)
         _remember(store, round_k, contours, files_stamp)
         return contours
     ours = [a for a in read_annotations(geojson) if a.id and is_wsiseg_feature(a)]
@@ -213,14 +286,16 @@ def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> li
         [i for i, f in enumerate(contours.ids) if f in wanted])]
 
 
-def _index_arrays(index: Path, stamp: list[int], required: tuple[str, ...],
+def _index_arrays(index: Path, stamp: list[int] | None, required: tuple[str, ...],
                   optional: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
-    """These arrays of an index made for the GeoJSON of this (size, mtime_ns) ``stamp``; None
-    when the index is missing, stale, or cannot be read (cut short, damaged): it is derived
-    data, and the GeoJSON is read instead."""
+    """These arrays of an index made for the GeoJSON of this (size, mtime_ns) ``stamp`` (None:
+    for any: a block read for a later round); None when the index is missing, stale, or
+    cannot be read (cut short, damaged): it is derived data, and the GeoJSON is read
+    instead."""
     try:
         with np.load(index, allow_pickle=False) as z:
-            if not {"geojson", *required} <= set(z.files) or z["geojson"].tolist() != stamp:
+            if not {"geojson", *required} <= set(z.files) or (
+                    stamp is not None and z["geojson"].tolist() != stamp):
                 return None
             return {name: z[name] for name in (*required, *optional) if name in z.files}
     except Exception:  # FileNotFoundError, zipfile.BadZipFile, EOFError, ...
@@ -245,11 +320,12 @@ def remember_written_round(
     store: SlideStore, round_k: int, ids: list[str], geometries: np.ndarray,
     wkb: list[bytes], offsets: list[int], covered_px: Sequence[float],
     working: np.ndarray | None = None, data: bytes | None = None,
+    wkb_refs: list[WkbRef] | None = None,
 ) -> None:
     """Keep round k's contours, just written (its GeoJSON, then :func:`write_round_index`
     with these arguments), for its next load; ``working``: the geometries in working px,
     when known; ``data``: the GeoJSON's bytes (its features are then sliced from them, not
-    read again)."""
+    read again); ``wkb_refs``: where the index put each WKB (what it returned)."""
     files_stamp = _files_stamp(store, round_k)
     if files_stamp is None:
         return
@@ -258,7 +334,7 @@ def remember_written_round(
         ids=list(ids), geometries=geometries, _source=round_geojson_path(store, round_k),
         _offsets=np.asarray(offsets, dtype=np.int64), _stamp=[geojson_size, geojson_mtime_ns],
         covered_px=np.asarray(covered_px, dtype=np.float64), _working=working, _wkb=list(wkb),
-        _data=data)
+        _wkb_refs=wkb_refs, _data=data)
     _remember(store, round_k, contours, files_stamp)
 
 

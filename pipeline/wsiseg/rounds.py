@@ -169,7 +169,7 @@ def write_round_geojson(
         polygons, means = round_contours(store)
     annotations = annotations_for(store, polygons, round_k, slide_id, means)
     texts: list[str | bytes] = []
-    ids, wkb, covered, geometries = [], [], [], []
+    ids, wkb, covered, geometries, refs = [], [], [], [], []
     kept_covered, new_covered = covered_px if covered_px is not None else (None, None)
     kept_working = None
     if kept is not None:
@@ -177,6 +177,7 @@ def write_round_geojson(
         texts += previous.feature_bytes(indices)
         ids += [previous.ids[i] for i in indices]
         wkb += previous.wkb_of(indices)
+        refs += previous.wkb_refs_of(indices)  # (their WKB is not written again)
         covered += (list(kept_covered) if kept_covered is not None
                     else [np.nan] * len(indices))
         at = np.asarray(indices, dtype=np.intp)
@@ -193,6 +194,7 @@ def write_round_geojson(
         ids.append(feature_id)
         geometries.append(annotations[index].geometry)
         wkb.append(shapely.to_wkb(geometries[-1]))
+        refs.append(None)
         covered.append(new_covered[index] if new_covered is not None else np.nan)
     record = round_geojson_path(store, round_k)
     record.parent.mkdir(exist_ok=True)
@@ -201,15 +203,16 @@ def write_round_geojson(
     # the round before: its record and index then share that round's files (1.6 MB each
     # not written on a 67-Mpx slide); the published copies are still files of their own.
     linked = atomic_write_or_link(record, data, round_geojson_path(store, round_k - 1))
-    write_round_index(store, round_k, ids, wkb, offsets, covered,
-                      twin=round_k - 1 if linked else None)
+    placed = write_round_index(store, round_k, ids, wkb, offsets, covered,
+                               twin=round_k - 1 if linked else None, refs=refs)
     working = None
     if kept_working is not None:  # transforms are per coordinate: the same as all at once
         working = kept_working + list(store.frame.transform_geometry(
             _objects(geometries[n_kept:]), "qupath", "working"))
     if kept is not None:  # a refine round's, for the next one: a server's next stroke
         remember_written_round(store, round_k, ids, _objects(geometries), wkb, offsets,
-                               covered, None if working is None else _objects(working), data)
+                               covered, None if working is None else _objects(working), data,
+                               placed)
     return publish_round(record, out_dir, slide_id, round_k, data), polygons
 
 
