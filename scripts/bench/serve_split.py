@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpp", type=float, default=1.0)
     parser.add_argument("--workflow", default="default")
     parser.add_argument("--strokes", type=int, default=60)
+    parser.add_argument("--mosaic", action="store_true",
+                        help="the 16x slide is the first one repeated 4 × 4 (serve.py --mosaic)")
     args = parser.parse_args(argv)
 
     from wsiseg.config import load_workflow
@@ -81,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / label
             (folder / "run").mkdir(parents=True)
             (folder / "scratch").mkdir()
-            slide = common.generated_slide(args.cache, size, args.mpp, args.seed)
-            store, truth = build_store(slide, folder / "run" / "slide.zarr", wf, args.workflow)
+            mosaic = 4 if args.mosaic and label == "16x" else 1
+            slide = common.generated_slide(args.cache, (w, h) if mosaic > 1 else size, args.mpp,
+                                           args.seed)
+            store, truth = build_store(slide, folder / "run" / "slide.zarr", wf, args.workflow,
+                                       mosaic)
             app, _, _ = build_app(ServeOptions(paths=[folder / "run"], refiner="refinenet",
                                                refinenet=str(weights)), folder / "scratch")
             state = app.app.state.wsiseg

@@ -21,7 +21,7 @@ from common.phases import (
     store_patches,
 )
 from common.sampling import MIB, GpuUtilisation, PeakRSS
-from common.slides import generated_slide, guidenet_weights, slide_copies
+from common.slides import generated_slide, guidenet_weights, mosaic_slide, slide_copies
 from common.tables import (
     REPO,
     command_line,
@@ -51,6 +51,7 @@ __all__ = [
     "log",
     "machine_info",
     "markdown_table",
+    "mosaic_slide",
     "parse_size",
     "phase_pipeline",
     "print_report",

@@ -64,3 +64,53 @@ def guidenet_weights(path: Path, seed: int = 0) -> Path:
     if not path.exists():
         init_weights("guidenet", path, seed=seed, workflow=load_workflow())
     return path
+
+
+def mosaic_slide(cache: Path, slide, side: int) -> Path:
+    """The generated ``slide`` repeated ``side`` × ``side`` times in one slide file, cached.
+
+    A control for "a larger slide": the same tissue and tumors, ``side²`` times the area
+    and the features (a generated slide of that size has other, larger tumors). Written as
+    the generator writes its slides (256² JPEG tiles, downsample 4 per level to ≤ 1024 px,
+    the resolution in pixels per centimetre), each level's tiles taken from the slide's
+    pixels at that level's scale (level 0 decoded once; smaller levels resampled with
+    ``INTER_AREA``), so memory stays at the one slide.
+    """
+    import cv2
+    import tifffile
+
+    from wsiseg.synth.write import JPEG_QUALITY, _level_sizes
+
+    width, height = slide.level0_size
+    path = cache / f"{slide.slide_path.stem}-mosaic{side}x{side}.tiff"
+    if path.exists():
+        return path
+    tile = 256
+    with tifffile.TiffFile(slide.slide_path) as tif:
+        base = tif.pages[0].asarray()
+        description = tif.pages[0].description
+    levels = _level_sizes(width * side, height * side)
+    if any(w % (side * tile) or h % (side * tile) for w, h in levels):
+        raise ValueError(f"{slide.slide_path.name}: its levels are not whole tiles "
+                         f"{side} times over; no mosaic")
+    t0 = time.perf_counter()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tifffile.TiffWriter(tmp, bigtiff=True) as out:
+        for level, (lw, lh) in enumerate(levels):
+            copy = base if level == 0 else cv2.resize(
+                base, (lw // side, lh // side), interpolation=cv2.INTER_AREA)
+            ch, cw = copy.shape[:2]
+            tiles = (copy[(r * tile) % ch:(r * tile) % ch + tile,
+                          (c * tile) % cw:(c * tile) % cw + tile]
+                     for r in range(lh // tile) for c in range(lw // tile))
+            px_per_cm = 1e4 / (slide.mpp * 4**level)
+            out.write(data=tiles, shape=(lh, lw, 3), dtype="uint8", tile=(tile, tile),
+                      photometric="rgb", compression="jpeg",
+                      compressionargs={"level": JPEG_QUALITY},
+                      resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
+                      subfiletype=0 if level == 0 else 1,
+                      description=description if level == 0 else None, metadata=None,
+                      software="wsiseg")
+    os.replace(tmp, path)
+    log(f"wrote {path.name} ({side}×{side} copies) in {time.perf_counter() - t0:.1f} s")
+    return path
