@@ -170,6 +170,27 @@ def test_a_round_kept_in_memory_is_the_one_read_back_from_its_files(two_rounds):
     assert rounds.load_round_ids(store, 2) == read.ids
 
 
+def test_the_features_a_round_wrote_are_answered_without_reading_its_file(
+        two_rounds, monkeypatch):
+    """A server answers a stroke with the round's new features: sliced from the bytes the
+    round wrote (kept in memory), not from the file read again (its size follows the
+    slide); the same texts as read from the file."""
+    store, _ = two_rounds
+    ids = set(rounds.load_round_ids(store, 2))
+    record = rounds.round_geojson_path(store, 2)
+    real_read = type(record).read_bytes
+
+    def read_bytes(path):
+        assert path != record, "the round's GeoJSON was read again"
+        return real_read(path)
+
+    monkeypatch.setattr(type(record), "read_bytes", read_bytes)
+    from_memory = rounds.round_feature_texts(store, 2, ids)
+    monkeypatch.undo()
+    round_index._RECENT.clear()
+    assert from_memory == rounds.round_feature_texts(store, 2, ids) and from_memory
+
+
 def test_contours_kept_in_memory_are_not_used_once_their_files_are_replaced(two_rounds):
     store, _ = two_rounds
     kept = rounds.load_round_contours(store, 2)

@@ -270,7 +270,12 @@ def load_round_ids(store: SlideStore, round_k: int) -> list[str]:
 def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> list[str]:
     """The Feature JSON texts of a round's features whose id is in ``wanted``, in file
     order, byte for byte as the round's GeoJSON holds them: sliced by the index's byte
-    ranges (one read of the file, no geometry decoded), else parsed and written anew."""
+    ranges (one read of the file, none when this process wrote it: a server's answer to a
+    stroke; no geometry decoded), else parsed and written anew."""
+    recent = _recall(store, round_k)
+    if recent is not None and recent._offsets is not None:
+        chosen = [i for i, feature_id in enumerate(recent.ids) if feature_id in wanted]
+        return [text.decode() for text in recent.feature_bytes(chosen)]
     geojson = round_geojson_path(store, round_k)
     if geojson.exists():
         data = geojson.read_bytes()
