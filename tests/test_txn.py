@@ -227,6 +227,105 @@ def test_a_file_replaced_by_rename_is_backed_up_by_a_hard_link(tmp_path, monkeyp
     assert not journal.needs_recovery(root)
 
 
+class _Calls(list):
+    inodes: list[tuple[int, str]]
+
+
+def _recording_fsyncs(monkeypatch) -> _Calls:
+    """Each fsync's file or folder, in order, from now on."""
+    calls: _Calls = _Calls()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        inodes.append((os.fstat(fd).st_ino, calls[-1]))
+        return real_fsync(fd)
+
+    inodes = calls.inodes = []  # each call's inode and name
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_a_transaction_makes_its_atomic_writes_durable_at_its_commit(tmp_path, monkeypatch):
+    """Inside a transaction an atomic write of a path it protects is not fsync'd before its
+    rename: the journal undoes it until the commit, which fsyncs the file and its folder
+    once. A path it does not protect is made durable by its write, as outside one; so are
+    a roll-back's restored files."""
+    root = tmp_path / "store"
+    root.mkdir()
+    protected, other = root / "r1.geojson", tmp_path / "notes.txt"
+    protected.write_bytes(b"round 0")
+    calls = _recording_fsyncs(monkeypatch)
+    with journal.Transaction(root, "test") as txn:
+        txn.protect([protected])
+        journal_syncs = len(calls)
+        atomic_write_bytes(protected, b"round 1")
+        atomic_write_bytes(other, b"unprotected")
+        assert calls[journal_syncs:] == [next(p for p in calls if ".notes.txt." in p),
+                                         str(tmp_path)]  # only the unprotected write's
+        before_commit = len(calls)
+        txn.commit()
+    at_commit = calls[before_commit:]
+    assert at_commit.count(str(protected)) == 1 and at_commit.count(str(root)) >= 1
+    assert at_commit.index(str(protected)) < at_commit.index(str(root))
+    assert protected.read_bytes() == b"round 1"
+
+    calls.clear()
+    with pytest.raises(Boom), journal.Transaction(root, "test") as txn:
+        txn.protect([protected])
+        atomic_write_bytes(protected, b"round 2")
+        written = len(calls)
+        raise Boom("injected")
+    assert protected.read_bytes() == b"round 1"
+    restored = calls[written:]  # the roll-back's copy is fsync'd before its rename
+    assert any(f".{protected.name}." in p for p in restored) and str(root) in restored
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_paths_protected_together_are_recorded_with_one_flush(tmp_path, monkeypatch):
+    """``protecting()``: the backups and manifest lines of several ``protect`` calls are
+    made durable once, at the block's end; a roll-back restores them all."""
+    root = tmp_path / "store"
+    root.mkdir()
+    a, b, new = root / "a", tmp_path / "b.geojson", root / "sub" / "c"
+    a.write_bytes(b"a0")
+    b.write_bytes(b"b0")
+    calls = _recording_fsyncs(monkeypatch)
+    with pytest.raises(Boom), journal.Transaction(root, "test") as txn:
+        start = len(calls)
+        with txn.protecting():
+            txn.protect([a])
+            txn.protect([b], replaced_by_rename=True)
+            txn.protect([new])
+            assert calls[start:] == []  # nothing flushed inside the block
+        manifest = str(root / journal.JOURNAL_NAME / "manifest.jsonl")
+        assert calls[start:].count(manifest) == 1
+        assert calls[start:].count(str(root / journal.JOURNAL_NAME)) == 1
+        a.write_bytes(b"a1")
+        atomic_write_bytes(b, b"b1")
+        new.parent.mkdir()
+        new.write_bytes(b"c1")
+        raise Boom("injected")
+    assert a.read_bytes() == b"a0" and b.read_bytes() == b"b0" and not new.parent.exists()
+    assert not journal.needs_recovery(root)
+
+
+def test_a_refine_round_fsyncs_each_file_it_writes_once(cmu_store, tmp_path, monkeypatch):
+    """A round's atomic writes (its GeoJSON, index, published files, attributes) leave
+    their flushes to the round's commit: no file of the round is fsync'd twice."""
+    store, out = cmu_store
+    export = stroke_away_from_the_tumor(store, tmp_path / "s1.geojson", 1)
+    calls = _recording_fsyncs(monkeypatch)
+    refine_round(store, export, out, SLIDE_ID, randomwalk_refiner(130.0, 0.4), "rw")
+    # by inode: an atomic write's temporary is the file its rename puts in place
+    files = [(ino, p) for ino, p in calls.inodes
+             if journal.JOURNAL_NAME not in p and not Path(p).is_dir()]
+    twice = sorted({p for ino, p in files if [i for i, _ in files].count(ino) > 1})
+    assert files and not twice, twice
+
+
 def test_an_interrupted_round_is_rolled_back_and_said_by_the_next_open(cmu_store, tmp_path,
                                                                        caplog):
     """A journal left by a killed process (simulated: the transaction's state mid-round,

@@ -11,16 +11,39 @@ which would lock a pathologist out of files a service account wrote.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from wsiseg.errors import WsisegError
 
 _TMP_SUFFIX = ".tmp"
+
+#: Which paths the caller's commit makes durable (:func:`synced_by_commit`); None: every
+#: atomic write makes itself durable.
+_SYNCED_BY_COMMIT: contextvars.ContextVar[Callable[[Path], bool] | None] = (
+    contextvars.ContextVar("wsiseg_synced_by_commit", default=None))
+
+
+@contextlib.contextmanager
+def synced_by_commit(covers: Callable[[Path], bool]) -> Iterator[None]:
+    """Inside the block (this thread or task), :func:`atomic_path` leaves the fsync of a
+    file that ``covers`` accepts, and of its folder, to the caller.
+
+    For a transaction (:class:`wsiseg.journal.Transaction`): its journal undoes such a write
+    until the commit, and the commit fsyncs the file and its folder, once for all of its
+    writes, instead of each write flushing on its own (ten fsyncs fewer in a refine round).
+    ``covers`` must accept only paths for which both hold.
+    """
+    token = _SYNCED_BY_COMMIT.set(covers)
+    try:
+        yield
+    finally:
+        _SYNCED_BY_COMMIT.reset(token)
 
 
 def umask() -> int:
@@ -78,14 +101,17 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
         umask for a new one.
 
     On an exception inside the block the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was. Inside :func:`synced_by_commit` a path it covers is not fsync'd here.
     """
     path = Path(path)
     tmp = temporary_name(path)
+    covers = _SYNCED_BY_COMMIT.get()
+    durable_later = covers is not None and covers(path)
     try:
         yield tmp
-        with open(tmp, "rb") as f:  # fsync needs no write access on Linux
-            os.fsync(f.fileno())
+        if not durable_later:
+            with open(tmp, "rb") as f:  # fsync needs no write access on Linux
+                os.fsync(f.fileno())
         wanted = _mode_for(path) if mode is None else mode
         if os.stat(tmp).st_mode & 0o7777 != wanted:  # (a chmod may drop a setgid bit)
             os.chmod(tmp, wanted)
@@ -94,7 +120,8 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if not durable_later:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

@@ -25,12 +25,18 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import zarr
 
-from wsiseg.atomic import atomic_copy, atomic_write_bytes, fsync_dir, temporaries_of
+from wsiseg.atomic import (
+    atomic_copy,
+    atomic_write_bytes,
+    fsync_dir,
+    synced_by_commit,
+    temporaries_of,
+)
 
 JOURNAL_NAME = ".wsiseg-txn"
 _MANIFEST = "manifest.jsonl"
@@ -50,6 +56,10 @@ class Transaction:
         self.what = what
         self.dir = self.root / JOURNAL_NAME
         self._protected: dict[Path, bool] = {}  # path → existed
+        self._written: set[Path] = set()  # atomic writes left to the commit to make durable
+        self._pending: tuple[list[dict], list[Path]] = ([], [])  # protected, not yet recorded
+        self._batching = False
+        self._syncs = contextlib.ExitStack()
         self._manifest = None
         self._done = False
 
@@ -64,9 +74,11 @@ class Transaction:
         os.rename(staging, self.dir)  # the journal exists whole or not at all
         fsync_dir(self.root)
         self._manifest = open(self.dir / _MANIFEST, "ab")  # noqa: SIM115 (closed in exit)
+        self._syncs.enter_context(synced_by_commit(self._synced_by_commit))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._syncs.close()  # a roll-back's own writes are durable each
         if self._manifest is not None:
             self._manifest.close()
             self._manifest = None
@@ -108,6 +120,28 @@ class Transaction:
                 backups.append(backup)
             entries.append(entry)
             self._protected[key] = top is None
+        self._pending[0].extend(entries)
+        self._pending[1].extend(backups)
+        if not self._batching:
+            self._record_pending()
+
+    @contextlib.contextmanager
+    def protecting(self) -> Iterator[None]:
+        """Protect several groups of paths (:meth:`protect` calls inside the block) with one
+        flush of their backups and manifest lines, at the block's end: nothing they cover
+        may be written inside it."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+        self._record_pending()
+
+    def _record_pending(self) -> None:
+        """Make the pending backups durable, then their manifest lines (one fsync each for
+        the lot): until its line is in the manifest, a path is not written."""
+        entries, backups = self._pending
+        self._pending = ([], [])
         if not entries:
             return
         for backup in backups:
@@ -131,12 +165,27 @@ class Transaction:
                 for j in range(c0 // cw, (c0 + cols - 1) // cw + 1)}
         self.protect(array_dir / key for key in sorted(keys))
 
+    def _synced_by_commit(self, path: Path) -> bool:
+        """Whether an atomic write of ``path`` (on this transaction's thread) may leave its
+        fsyncs to :meth:`commit`: the path is protected (the journal undoes the write until
+        then), and it is recorded for the commit."""
+        key = Path(path).absolute()
+        if self._done or not (key in self._protected
+                              or any(p in self._protected for p in key.parents)):
+            return False
+        self._written.add(key)
+        return True
+
     # -- the end ---------------------------------------------------------------------------
     def commit(self) -> None:
         """Make every protected change durable, then drop the journal (atomically)."""
+        self._syncs.close()
         for path in self._protected:
             _fsync_tree(path)
-        for folder in {p.parent for p in self._protected}:
+        for path in self._written - set(self._protected):  # (inside a protected folder)
+            if path.is_file():
+                _fsync_file(path)
+        for folder in {p.parent for p in self._protected} | {p.parent for p in self._written}:
             fsync_dir(folder)
         if self._manifest is not None:
             self._manifest.close()

@@ -266,14 +266,16 @@ def undo(store: SlideStore, out_dir: Path | None, slide_id: str) -> int:
         kept_as = undone.with_name(f"r{last}.undone-{stamp}.geojson")
         try:
             with Transaction(store.path, f"undo of round {last}") as txn:
-                protect_boxes(txn, store, ["scribbles", "refined"], [b.region for b in backups])
-                protect_round_files(txn, store, last, out_dir, slide_id)
-                txn.protect([kept_as])
-                if out_dir is not None:
-                    out_round = published_paths(out_dir, slide_id, last)[0]
-                    out_kept = out_dir / f"{slide_id}.r{last}.undone-{stamp}.geojson"
-                    txn.protect([*published_paths(out_dir, slide_id, current), out_kept],
-                                replaced_by_rename=True)
+                with txn.protecting():
+                    protect_boxes(txn, store, ["scribbles", "refined"],
+                                  [b.region for b in backups])
+                    protect_round_files(txn, store, last, out_dir, slide_id)
+                    txn.protect([kept_as])
+                    if out_dir is not None:
+                        out_round = published_paths(out_dir, slide_id, last)[0]
+                        out_kept = out_dir / f"{slide_id}.r{last}.undone-{stamp}.geojson"
+                        txn.protect([*published_paths(out_dir, slide_id, current), out_kept],
+                                    replaced_by_rename=True)
                 for b in backups:
                     r0, c0, rows, cols = b.region
                     sl = np.s_[r0 : r0 + rows, c0 : c0 + cols]

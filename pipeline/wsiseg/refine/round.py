@@ -85,9 +85,11 @@ def refine_round(
         regions = window_regions(windows, window_px, shape)
         try:
             with Transaction(store.path, f"refine round {round_k}") as txn:
-                rounds.protect_boxes(txn, store, ["scribbles"], [box for box, _, _ in rasters])
-                rounds.protect_boxes(txn, store, ["refined"], [r for r, _ in regions])
-                rounds.protect_round_files(txn, store, round_k, out_dir, slide_id)
+                with txn.protecting():  # (one flush of the journal for the three)
+                    rounds.protect_boxes(txn, store, ["scribbles"],
+                                         [box for box, _, _ in rasters])
+                    rounds.protect_boxes(txn, store, ["refined"], [r for r, _ in regions])
+                    rounds.protect_round_files(txn, store, round_k, out_dir, slide_id)
                 entry, m, latest_geojson, refine_s = _apply_round(
                     store, round_k, rasters, windows, regions, refiner, latest, out_dir,
                     slide_id)
