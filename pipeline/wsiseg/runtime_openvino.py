@@ -42,17 +42,7 @@ def openvino_runners(model: Callable[[], Any], card: ModelCard, precision: str, 
     """
     core = ov.Core()
     entry = entry_name(card, digest)
-    config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        # One stream using every core the caller grants: batches arrive one at a time, and
-        # the reading / writing threads are light (see docs/benchmarks.md).
-        "NUM_STREAMS": "1",
-        "INFERENCE_NUM_THREADS": str(threads),
-        "PERFORMANCE_HINT": "LATENCY",
-        # Not pinned: the cores are shared with this process's tiling, reading and writing
-        # threads (and other workers); a pinned thread could not leave a busy core.
-        "ENABLE_CPU_PINNING": False,
-    }
+    config = compile_config(precision, threads)
     lock = threading.Lock()  # one request per model, reused; callers on threads take turns
     requests: dict[str, Any] = {}
 
@@ -88,6 +78,22 @@ def openvino_runners(model: Callable[[], Any], card: ModelCard, precision: str, 
     request("rgb" if rgb_in else "float")
     return (functools.partial(infer, "float"),
             functools.partial(infer, "rgb") if rgb_in else None)
+
+
+def compile_config(precision: str, threads: int) -> dict[str, Any]:
+    """The CPU plugin's properties a network is compiled with (``precision``: ``"f32"`` or
+    ``"bf16"``; ``threads``: the cores granted)."""
+    return {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        # One stream using every core the caller grants: batches arrive one at a time, and
+        # the reading / writing threads are light (see docs/benchmarks.md).
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": str(threads),
+        "PERFORMANCE_HINT": "LATENCY",
+        # Not pinned: the cores are shared with this process's tiling, reading and writing
+        # threads (and other workers); a pinned thread could not leave a busy core.
+        "ENABLE_CPU_PINNING": False,
+    }
 
 
 def _with_rgb_input(model: Any, card: ModelCard) -> Any:
