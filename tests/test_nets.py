@@ -143,6 +143,30 @@ def test_build_and_forward(role: str, channels: int):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+def test_a_card_names_its_decoder_widths_and_without_them_it_is_as_before(tmp_path: Path):
+    default = dataclasses.replace(load_card("refinenet"), decoder_channels=None)
+    assert "decoder_channels" not in default.to_dict()  # old cards: same dict, same cache key
+    light = dataclasses.replace(default, decoder_channels=[64, 32, 16, 16, 16])
+    assert ModelCard.from_dict(light.to_dict()) == light
+    widths = [block.conv1[0].out_channels for block in build_model(light).decoder.blocks]
+    assert widths == [64, 32, 16, 16, 16]
+    widths = [block.conv1[0].out_channels for block in build_model(default).decoder.blocks]
+    assert widths == [256, 128, 64, 32, 16]
+    model = build_model(light)
+    path = tmp_path / "light.safetensors"
+    save_weights(model, light, path)
+    loaded, card = load_weights(path, role="refinenet", workflow=load_workflow())
+    assert card.decoder_channels == [64, 32, 16, 16, 16]
+    with pytest.raises(ValueError, match="decoder_channels"):
+        ModelCard.from_dict(default.to_dict() | {"decoder_channels": [64, 32, 16]})
+    with pytest.raises(ValueError, match="decoder_channels"):
+        ModelCard.from_dict(default.to_dict() | {"decoder_channels": [64, 32, 16, 16, 0]})
+    # A network of one width is not saved under a card of another.
+    with pytest.raises(ValueError, match="decoder.blocks.0.conv1.0.weight.*instead of"):
+        save_weights(model, default, tmp_path / "other.safetensors")
+    assert not (tmp_path / "other.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------ weights
 
 

@@ -108,16 +108,21 @@ def train_camelyon(args: argparse.Namespace) -> int:
                   progress=False, cache_dir=args.out / "cache", threads=args.threads,
                   steps_per_epoch=25)
     t0 = time.perf_counter()
-    g = train_guidenet(out=args.out / "guidenet.safetensors",
-                       epochs=max(1, args.guidenet_steps // 25), **common)
-    log(f"GuideNet: val IoU {g.best_val_iou:.3f}, {g.steps} steps, {g.seconds:.0f} s")
-    r = train_refinenet(guidenet=g.weights, out=args.out / "refinenet.safetensors",
+    if args.guidenet is None:
+        g = train_guidenet(out=args.out / "guidenet.safetensors",
+                           epochs=max(1, args.guidenet_steps // 25), **common)
+        log(f"GuideNet: val IoU {g.best_val_iou:.3f}, {g.steps} steps, {g.seconds:.0f} s")
+        guidenet, trained = g.weights, {"steps": g.steps, "val_iou": g.best_val_iou,
+                                        "s": g.seconds}
+    else:
+        guidenet, trained = args.guidenet, {"weights": str(args.guidenet)}
+    r = train_refinenet(guidenet=guidenet, out=args.out / "refinenet.safetensors",
                         epochs=max(1, args.refinenet_steps // 25), **common)
     log(f"RefineNet: val IoU {r.best_val_iou:.3f} (GuideNet on the same windows "
         f"{r.card.metrics.get('val_guide_iou', float('nan')):.3f}), {r.steps} steps, "
         f"{r.seconds:.0f} s")
     summary = {"command": command_line(), "minutes": (time.perf_counter() - t0) / 60,
-               "guidenet": {"steps": g.steps, "val_iou": g.best_val_iou, "s": g.seconds},
+               "guidenet": trained,
                "refinenet": {"steps": r.steps, "val_iou": r.best_val_iou, "s": r.seconds,
                              "val_guide_iou": r.card.metrics.get("val_guide_iou")}}
     (args.out / "train.json").write_text(json.dumps(summary, indent=1))
@@ -298,6 +303,8 @@ def main() -> int:
     p = sub.choices["train-camelyon"]
     p.add_argument("--guidenet-steps", type=int, default=300)
     p.add_argument("--refinenet-steps", type=int, default=150)
+    p.add_argument("--guidenet", type=Path, default=None,
+                   help="a GuideNet trained before on the same split: train RefineNet only")
     p = sub.choices["interactive"]
     p.add_argument("--guidenet", type=Path, required=True)
     p.add_argument("--refinenet", type=Path, required=True)

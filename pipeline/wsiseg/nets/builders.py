@@ -25,6 +25,9 @@ def build_model(card: ModelCard) -> torch.nn.Module:
     """
     import segmentation_models_pytorch as smp  # heavy import: only when a network is built
 
+    widths = {} if card.decoder_channels is None else {
+        "decoder_channels": tuple(card.decoder_channels)
+    }
     try:
         return smp.create_model(
             card.architecture,
@@ -32,8 +35,9 @@ def build_model(card: ModelCard) -> torch.nn.Module:
             encoder_weights=None,
             in_channels=card.in_channels,
             classes=card.classes,
+            **widths,
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # TypeError: widths it does not take
         raise WsisegError(
             f"model card: cannot build {card.architecture} with encoder {card.encoder} "
             f"({str(exc).strip().splitlines()[0]})"

@@ -1,7 +1,8 @@
 """The model card: what a weights file is for and how to use it, validated from JSON or YAML.
 
 Role, architecture, encoder, input channels, patch size, working resolution, normalisation,
-scribble encoding, threshold, provenance and metrics. The card templates live in
+scribble encoding, threshold, provenance and metrics, and the decoder's widths where they are
+not smp's default. The card templates live in
 ``models/<role>.yaml``. Keys, types and ranges are declared below and checked by pydantic
 (strict: no ``"3"`` → 3, no ``true`` → 1, no NaN or infinity).
 """
@@ -110,6 +111,10 @@ class ModelCard:
         "seed": s}`` for random weights from :func:`init_weights`.
     metrics : dict
         Validation metrics, e.g. ``{"val_iou": 0.87}``.
+    decoder_channels : list of int or None
+        The U-Net decoder's five block widths, deepest first; None (and absent from the
+        dict) is smp's default ``[256, 128, 64, 32, 16]``, the width of every card written
+        before the key existed.
     """
 
     role: Role
@@ -124,6 +129,9 @@ class ModelCard:
     threshold: Fraction
     provenance: JsonMapping
     metrics: JsonMapping
+    decoder_channels: Annotated[list[PositiveInt], Field(min_length=5, max_length=5)] | None = (
+        None
+    )
 
     @field_validator("scribble_encoding")
     @classmethod
@@ -138,8 +146,15 @@ class ModelCard:
         return value
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (a deep copy), in field order."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain JSON-able dict (a deep copy), in field order; an unset decoder is left out.
+
+        Leaving it out keeps a default-width card's dict, and so its weights' metadata and
+        runtime-cache key, what they were before the key existed.
+        """
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if d["decoder_channels"] is None:
+            del d["decoder_channels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
