@@ -312,6 +312,57 @@ def test_paths_protected_together_are_recorded_with_one_flush(tmp_path, monkeypa
     assert not journal.needs_recovery(root)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_a_write_inside_a_protecting_block_flushes_itself(tmp_path, monkeypatch):
+    """Until a ``protecting()`` block ends its paths are not in the manifest: an atomic
+    write there is not left to the commit (it is fsync'd before its rename), and protections
+    whose block raised are dropped, not left looking recorded."""
+    root = tmp_path / "store"
+    root.mkdir()
+    path = root / "r1.geojson"
+    path.write_bytes(b"round 0")
+    calls = _recording_fsyncs(monkeypatch)
+    with journal.Transaction(root, "test") as txn:
+        with txn.protecting():
+            txn.protect([path])
+            start = len(calls)
+            atomic_write_bytes(path, b"too early")
+            assert any(f".{path.name}." in p for p in calls[start:])  # flushed itself
+        with pytest.raises(Boom), txn.protecting():
+            txn.protect([root / "r2.geojson"])
+            raise Boom("injected")
+        assert root / "r2.geojson" not in txn._protected
+        assert len(list((root / journal.JOURNAL_NAME).glob("b*"))) == 1  # r1's backup only
+        txn.commit()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_a_roll_back_makes_its_removals_and_a_commit_its_new_folders_durable(
+        tmp_path, monkeypatch):
+    """A file the transaction created is removed by its roll-back, and the removal is
+    flushed in its folder (else a crash could bring it back, empty); a folder it created is
+    flushed at the commit at every depth, not only at its top."""
+    root = tmp_path / "store"
+    (root / "rounds").mkdir(parents=True)
+    created = root / "rounds" / "r1.geojson"
+    calls = _recording_fsyncs(monkeypatch)
+    with pytest.raises(Boom), journal.Transaction(root, "test") as txn:
+        txn.protect([created])
+        created.write_bytes(b"round 1")
+        start = len(calls)
+        raise Boom("injected")
+    assert not created.exists() and str(root / "rounds") in calls[start:]
+    deep = root / "history" / "r1" / "c" / "0"
+    calls.clear()
+    with journal.Transaction(root, "test") as txn:
+        txn.protect([deep / "0"])
+        deep.mkdir(parents=True)
+        (deep / "0").write_bytes(b"chunk")
+        txn.commit()
+    for folder in (deep, deep.parent, deep.parent.parent, root / "history", root):
+        assert str(folder) in calls, folder
+
+
 def test_a_refine_round_fsyncs_each_file_it_writes_once(cmu_store, tmp_path, monkeypatch):
     """A round's atomic writes (its GeoJSON, index, published files, attributes) leave
     their flushes to the round's commit: no file of the round is fsync'd twice."""

@@ -56,7 +56,6 @@ class Transaction:
         self.what = what
         self.dir = self.root / JOURNAL_NAME
         self._protected: dict[Path, bool] = {}  # path → existed
-        self._written: set[Path] = set()  # atomic writes left to the commit to make durable
         self._pending: tuple[list[dict], list[Path]] = ([], [])  # protected, not yet recorded
         self._batching = False
         self._syncs = contextlib.ExitStack()
@@ -133,9 +132,20 @@ class Transaction:
         self._batching = True
         try:
             yield
+        except BaseException:
+            self._drop_pending()  # never recorded: nothing covers them
+            raise
         finally:
             self._batching = False
         self._record_pending()
+
+    def _drop_pending(self) -> None:
+        entries, backups = self._pending
+        self._pending = ([], [])
+        for entry in entries:
+            del self._protected[self._path_of(entry)]
+        for backup in backups:
+            _remove(backup)
 
     def _record_pending(self) -> None:
         """Make the pending backups durable, then their manifest lines (one fsync each for
@@ -167,25 +177,20 @@ class Transaction:
 
     def _synced_by_commit(self, path: Path) -> bool:
         """Whether an atomic write of ``path`` (on this transaction's thread) may leave its
-        fsyncs to :meth:`commit`: the path is protected (the journal undoes the write until
-        then), and it is recorded for the commit."""
+        fsyncs to :meth:`commit`: the path is protected and recorded (the journal undoes the
+        write until then), so it lies in what the commit flushes."""
         key = Path(path).absolute()
-        if self._done or not (key in self._protected
-                              or any(p in self._protected for p in key.parents)):
+        if self._done or self._pending[0]:  # (pending: protected in a batch, not recorded)
             return False
-        self._written.add(key)
-        return True
+        return key in self._protected or any(p in self._protected for p in key.parents)
 
     # -- the end ---------------------------------------------------------------------------
     def commit(self) -> None:
         """Make every protected change durable, then drop the journal (atomically)."""
         self._syncs.close()
-        for path in self._protected:
+        for path in self._protected:  # (and what atomic writes left to it: it lies in them)
             _fsync_tree(path)
-        for path in self._written - set(self._protected):  # (inside a protected folder)
-            if path.is_file():
-                _fsync_file(path)
-        for folder in {p.parent for p in self._protected} | {p.parent for p in self._written}:
+        for folder in {p.parent for p in self._protected}:
             fsync_dir(folder)
         if self._manifest is not None:
             self._manifest.close()
@@ -198,6 +203,10 @@ class Transaction:
             return str(path.relative_to(self.root.absolute()))
         except ValueError:
             return str(path)
+
+    def _path_of(self, entry: dict) -> Path:
+        path = Path(entry["path"])
+        return path if path.is_absolute() else self.root.absolute() / path
 
 
 def pending(root: str | Path) -> bool:
@@ -253,6 +262,7 @@ def _play_back(root: Path, journal: Path) -> None:
             tmp.unlink(missing_ok=True)
         if not entry["existed"]:
             _remove(path)
+            fsync_dir(path.parent)  # else the removed file may come back after a crash
         elif entry.get("dir"):
             _remove(path)
             shutil.copytree(journal / entry["backup"], path)
@@ -313,6 +323,8 @@ def _fsync_tree(path: Path) -> None:
         for sub in path.rglob("*"):
             if sub.is_file():
                 _fsync_file(sub)
+            elif sub.is_dir():  # its entries, as the top folder's
+                fsync_dir(sub)
         fsync_dir(path)
     elif path.is_file():
         _fsync_file(path)
