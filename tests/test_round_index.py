@@ -310,7 +310,7 @@ def test_an_index_writes_the_geometry_of_its_new_features_only(two_rounds):
     assert cold._wkb_refs == kept._wkb_refs
     previous = _cold(store, 1)
     with np.load(round_index._index_path(store, 2)) as z:
-        block = z["wkb"].tobytes()
+        block = z["block"].tobytes()
         new_ids = set(kept.ids) - set(previous.ids)
         # only the features new in round 2 are in its block, in file order
         assert block == b"".join(w for i, w in zip(kept.ids, kept._wkb, strict=True)
@@ -333,10 +333,10 @@ def test_an_index_whose_block_is_missing_or_another_is_not_used(two_rounds, tmp_
     good = earlier.read_bytes()
     with np.load(earlier) as z:
         other = {name: z[name] for name in z.files}
-    other["wkb"] = other["wkb"].copy()
-    other["wkb"][-1] ^= 1  # one byte of geometry changed: another block ...
-    rewritten = {**other, "wkb_digest": np.frombuffer(round_index._block_digest(
-        other["wkb"].tobytes(), other["wkb_end"]), dtype=np.uint8)}  # ... and its digest
+    other["block"] = other["block"].copy()
+    other["block"][-1] ^= 1  # one byte of geometry changed: another block ...
+    rewritten = {**other, "block_digest": np.frombuffer(round_index._block_digest(
+        other["block"].tobytes(), other["block_end"]), dtype=np.uint8)}  # ... and its digest
     for damaged in ("missing", b"", good[: len(good) // 2], other, rewritten):
         if isinstance(damaged, str):
             earlier.unlink()
@@ -379,3 +379,33 @@ def test_an_index_from_before_shared_blocks_is_read_and_the_next_round_writes_it
     third = _cold(store, 3)
     assert all(k == 3 for k, _, _ in third._wkb_refs)  # nothing referred to round 2's index
     assert rounds.load_round_ids(store, 3) == third.ids
+
+
+def test_an_index_with_blocks_is_not_read_as_one_from_before(two_rounds):
+    """A wsiseg from before shared blocks reads an index's "wkb" as every feature's WKB in
+    order: an index with blocks has none (so such a reader parses the GeoJSON, not pairing
+    ids with the wrong geometry), and an index of the first form of blocks, which named its
+    block "wkb", is not used by this one."""
+    store, _ = two_rounds
+    index = round_index._index_path(store, 2)
+    want = _cold(store, 2)
+    with np.load(index) as z:
+        assert "wkb" not in z.files and "wkb_end" not in z.files
+        arrays = {name: z[name] for name in z.files}
+    early = {("wkb" if k == "block" else "wkb_end" if k == "block_end"
+              else "wkb_digest" if k == "block_digest" else k): v for k, v in arrays.items()}
+    np.savez(index, **early)
+    got = _cold(store, 2)
+    assert got.ids == want.ids and got._annotations is not None  # parsed from the GeoJSON
+
+
+def test_a_served_answer_reads_the_file_when_it_changed_under_the_memory(two_rounds,
+                                                                        monkeypatch):
+    """The features a round wrote are answered from memory while its file is the one
+    written; a file that changed between the check and the slicing is read, not an error."""
+    store, _ = two_rounds
+    recent = rounds.load_round_contours(store, 2)
+    want = rounds.round_feature_texts(store, 2, set(recent.ids[:2]))
+    stale = dataclasses.replace(recent, _stamp=[0, 0])  # its slicing now refuses
+    monkeypatch.setattr(round_index, "_recall", lambda store, round_k: stale)
+    assert rounds.round_feature_texts(store, 2, set(recent.ids[:2])) == want

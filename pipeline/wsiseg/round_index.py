@@ -20,6 +20,7 @@ makes the index unusable, as a damaged one: the GeoJSON is parsed instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -149,8 +150,10 @@ def write_round_index(
     st = geojson.stat()
     arrays = {
         "ids": np.asarray(ids, dtype=str), "offsets": np.asarray(offsets, dtype=np.int64),
-        "wkb": np.frombuffer(block, dtype=np.uint8), "wkb_end": ends,
-        "wkb_digest": np.frombuffer(digest, dtype=np.uint8),
+        # Not named "wkb" as in indexes before blocks: a wsiseg from before would take a
+        # block for every feature's WKB and pair ids with the wrong geometry.
+        "block": np.frombuffer(block, dtype=np.uint8), "block_end": ends,
+        "block_digest": np.frombuffer(digest, dtype=np.uint8),
         "wkb_ref": np.asarray([(row[k, d], s) for k, d, s in placed],
                               dtype=np.int64).reshape(-1, 2),
         "ref_rounds": np.asarray([k for k, _ in table], dtype=np.int64),
@@ -169,6 +172,10 @@ def write_round_index(
     return placed
 
 
+#: The arrays of an index that hold its block and refer to those of earlier rounds.
+_BLOCK_ARRAYS = ("block", "block_end", "block_digest", "wkb_ref", "ref_rounds", "ref_digests")
+
+
 def _block_digest(block: bytes, ends: np.ndarray) -> bytes:
     """What names a block of WKB: 16 bytes of BLAKE2b over its entries' ends and bytes."""
     return hashlib.blake2b(ends.astype(np.int64).tobytes() + block, digest_size=16).digest()
@@ -185,22 +192,25 @@ def _feature_wkb(store: SlideStore, z: dict[str, np.ndarray]
     refers to, and where each lies; None when a block referred to is missing or another
     (the index is then unusable). An index from before blocks were shared holds every
     feature in its own block, in order (its places are not known: None)."""
-    if "wkb_ref" not in z:
+    if "block" not in z:
+        if "wkb" not in z or "wkb_end" not in z or "wkb_ref" in z:  # (the last: an early
+            return None  # form of blocks, named as the old WKB; read again from the GeoJSON)
         return _block_parts(z["wkb"], z["wkb_end"]), None
-    if not {"wkb_digest", "ref_rounds", "ref_digests"} <= set(z):
+    if not set(_BLOCK_ARRAYS) <= set(z):
         return None
     table = list(zip(z["ref_rounds"].tolist(), (d.tobytes() for d in z["ref_digests"]),
                      strict=True))
     blocks = []
     for round_j, digest in table:
         # the block as this index holds it, else as round j's does; checked, not trusted
-        held = z if z["wkb_digest"].tobytes() == digest else _index_arrays(
-            _index_path(store, round_j), None, ("wkb", "wkb_end"))
-        if held is None or _block_digest(held["wkb"].tobytes(), held["wkb_end"]) != digest:
+        held = z if z["block_digest"].tobytes() == digest else _index_arrays(
+            _index_path(store, round_j), None, ("block", "block_end"))
+        if held is None or _block_digest(held["block"].tobytes(), held["block_end"]) != digest:
             return None
-        blocks.append(_block_parts(held["wkb"], held["wkb_end"]))
+        blocks.append(_block_parts(held["block"], held["block_end"]))
     places = z["wkb_ref"].tolist()
-    if any(not 0 <= t < len(blocks) or not 0 <= s < len(blocks[t]) for t, s in places):
+    if len(places) != len(z["ids"]) or any(
+            not 0 <= t < len(blocks) or not 0 <= s < len(blocks[t]) for t, s in places):
         return None
     return ([blocks[t][s] for t, s in places],
             [(table[t][0], table[t][1], s) for t, s in places])
@@ -235,8 +245,8 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
     files_stamp = _files_stamp(store, round_k)  # before reading: a later change misses
     st = geojson.stat()
     stamp = [st.st_size, st.st_mtime_ns]
-    z = _index_arrays(_index_path(store, round_k), stamp, ("ids", "wkb", "wkb_end", "offsets"),
-                      ("covered_px", "wkb_digest", "wkb_ref", "ref_rounds", "ref_digests"))
+    z = _index_arrays(_index_path(store, round_k), stamp, ("ids", "offsets"),
+                      ("covered_px", "wkb", "wkb_end", *_BLOCK_ARRAYS))
     found = _feature_wkb(store, z) if z is not None else None
     if z is not None and found is not None:
         parts, refs = found
@@ -275,7 +285,8 @@ def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> li
     recent = _recall(store, round_k)
     if recent is not None and recent._offsets is not None:
         chosen = [i for i, feature_id in enumerate(recent.ids) if feature_id in wanted]
-        return [text.decode() for text in recent.feature_bytes(chosen)]
+        with contextlib.suppress(WsisegError):  # the file changed just now: read it below
+            return [text.decode() for text in recent.feature_bytes(chosen)]
     geojson = round_geojson_path(store, round_k)
     if geojson.exists():
         data = geojson.read_bytes()
