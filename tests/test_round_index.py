@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -409,3 +410,28 @@ def test_a_served_answer_reads_the_file_when_it_changed_under_the_memory(two_rou
     stale = dataclasses.replace(recent, _stamp=[0, 0])  # its slicing now refuses
     monkeypatch.setattr(round_index, "_recall", lambda store, round_k: stale)
     assert rounds.round_feature_texts(store, 2, set(recent.ids[:2])) == want
+
+
+def test_a_round_with_no_geometry_of_its_own_links_the_index_of_the_round_before(tmp_path):
+    """Round k−1 wrote new features (its block holds them); round k changed no contour (its
+    GeoJSON is a link to k−1's) and keeps them all by reference: its index is k−1's, linked,
+    and read as round k's it gives the same geometry."""
+    store = types.SimpleNamespace(path=tmp_path)
+    (tmp_path / "rounds").mkdir()
+    wkb = [shapely.to_wkb(shapely.box(i * 10, 0, i * 10 + 5, 5)) for i in range(3)]
+    record = rounds.round_geojson_path(store, 0)
+    record.write_bytes(b"x" * 40)
+    placed = round_index.write_round_index(store, 0, ["a", "b", "c"], wkb, [0, 10, 20, 30])
+    os.link(record, rounds.round_geojson_path(store, 1))
+    again = round_index.write_round_index(store, 1, ["a", "b", "c"], wkb, [0, 10, 20, 30],
+                                          twin=0, refs=placed)
+    index = [round_index._index_path(store, k) for k in (0, 1)]
+    assert again == placed and os.path.samefile(*index)
+    with np.load(index[1]) as z:
+        parts, refs = round_index._feature_wkb(store, {name: z[name] for name in z.files})
+    assert parts == wkb and refs == placed
+    # a round that keeps one feature by reference and writes another is not linked
+    os.unlink(index[1])
+    round_index.write_round_index(store, 1, ["a", "b", "c"], wkb, [0, 10, 20, 30], twin=0,
+                                  refs=[*placed[:2], None])
+    assert not os.path.samefile(*index)

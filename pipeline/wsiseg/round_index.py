@@ -164,8 +164,11 @@ def write_round_index(
                                  else covered_px, dtype=np.float64),
     }
     path = _index_path(store, round_k)
-    if twin is not None and _holds_arrays(_index_path(store, twin), arrays) and atomic_link(
-            _index_path(store, twin), path):
+    # With no geometry of its own, the twin's index is this one whatever its own block
+    # holds: the same features, byte ranges and places (its block among them).
+    same = [name for name in arrays if own or name not in _OWN_BLOCK]
+    if twin is not None and _holds_arrays(_index_path(store, twin), arrays, same) and (
+            atomic_link(_index_path(store, twin), path)):
         return placed
     with atomic_writer(path) as f:
         np.savez(f, **arrays)
@@ -174,6 +177,7 @@ def write_round_index(
 
 #: The arrays of an index that hold its block and refer to those of earlier rounds.
 _BLOCK_ARRAYS = ("block", "block_end", "block_digest", "wkb_ref", "ref_rounds", "ref_digests")
+_OWN_BLOCK = _BLOCK_ARRAYS[:3]
 
 
 def _block_digest(block: bytes, ends: np.ndarray) -> bytes:
@@ -216,14 +220,15 @@ def _feature_wkb(store: SlideStore, z: dict[str, np.ndarray]
             [(table[t][0], table[t][1], s) for t, s in places])
 
 
-def _holds_arrays(index: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Whether the index file ``index`` holds exactly these arrays (NaN equal to NaN)."""
+def _holds_arrays(index: Path, arrays: dict[str, np.ndarray], names: list[str]) -> bool:
+    """Whether the index file ``index`` has the arrays ``arrays`` has and holds these
+    ``names`` of them exactly (NaN equal to NaN)."""
     try:
         with np.load(index, allow_pickle=False) as z:
             if sorted(z.files) != sorted(arrays):
                 return False
-            for name, value in arrays.items():
-                held = z[name]
+            for name in names:
+                value, held = arrays[name], z[name]
                 if held.dtype != value.dtype or not np.array_equal(
                         held, value, equal_nan=value.dtype.kind == "f"):
                     return False
