@@ -39,6 +39,9 @@ def median_ms(request, x: np.ndarray, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--role", choices=("guidenet", "refinenet"), default="refinenet")
+    parser.add_argument("--card", default=None,
+                        help="a model card YAML to build instead of the role's template "
+                             "(e.g. other decoder_channels)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precision", choices=("bf16", "f32"), default="bf16")
     parser.add_argument("--threads", type=int, default=2)
@@ -47,14 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import openvino as ov
+    import torch
 
-    from wsiseg.nets import init_weights
+    from wsiseg.nets import build_model, load_card, save_weights
     from wsiseg.runtime_cache import _convert
     from wsiseg.runtime_openvino import compile_config
 
+    card = load_card(args.card or args.role)
+    if card.role != args.role:
+        parser.error(f"{args.card}: a {card.role} card, not {args.role}")
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / f"{args.role}.safetensors"
-        card = init_weights(args.role, weights, seed=0)
+        torch.manual_seed(0)  # random weights: the time does not depend on them
+        save_weights(build_model(card).eval(), card, weights)
         model = _convert(weights, card)
     core = ov.Core()
     config = compile_config(args.precision, args.threads)
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"`{shlex.join([Path(sys.executable).name, *sys.argv])}`\n")
     print(f"{args.role}: {card.in_channels} × {card.patch_px}², batch {args.batch}, "
-          f"{args.precision}, {args.threads} threads, OpenVINO {ov.__version__}\n")
+          f"{args.precision}, {args.threads} threads, OpenVINO {ov.__version__}, decoder "
+          f"{card.decoder_channels or 'smp default [256, 128, 64, 32, 16]'}\n")
     print(f"| compiled | ms (median of {args.repeat}) |\n|---|---:|")
     for label, ms in rows:
         print(f"| {label} | {ms:.1f} |")
