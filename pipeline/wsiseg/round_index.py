@@ -220,14 +220,15 @@ def _feature_wkb(store: SlideStore, z: dict[str, np.ndarray]
             [(table[t][0], table[t][1], s) for t, s in places])
 
 
-def _holds_arrays(index: Path, arrays: dict[str, np.ndarray], names: list[str]) -> bool:
+def _holds_arrays(index: Path, arrays: dict[str, np.ndarray],
+                  names: list[str] | None = None) -> bool:
     """Whether the index file ``index`` has the arrays ``arrays`` has and holds these
-    ``names`` of them exactly (NaN equal to NaN)."""
+    ``names`` of them (None: all) exactly (NaN equal to NaN)."""
     try:
         with np.load(index, allow_pickle=False) as z:
             if sorted(z.files) != sorted(arrays):
                 return False
-            for name in names:
+            for name in arrays if names is None else names:
                 value, held = arrays[name], z[name]
                 if held.dtype != value.dtype or not np.array_equal(
                         held, value, equal_nan=value.dtype.kind == "f"):
