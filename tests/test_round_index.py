@@ -435,3 +435,26 @@ def test_a_round_with_no_geometry_of_its_own_links_the_index_of_the_round_before
     round_index.write_round_index(store, 1, ["a", "b", "c"], wkb, [0, 10, 20, 30], twin=0,
                                   refs=[*placed[:2], None])
     assert not os.path.samefile(*index)
+
+
+def test_an_index_refers_to_a_bounded_number_of_earlier_blocks(tmp_path, monkeypatch):
+    """Each round adds a feature (its own block); once an index would refer to more than
+    MAX_EARLIER_BLOCKS earlier blocks it holds every feature's WKB itself, and later rounds
+    refer to it: a cold read never opens more than that many other indexes."""
+    monkeypatch.setattr(round_index, "MAX_EARLIER_BLOCKS", 3)
+    store = types.SimpleNamespace(path=tmp_path)
+    (tmp_path / "rounds").mkdir()
+    ids, wkb, placed, referred = [], [], [], []
+    for k in range(8):
+        ids.append(f"f{k}")
+        wkb.append(shapely.to_wkb(shapely.box(k * 10, 0, k * 10 + 5, 5)))
+        rounds.round_geojson_path(store, k).write_bytes(b"x" * (10 * k + 10))
+        offsets = list(range(0, 10 * len(ids) + 1, 10))
+        placed = round_index.write_round_index(store, k, ids, wkb, offsets,
+                                               refs=[*placed, None])
+        with np.load(round_index._index_path(store, k)) as z:
+            z = {name: z[name] for name in z.files}
+        referred.append(len({r for r, _, _ in placed} - {k}))
+        parts, refs = round_index._feature_wkb(store, z)
+        assert parts == wkb and refs == placed
+    assert max(referred) <= 3 and referred[4] == 0  # round 4 would have referred to 4

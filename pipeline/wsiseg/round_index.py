@@ -37,6 +37,9 @@ from wsiseg.outputs import tissue_covered_px
 from wsiseg.qupath import Annotation, annotation_features, is_wsiseg_feature, read_annotations
 from wsiseg.store import SlideStore
 
+#: The most earlier rounds' blocks one index refers to (:func:`write_round_index`).
+MAX_EARLIER_BLOCKS = 16
+
 #: Where a feature's WKB lies on disk: the round whose index holds it in its block, that
 #: block's digest (:func:`_block_digest`) and the feature's slot in it.
 WkbRef = tuple[int, bytes, int]
@@ -135,8 +138,15 @@ def write_round_index(
     round's index holds it already (None: nowhere, it goes into this round's block).
     ``twin``: a round whose GeoJSON file round k's shares (a hard link: no contour
     changed); when that round's index holds the very arrays too, round k's index is a hard
-    link to it, not written. Returns where each feature's WKB now lies."""
+    link to it, not written. Returns where each feature's WKB now lies.
+
+    An index refers to at most :data:`MAX_EARLIER_BLOCKS` earlier blocks: past that, the
+    round writes every feature's WKB into its own block again, so a cold read opens a
+    bounded number of files however long the slide's history (one whole write in ~16
+    rounds that add features)."""
     refs = [None] * len(ids) if refs is None else list(refs)
+    if len({ref[:2] for ref in refs if ref is not None}) > MAX_EARLIER_BLOCKS:
+        refs = [None] * len(ids)
     own = [i for i, ref in enumerate(refs) if ref is None]
     block = b"".join(wkb[i] for i in own)
     ends = np.cumsum([len(wkb[i]) for i in own], dtype=np.int64)
