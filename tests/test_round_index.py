@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import shapely
 
-from wsiseg import filecache, round_index, rounds
+from wsiseg import filecache, round_index, rounds, wkb_blocks
 from wsiseg.outputs import annotations_for, measurements, round_contours, tissue_covered_px
 from wsiseg.qupath import annotation_features, read_annotations, write_annotations
 from wsiseg.refine import randomwalk_refiner, refine_round
@@ -336,7 +336,7 @@ def test_an_index_whose_block_is_missing_or_another_is_not_used(two_rounds, tmp_
         other = {name: z[name] for name in z.files}
     other["block"] = other["block"].copy()
     other["block"][-1] ^= 1  # one byte of geometry changed: another block ...
-    rewritten = {**other, "block_digest": np.frombuffer(round_index._block_digest(
+    rewritten = {**other, "block_digest": np.frombuffer(wkb_blocks.block_digest(
         other["block"].tobytes(), other["block_end"]), dtype=np.uint8)}  # ... and its digest
     for damaged in ("missing", b"", good[: len(good) // 2], other, rewritten):
         if isinstance(damaged, str):
@@ -441,7 +441,7 @@ def test_an_index_refers_to_a_bounded_number_of_earlier_blocks(tmp_path, monkeyp
     """Each round adds a feature (its own block); once an index would refer to more than
     MAX_EARLIER_BLOCKS earlier blocks it holds every feature's WKB itself, and later rounds
     refer to it: a cold read never opens more than that many other indexes."""
-    monkeypatch.setattr(round_index, "MAX_EARLIER_BLOCKS", 3)
+    monkeypatch.setattr(wkb_blocks, "MAX_EARLIER_BLOCKS", 3)
     store = types.SimpleNamespace(path=tmp_path)
     (tmp_path / "rounds").mkdir()
     ids, wkb, placed, referred = [], [], [], []

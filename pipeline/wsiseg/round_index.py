@@ -11,17 +11,15 @@ ignored and the GeoJSON parsed instead. :mod:`wsiseg.rounds` writes both, in a r
 transaction, and the process keeps what it wrote for its next round (a server's next
 stroke), for as long as both files are the ones written.
 
-A feature's WKB is written once, into the *block* of the round that made it; later rounds'
-indexes refer to that round's block by its digest (:data:`WkbRef`), so a round writes the
-geometry of its new features only, not of the whole slide's (4.2 MB a stroke on a 67-Mpx
-slide of 16 copies of the bench slide). A block that is missing or not the one referred to
-makes the index unusable, as a damaged one: the GeoJSON is parsed instead.
+A feature's WKB is written once, into the *block* of the round that made it; later
+indexes refer to that block by its digest (:mod:`wsiseg.wkb_blocks`), so a round writes
+the geometry of its new features only (not 4.2 MB a stroke on a 67-Mpx slide). A block
+missing or not the one referred to makes the index unusable: the GeoJSON is parsed instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,13 +34,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.outputs import tissue_covered_px
 from wsiseg.qupath import Annotation, annotation_features, is_wsiseg_feature, read_annotations
 from wsiseg.store import SlideStore
-
-#: The most earlier rounds' blocks one index refers to (:func:`write_round_index`).
-MAX_EARLIER_BLOCKS = 16
-
-#: Where a feature's WKB lies on disk: the round whose index holds it in its block, that
-#: block's digest (:func:`_block_digest`) and the feature's slot in it.
-WkbRef = tuple[int, bytes, int]
+from wsiseg.wkb_blocks import BLOCK_ARRAYS, OWN_BLOCK, WkbRef, block_arrays, feature_wkb
 
 
 def round_geojson_path(store: SlideStore, round_k: int) -> Path:
@@ -140,35 +132,13 @@ def write_round_index(
     changed); when that round's index holds the very arrays too, round k's index is a hard
     link to it, not written. Returns where each feature's WKB now lies.
 
-    An index refers to at most :data:`MAX_EARLIER_BLOCKS` earlier blocks: past that, the
-    round writes every feature's WKB into its own block again, so a cold read opens a
-    bounded number of files however long the slide's history (one whole write in ~16
-    rounds that add features)."""
-    refs = [None] * len(ids) if refs is None else list(refs)
-    if len({ref[:2] for ref in refs if ref is not None}) > MAX_EARLIER_BLOCKS:
-        refs = [None] * len(ids)
-    own = [i for i, ref in enumerate(refs) if ref is None]
-    block = b"".join(wkb[i] for i in own)
-    ends = np.cumsum([len(wkb[i]) for i in own], dtype=np.int64)
-    digest = _block_digest(block, ends)
-    slot = iter(range(len(own)))
-    placed: list[WkbRef] = [(round_k, digest, next(slot)) if ref is None else ref
-                            for ref in refs]
-    table = sorted({(k, d) for k, d, _ in placed})  # the blocks referred to
-    row = {key: t for t, key in enumerate(table)}
+    See :mod:`wsiseg.wkb_blocks` for where each feature's WKB goes."""
+    blocks, placed, own = block_arrays(round_k, wkb, refs)
     geojson = round_geojson_path(store, round_k)
     st = geojson.stat()
     arrays = {
         "ids": np.asarray(ids, dtype=str), "offsets": np.asarray(offsets, dtype=np.int64),
-        # Not named "wkb" as in indexes before blocks: a wsiseg from before would take a
-        # block for every feature's WKB and pair ids with the wrong geometry.
-        "block": np.frombuffer(block, dtype=np.uint8), "block_end": ends,
-        "block_digest": np.frombuffer(digest, dtype=np.uint8),
-        "wkb_ref": np.asarray([(row[k, d], s) for k, d, s in placed],
-                              dtype=np.int64).reshape(-1, 2),
-        "ref_rounds": np.asarray([k for k, _ in table], dtype=np.int64),
-        "ref_digests": np.frombuffer(b"".join(d for _, d in table),
-                                     dtype=np.uint8).reshape(-1, len(digest)),
+        **blocks,
         "geojson": np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
         "covered_px": np.asarray(np.full(len(ids), np.nan) if covered_px is None
                                  else covered_px, dtype=np.float64),
@@ -176,7 +146,7 @@ def write_round_index(
     path = _index_path(store, round_k)
     # With no geometry of its own, the twin's index is this one whatever its own block
     # holds: the same features, byte ranges and places (its block among them).
-    same = [name for name in arrays if own or name not in _OWN_BLOCK]
+    same = [name for name in arrays if own or name not in OWN_BLOCK]
     if twin is not None and _holds_arrays(_index_path(store, twin), arrays, same) and (
             atomic_link(_index_path(store, twin), path)):
         return placed
@@ -185,49 +155,12 @@ def write_round_index(
     return placed
 
 
-#: The arrays of an index that hold its block and refer to those of earlier rounds.
-_BLOCK_ARRAYS = ("block", "block_end", "block_digest", "wkb_ref", "ref_rounds", "ref_digests")
-_OWN_BLOCK = _BLOCK_ARRAYS[:3]
-
-
-def _block_digest(block: bytes, ends: np.ndarray) -> bytes:
-    """What names a block of WKB: 16 bytes of BLAKE2b over its entries' ends and bytes."""
-    return hashlib.blake2b(ends.astype(np.int64).tobytes() + block, digest_size=16).digest()
-
-
-def _block_parts(block: np.ndarray, ends: np.ndarray) -> list[bytes]:
-    data, bounds = block.tobytes(), [0, *ends.tolist()]
-    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
 def _feature_wkb(store: SlideStore, z: dict[str, np.ndarray]
                  ) -> tuple[list[bytes], list[WkbRef] | None] | None:
-    """Each feature's WKB, from the index's own block and those of the earlier rounds it
-    refers to, and where each lies; None when a block referred to is missing or another
-    (the index is then unusable). An index from before blocks were shared holds every
-    feature in its own block, in order (its places are not known: None)."""
-    if "block" not in z:
-        if "wkb" not in z or "wkb_end" not in z or "wkb_ref" in z:  # (the last: an early
-            return None  # form of blocks, named as the old WKB; read again from the GeoJSON)
-        return _block_parts(z["wkb"], z["wkb_end"]), None
-    if not set(_BLOCK_ARRAYS) <= set(z):
-        return None
-    table = list(zip(z["ref_rounds"].tolist(), (d.tobytes() for d in z["ref_digests"]),
-                     strict=True))
-    blocks = []
-    for round_j, digest in table:
-        # the block as this index holds it, else as round j's does; checked, not trusted
-        held = z if z["block_digest"].tobytes() == digest else _index_arrays(
-            _index_path(store, round_j), None, ("block", "block_end"))
-        if held is None or _block_digest(held["block"].tobytes(), held["block_end"]) != digest:
-            return None
-        blocks.append(_block_parts(held["block"], held["block_end"]))
-    places = z["wkb_ref"].tolist()
-    if len(places) != len(z["ids"]) or any(
-            not 0 <= t < len(blocks) or not 0 <= s < len(blocks[t]) for t, s in places):
-        return None
-    return ([blocks[t][s] for t, s in places],
-            [(table[t][0], table[t][1], s) for t, s in places])
+    """The WKB of an index's features and where each lies (:func:`feature_wkb`); None:
+    the index is unusable."""
+    return feature_wkb(z, len(z["ids"]), lambda round_j: _index_arrays(
+        _index_path(store, round_j), None, ("block", "block_end")))
 
 
 def _holds_arrays(index: Path, arrays: dict[str, np.ndarray],
@@ -262,7 +195,7 @@ def load_round_contours(store: SlideStore, round_k: int) -> RoundContours:
     st = geojson.stat()
     stamp = [st.st_size, st.st_mtime_ns]
     z = _index_arrays(_index_path(store, round_k), stamp, ("ids", "offsets"),
-                      ("covered_px", "wkb", "wkb_end", *_BLOCK_ARRAYS))
+                      ("covered_px", "wkb", "wkb_end", *BLOCK_ARRAYS))
     found = _feature_wkb(store, z) if z is not None else None
     if z is not None and found is not None:
         parts, refs = found
