@@ -363,6 +363,43 @@ def test_a_roll_back_makes_its_removals_and_a_commit_its_new_folders_durable(
         assert str(folder) in calls, folder
 
 
+def test_a_protect_call_that_fails_part_way_protects_none_of_its_paths(tmp_path,
+                                                                        monkeypatch):
+    """A backup that cannot be made (a full disk) fails the whole ``protect`` call: none of
+    its paths counts as protected, so protecting one again records it (its write is rolled
+    back), and a later backup never takes the name of one still on disk (a hard link to a
+    published file, which a copy through that name would overwrite)."""
+    root, out = tmp_path / "store", tmp_path / "out"
+    root.mkdir()
+    out.mkdir()
+    p, x, y, z = (out / f"{name}.geojson" for name in "pxyz")
+    for path in (p, x, y, z):
+        path.write_text(path.name)
+    real_copyfile = shutil.copyfile
+
+    def full_disk_for_y(src, dst, *args, **kwargs):
+        if Path(src) == y:
+            raise OSError(28, "No space left on device")
+        return real_copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(journal.shutil, "copyfile", full_disk_for_y)
+    monkeypatch.setattr(journal, "_linked", lambda path, backup: False if path == y else (
+        os.link(path, backup) or True))
+    with pytest.raises(Boom), journal.Transaction(root, "test") as txn:
+        with pytest.raises(OSError), txn.protecting():
+            txn.protect([p], replaced_by_rename=True)
+            txn.protect([x, y], replaced_by_rename=True)  # x linked, then y fails
+        assert txn._protected == {} and not list(txn.dir.glob("b*"))
+        txn.protect([z], replaced_by_rename=True)
+        assert x.read_text() == "x.geojson"  # not written through a reused backup name
+        with pytest.raises(OSError):
+            txn.protect([x, y])  # not batched: the same
+        txn.protect([x])
+        x.write_text("new")
+        raise Boom("injected")
+    assert x.read_text() == "x.geojson" and z.read_text() == "z.geojson"
+
+
 def test_a_refine_round_fsyncs_each_file_it_writes_once(cmu_store, tmp_path, monkeypatch):
     """A round's atomic writes (its GeoJSON, index, published files, attributes) leave
     their flushes to the round's commit: no file of the round is fsync'd twice."""

@@ -19,6 +19,7 @@ store lock (:mod:`wsiseg.lock`) for the whole transaction and for recovery.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -56,8 +57,10 @@ class Transaction:
         self.what = what
         self.dir = self.root / JOURNAL_NAME
         self._protected: dict[Path, bool] = {}  # path → existed
-        self._pending: tuple[list[dict], list[Path]] = ([], [])  # protected, not yet recorded
+        # protected, not yet recorded: manifest lines, backups, paths
+        self._pending: tuple[list[dict], list[Path], list[Path]] = ([], [], [])
         self._batching = False
+        self._backup_names = itertools.count()  # (not len(_protected): entries are dropped)
         self._syncs = contextlib.ExitStack()
         self._manifest = None
         self._done = False
@@ -98,29 +101,39 @@ class Transaction:
         Another program writing such a file in place meanwhile (an editor saving over it)
         writes the backup too: a rollback then restores what that program wrote.
         """
-        entries, backups = [], []
-        for path in paths:
-            path = Path(path).absolute()
-            top = _highest_missing(path)
-            key = top if top is not None else path
-            if key in self._protected or any(p in self._protected for p in key.parents):
-                continue  # already covered (a folder is restored or removed whole)
-            entry: dict = {"path": self._name(key), "existed": top is None}
-            if top is None:
-                backup = self.dir / f"b{len(self._protected)}"
-                if key.is_dir():
-                    shutil.copytree(key, backup)
-                    entry["dir"] = True
-                else:
-                    if not (replaced_by_rename and _linked(key, backup)):
-                        shutil.copyfile(key, backup)
-                    entry["mode"] = key.stat().st_mode & 0o7777
-                entry["backup"] = backup.name
-                backups.append(backup)
-            entries.append(entry)
-            self._protected[key] = top is None
+        entries, backups, keys = [], [], []
+        try:
+            for path in paths:
+                path = Path(path).absolute()
+                top = _highest_missing(path)
+                key = top if top is not None else path
+                if key in self._protected or key in keys or any(
+                        p in self._protected or p in keys for p in key.parents):
+                    continue  # already covered (a folder is restored or removed whole)
+                entry: dict = {"path": self._name(key), "existed": top is None}
+                if top is None:
+                    backup = self.dir / f"b{next(self._backup_names)}"
+                    backups.append(backup)
+                    if key.is_dir():
+                        shutil.copytree(key, backup)
+                        entry["dir"] = True
+                    else:
+                        if not (replaced_by_rename and _linked(key, backup)):
+                            shutil.copyfile(key, backup)
+                        entry["mode"] = key.stat().st_mode & 0o7777
+                    entry["backup"] = backup.name
+                entries.append(entry)
+                keys.append(key)
+        except BaseException:  # none of this call's paths is protected: as before it
+            for backup in backups:
+                with contextlib.suppress(OSError):
+                    _remove(backup)
+            raise
+        for key, entry in zip(keys, entries, strict=True):
+            self._protected[key] = entry["existed"]
         self._pending[0].extend(entries)
         self._pending[1].extend(backups)
+        self._pending[2].extend(keys)
         if not self._batching:
             self._record_pending()
 
@@ -140,18 +153,19 @@ class Transaction:
         self._record_pending()
 
     def _drop_pending(self) -> None:
-        entries, backups = self._pending
-        self._pending = ([], [])
-        for entry in entries:
-            del self._protected[self._path_of(entry)]
+        _, backups, keys = self._pending
+        self._pending = ([], [], [])
+        for key in keys:
+            del self._protected[key]
         for backup in backups:
-            _remove(backup)
+            with contextlib.suppress(OSError):
+                _remove(backup)
 
     def _record_pending(self) -> None:
         """Make the pending backups durable, then their manifest lines (one fsync each for
         the lot): until its line is in the manifest, a path is not written."""
-        entries, backups = self._pending
-        self._pending = ([], [])
+        entries, backups, _ = self._pending
+        self._pending = ([], [], [])
         if not entries:
             return
         for backup in backups:
@@ -203,10 +217,6 @@ class Transaction:
             return str(path.relative_to(self.root.absolute()))
         except ValueError:
             return str(path)
-
-    def _path_of(self, entry: dict) -> Path:
-        path = Path(entry["path"])
-        return path if path.is_absolute() else self.root.absolute() / path
 
 
 def pending(root: str | Path) -> bool:
@@ -266,6 +276,8 @@ def _play_back(root: Path, journal: Path) -> None:
         elif entry.get("dir"):
             _remove(path)
             shutil.copytree(journal / entry["backup"], path)
+            _fsync_tree(path)  # whole before the journal that could restore it again goes
+            fsync_dir(path.parent)
         else:
             atomic_copy(journal / entry["backup"], path, mode=entry["mode"])
 

@@ -234,7 +234,7 @@ def round_feature_texts(store: SlideStore, round_k: int, wanted: set[str]) -> li
     recent = _recall(store, round_k)
     if recent is not None and recent._offsets is not None:
         chosen = [i for i, feature_id in enumerate(recent.ids) if feature_id in wanted]
-        with contextlib.suppress(WsisegError):  # the file changed just now: read it below
+        with contextlib.suppress(WsisegError, OSError):  # changed or gone just now: see below
             return [text.decode() for text in recent.feature_bytes(chosen)]
     geojson = round_geojson_path(store, round_k)
     if geojson.exists():
