@@ -58,6 +58,8 @@ def test_card_templates_are_the_papers_setting():
         assert (card.architecture, card.encoder, card.classes) == ("Unet", "efficientnet-b0", 1)
         assert card.working_mpp == 2.0 and card.threshold == 0.5
         assert card.normalisation["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    # RefineNet's decoder at about half smp's widths: same interactive IoU, 0.7x the time
+    assert guide.decoder_channels is None and refine.decoder_channels == [128, 64, 32, 16, 16]
     assert guide.scribble_encoding == {}
     assert refine.scribble_encoding == {
         "kind": "distance", "max_distance_px": 64.0,
@@ -161,6 +163,12 @@ def test_a_card_names_its_decoder_widths_and_without_them_it_is_as_before(tmp_pa
         ModelCard.from_dict(default.to_dict() | {"decoder_channels": [64, 32, 16]})
     with pytest.raises(ValueError, match="decoder_channels"):
         ModelCard.from_dict(default.to_dict() | {"decoder_channels": [64, 32, 16, 16, 0]})
+    # Weights written before the key existed (smp's widths, no key) load as they were.
+    wide = tmp_path / "wide.safetensors"
+    save_weights(build_model(default), default, wide)
+    loaded, card = load_weights(wide, role="refinenet", workflow=load_workflow())
+    assert card.decoder_channels is None and card == default
+    assert loaded.decoder.blocks[0].conv1[0].out_channels == 256
     # A network of one width is not saved under a card of another.
     with pytest.raises(ValueError, match="decoder.blocks.0.conv1.0.weight.*instead of"):
         save_weights(model, default, tmp_path / "other.safetensors")
