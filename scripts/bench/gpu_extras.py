@@ -178,7 +178,7 @@ def refine_stroke(store_path: Path, work: Path, device, rounds: int) -> list[lis
     import torch
 
     from wsiseg.config import load_workflow
-    from wsiseg.nets import init_weights, load_weights
+    from wsiseg.nets import load_weights
     from wsiseg.refine import refine_round, refinenet_refiner
     from wsiseg.rounds import undo
     from wsiseg.store import SlideStore
@@ -186,7 +186,7 @@ def refine_stroke(store_path: Path, work: Path, device, rounds: int) -> list[lis
     wf = load_workflow()
     weights = work / "refinenet-random.safetensors"
     if not weights.exists():
-        init_weights("refinenet", weights, workflow=wf)
+        common.refinenet_weights(weights, wf)
     model, card = load_weights(weights, role="refinenet", workflow=wf, device=device)
     window = wf.refinenet.window_px
     x = torch.randn(1, 6, window, window, device=device)

@@ -160,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from wsiseg.config import load_workflow
-    from wsiseg.nets import init_weights
     from wsiseg.refine import randomwalk_refiner, refine_round, refinenet_refiner
     from wsiseg.rounds import undo
     from wsiseg.runtime import load_network
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     with common.scratch(args.work, "wsiseg-bench-refine-") as work:
         weights = work / "refinenet-random.safetensors"
         if not weights.exists():
-            init_weights("refinenet", weights, workflow=wf)
+            common.refinenet_weights(weights, wf)
         common.log("RefineNet window alone ...")
         win = runtime_phases.run("window", weights=str(weights), runtime=args.runtime,
                                  precision=args.precision, batch_size=wf.refinenet.batch_size)
@@ -281,12 +280,11 @@ def tissue_scribble(store, path: Path) -> Path:
 def memory_table(args, work: Path) -> tuple[str, str]:
     """Peak RSS of a refine round whose scribble covers the whole tissue, at 1× and k× area."""
     from wsiseg.config import load_workflow
-    from wsiseg.nets import init_weights
 
     wf = load_workflow("demo")
     weights = work / "refinenet-demo-random.safetensors"
     if not weights.exists():
-        init_weights("refinenet", weights, workflow=wf)
+        common.refinenet_weights(weights, wf)
     from wsiseg.runtime import load_network
 
     # Converted here, once, so both measured processes load the same cached model.

@@ -384,11 +384,10 @@ def bench_slide(args: argparse.Namespace, work: Path, size: tuple[int, int],
 
 def refinenet_weights(work: Path, wf) -> Path:
     """Random RefineNet weights for the workflow ``wf`` (``wsiseg models init``), made once."""
-    from wsiseg.nets import init_weights
 
     weights = work / f"refinenet-{wf.name}.safetensors"
     if not weights.exists():
-        init_weights("refinenet", weights, seed=0, workflow=wf)
+        common.refinenet_weights(weights, wf)
     return weights
 
 

@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiseg.config import load_workflow
     from wsiseg.contours.cache import TRACES
-    from wsiseg.nets import init_weights
     from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
     from wsiseg.serve.rounds import RoundRefused, serve_round
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "run").mkdir()
         store, truth = build_store(slide, work / "run" / "slide.zarr", wf, args.workflow)
         weights = work / "refinenet.safetensors"
-        init_weights("refinenet", weights, seed=0, workflow=wf)
+        common.refinenet_weights(weights, wf)
         (work / "scratch").mkdir()
         app, _, _ = build_app(ServeOptions(paths=[work / "run"], refiner="refinenet",
                                            refinenet=str(weights)), work / "scratch")

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiseg.config import load_workflow
     from wsiseg.contours.cache import TRACES
-    from wsiseg.nets import init_weights
     from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
     from wsiseg.serve.rounds import RoundRefused, serve_round
 
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     with common.scratch(args.work, "wsiseg-bench-serve-split-") as work:
         wf = load_workflow(args.workflow)
         weights = work / "refinenet.safetensors"
-        init_weights("refinenet", weights, seed=0, workflow=wf)
+        common.refinenet_weights(weights, wf)
         slides = {}
         for label, size in (("1x", (w, h)), ("16x", (4 * w, 4 * h))):
             folder = work / label

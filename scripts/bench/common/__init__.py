@@ -5,6 +5,7 @@ Not a test module and not part of the package. The scripts beside this folder im
 
 - :mod:`common.args`      ``--size WxH``, ``--cache``, ``--work``, ``--seed``; scratch folders
 - :mod:`common.slides`    the slide cache (generated slides drawn once), copies, random weights
+                          (RefineNet's below the threshold everywhere)
 - :mod:`common.sampling`  peak memory (RSS + children's USS) and GPU use, sampled in a thread
 - :mod:`common.timers`    stage timers around the package's functions
 - :mod:`common.tables`    the report: command line, machine, Markdown tables, stage rows
@@ -21,7 +22,13 @@ from common.phases import (
     store_patches,
 )
 from common.sampling import MIB, GpuUtilisation, PeakRSS
-from common.slides import generated_slide, guidenet_weights, mosaic_slide, slide_copies
+from common.slides import (
+    generated_slide,
+    guidenet_weights,
+    mosaic_slide,
+    refinenet_weights,
+    slide_copies,
+)
 from common.tables import (
     REPO,
     command_line,
@@ -56,6 +63,7 @@ __all__ = [
     "phase_pipeline",
     "print_report",
     "process_cpu_s",
+    "refinenet_weights",
     "run_phase",
     "scratch",
     "slide_copies",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -63,6 +64,32 @@ def guidenet_weights(path: Path, seed: int = 0) -> Path:
 
     if not path.exists():
         init_weights("guidenet", path, seed=seed, workflow=load_workflow())
+    return path
+
+
+def refinenet_weights(path: Path, workflow, seed: int = 0) -> Path:
+    """Random RefineNet weights with a model card (``wsiseg models init``), whose output
+    lies below the threshold in every window: a stroke then clears the tumor its windows
+    hold, whatever the random draw.
+
+    A round's cost follows what its windows' new mask does to the contours, so the
+    benchmark must not depend on where random weights put their output: those of smp's
+    default decoder gave 0.47 ± 0.01 everywhere (below 0.5, by luck), those of the lighter
+    decoder (session 22) 0.50 ± 0.01, which thresholds into salt and pepper a trained
+    network never draws. The segmentation head's bias is lowered by 2 (about 0.12); the
+    network's time does not depend on it.
+    """
+    import torch
+
+    from wsiseg.nets import init_weights, load_weights, save_weights
+
+    init_weights("refinenet", path, seed=seed, workflow=workflow)
+    model, card = load_weights(path, role="refinenet", workflow=workflow)
+    with torch.no_grad():
+        model.segmentation_head[0].bias -= 2.0
+    provenance = {**card.provenance, "bench": "segmentation head bias - 2: every window "
+                  "below the threshold"}
+    save_weights(model, dataclasses.replace(card, provenance=provenance), path)
     return path
 
 
