@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 Window = tuple[int, int, int, int]
 """``(row0, col0, rows, cols)`` in working pixels."""
@@ -63,9 +63,17 @@ def distance_maps(scribbles: NDArray[np.int8], *, max_distance_px: float) -> NDA
         on_scribble = scribbles == label
         if not on_scribble.any():
             continue
-        distance = ndimage.distance_transform_edt(~on_scribble)
-        np.clip(1.0 - distance / max_distance_px, 0.0, 1.0, out=distance)
-        maps[channel] = distance
+        # OpenCV's precise L2 transform is the exact Euclidean one, ~10x scipy's
+        # distance_transform_edt (1 ms a 512² window instead of 10), but in float32, whose
+        # last bit depends on where the pixel lies in the array. A squared distance between
+        # pixels is an integer: rounded back and rooted in float64 it is the very value
+        # scipy gives, so a window encoded with its margin equals the whole slide cropped,
+        # bit for bit (exact while d² < ~10⁶, i.e. everywhere the map is not 0).
+        distance = cv2.distanceTransform(np.ascontiguousarray(~on_scribble, dtype=np.uint8),
+                                         cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        exact = np.sqrt(np.rint(np.square(distance, dtype=np.float64)))
+        np.clip(1.0 - exact / max_distance_px, 0.0, 1.0, out=exact)
+        maps[channel] = exact
     return maps
 
 
