@@ -101,14 +101,14 @@ class Transaction:
         Another program writing such a file in place meanwhile (an editor saving over it)
         writes the backup too: a rollback then restores what that program wrote.
         """
-        entries, backups, keys = [], [], []
+        added: dict[Path, dict] = {}  # this call's paths and their manifest lines
+        backups = []
         try:
             for path in paths:
                 path = Path(path).absolute()
                 top = _highest_missing(path)
                 key = top if top is not None else path
-                if key in self._protected or key in keys or any(
-                        p in self._protected or p in keys for p in key.parents):
+                if any(p in self._protected or p in added for p in (key, *key.parents)):
                     continue  # already covered (a folder is restored or removed whole)
                 entry: dict = {"path": self._name(key), "existed": top is None}
                 if top is None:
@@ -122,18 +122,16 @@ class Transaction:
                             shutil.copyfile(key, backup)
                         entry["mode"] = key.stat().st_mode & 0o7777
                     entry["backup"] = backup.name
-                entries.append(entry)
-                keys.append(key)
+                added[key] = entry
         except BaseException:  # none of this call's paths is protected: as before it
             for backup in backups:
                 with contextlib.suppress(OSError):
                     _remove(backup)
             raise
-        for key, entry in zip(keys, entries, strict=True):
-            self._protected[key] = entry["existed"]
-        self._pending[0].extend(entries)
+        self._protected.update({key: entry["existed"] for key, entry in added.items()})
+        self._pending[0].extend(added.values())
         self._pending[1].extend(backups)
-        self._pending[2].extend(keys)
+        self._pending[2].extend(added)
         if not self._batching:
             self._record_pending()
 
