@@ -39,7 +39,11 @@ A generated slide of 16× the area has other tumors than the first one (on the d
 slides: 22.8 % of the tissue against 5.6 %, one tumor of 60 000 vertices and 9 343 holes),
 and a stroke on a larger tumor costs more wherever it lies. ``--mosaic`` makes the larger
 slide of the first one repeated (4 × 4 copies for 16×): the same tumors on 16× the area and
-with 16× the features, the control for the slide's size alone.
+with 16× the features, the control for the slide's size alone. Its strokes are the first
+slide's, drawn there and replayed in one copy (:func:`replayed_rounds`): strokes drawn on
+each slide on its own would land on other tumors in other states (on the mosaic mostly on
+copies no stroke had touched yet, where more of them replace features), and the p50s would
+compare different work. The report then also gives the strokes' ratios one by one.
 """
 
 from __future__ import annotations
@@ -100,12 +104,14 @@ def build_store(slide, store_path: Path, workflow, name: str, mosaic: int = 1):
               else common.mosaic_slide(slide.slide_path.parent, slide, mosaic))
     store = tile_slide(source, store_path, workflow).store
     rows, cols = store.frame.working_shape
-    truth = np.tile(read_truth_mask(slide.truth_mask_path, (rows // mosaic, cols // mosaic)),
-                    (mosaic, mosaic))
+    # a mosaic's truth and guide are the first slide's repeated: each copy starts as that
+    # slide does, so a stroke replayed in one copy meets the very same pixels
+    truth = read_truth_mask(slide.truth_mask_path, (rows // mosaic, cols // mosaic))
     rng = np.random.default_rng(0)
     p = ndimage.gaussian_filter(truth.astype(np.float32), sigma=8.0)
     noise = rng.normal(0.0, 0.05, p.shape).astype(np.float32)
     guide = np.clip(np.rint(255 * (0.3 + 0.4 * p + noise)), 0, 255).astype(np.uint8)
+    truth, guide = np.tile(truth, (mosaic, mosaic)), np.tile(guide, (mosaic, mosaic))
     store["guide"][...] = guide
     store["refined"][...] = guide
     store.set_stage("guide", "done")
@@ -186,6 +192,31 @@ def stage_timer():
         timer.restore()
 
 
+def post_stroke(http, url: str, slide_id: str, body: bytes, contours: str,
+                timer: StageTimer) -> dict | None:
+    """Post one stroke; its row (seconds per stage, total, windows, whether features were
+    replaced), or None when the server refused it (422, e.g. a stroke mostly off tissue)."""
+    before = dict(timer.seconds)
+    t0 = time.perf_counter()
+    r = http.post(f"{url}/slides/{slide_id}/scribbles?contours={contours}",
+                  content=body, headers={"Content-Type": "application/geo+json"})
+    total = time.perf_counter() - t0
+    if r.status_code == 422:
+        common.log(f"refused: {r.json()['detail']}")
+        return None
+    r.raise_for_status()
+    answer = r.json()
+    row = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0)
+           for k in ("parse", "rasterise", "stitch", "trace", "write")}
+    row["network"] = answer["timings"]["network_s"]
+    row["rest"] = total - sum(row.values())
+    row["total"] = total
+    row["windows"] = answer["windows"]
+    changed = answer.get("changed") or {}
+    row["replaced"] = bool(changed.get("added") or changed.get("removed"))
+    return row
+
+
 def stroke_rounds(url: str, slide_id: str, store, truth, n: int, seed: int, contours: str,
                   timer: StageTimer) -> Iterator[dict]:
     """Post strokes one after another; yield each answered stroke's row (the first one warms
@@ -199,25 +230,68 @@ def stroke_rounds(url: str, slide_id: str, store, truth, n: int, seed: int, cont
             body = stroke_export(store, truth, rng)
             if body is None:
                 return
-            before = dict(timer.seconds)
-            t0 = time.perf_counter()
-            r = http.post(f"{url}/slides/{slide_id}/scribbles?contours={contours}",
-                          content=body, headers={"Content-Type": "application/geo+json"})
-            total = time.perf_counter() - t0
-            if r.status_code == 422:  # e.g. a stroke mostly off tissue: drawn again
+            row = post_stroke(http, url, slide_id, body, contours, timer)
+            if row is None:
                 refused += 1
-                common.log(f"refused: {r.json()['detail']}")
                 continue
-            r.raise_for_status()
-            answer = r.json()
-            row = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0)
-                   for k in ("parse", "rasterise", "stitch", "trace", "write")}
-            row["network"] = answer["timings"]["network_s"]
-            row["rest"] = total - sum(row.values())
-            row["total"] = total
-            row["windows"] = answer["windows"]
             answered += 1
             yield row
+
+
+#: The copy of a mosaic (row, column) that replays the first slide's strokes: one with
+#: copies on every side.
+MOSAIC_COPY = (1, 2)
+
+
+def in_copy(body: bytes, mosaic_store, side: int, copy: tuple[int, int] = MOSAIC_COPY) -> bytes:
+    """A stroke drawn on a slide, moved into copy ``copy`` of that slide's ``side`` × ``side``
+    mosaic (QuPath's frame: level-0 px, whole copies, so the move is exact)."""
+    import json
+
+    width, height = mosaic_store.frame.level0_size
+    dx, dy = copy[1] * (width // side), copy[0] * (height // side)
+
+    def moved(coords: list) -> list:
+        if coords and isinstance(coords[0], (int, float)):
+            return [coords[0] + dx, coords[1] + dy]
+        return [moved(c) for c in coords]
+
+    collection = json.loads(body)
+    for feature in collection["features"]:
+        feature["geometry"]["coordinates"] = moved(feature["geometry"]["coordinates"])
+    return json.dumps(collection).encode()
+
+
+def replayed_rounds(servers: list[tuple[str, Any, np.ndarray]], n: int, seed: int,
+                    contours: str, timer: StageTimer, side: int) -> Iterator[tuple[dict, dict]]:
+    """Strokes drawn on the first slide and posted to it and, moved into one copy
+    (:func:`in_copy`), to its mosaic; yields both rows of each stroke (the first pair warms
+    the servers up: the callers drop it). The copy then goes through the first slide's
+    states stroke by stroke: the same windows, tumors and features, on ``side²`` times the
+    area. Which one is posted first alternates."""
+    import httpx
+
+    (url, store, truth), (mosaic_url, mosaic_store, _) = servers
+    rng = np.random.default_rng(seed)
+    answered = refused = 0
+    with httpx.Client(timeout=600) as http:
+        while answered < n + 1 and refused < n:
+            body = stroke_export(store, truth, rng)
+            if body is None:
+                return
+            posts = [(url, body), (mosaic_url, in_copy(body, mosaic_store, side))]
+            if answered % 2:
+                posts.reverse()
+            rows = [post_stroke(http, u, "slide", b, contours, timer) for u, b in posts]
+            if answered % 2:
+                rows.reverse()
+            if rows[0] is None and rows[1] is None:
+                refused += 1
+                continue
+            if rows[0] is None or rows[1] is None:
+                raise RuntimeError("a stroke was refused on one slide and taken on the other")
+            answered += 1
+            yield rows[0], rows[1]
 
 
 def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
@@ -227,10 +301,15 @@ def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
 
 
 def strokes_interleaved(servers: list[tuple[str, Any, np.ndarray]], n: int, seed: int,
-                        contours: str) -> list[list[dict]]:
+                        contours: str, mosaic_side: int = 0) -> list[list[dict]]:
     """``n`` strokes to each (url, store, truth) server, taking turns stroke by stroke, so
-    that a change in the machine's load falls on every slide alike."""
+    that a change in the machine's load falls on every slide alike. ``mosaic_side``: the
+    second slide is the first one's mosaic of that side, and gets the first one's strokes
+    (:func:`replayed_rounds`)."""
     with stage_timer() as timer:
+        if mosaic_side:
+            pairs = list(replayed_rounds(servers, n, seed, contours, timer, mosaic_side))[1:]
+            return [[a for a, _ in pairs], [b for _, b in pairs]]
         turns = [stroke_rounds(url, "slide", store, truth, n, seed, contours, timer)
                  for url, store, truth in servers]
         rows: list[list[dict]] = [[] for _ in servers]
@@ -307,10 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mosaic", action="store_true",
                         help="with --area-factor: the larger slide is the first one repeated "
                              "(4 × 4 copies for 16), the same tumors on 16× the area, instead "
-                             "of a generated slide of that size (other, larger tumors)")
+                             "of a generated slide of that size (other, larger tumors); the "
+                             "first slide's strokes are replayed in one copy (implies "
+                             "--interleave)")
     args = parser.parse_args(argv)
     if args.mosaic and args.area_factor <= 1:
         parser.error("--mosaic needs --area-factor 4 or more")
+    args.interleave = args.interleave or args.mosaic  # the mosaic replays the first's strokes
     if args.interleave and args.area_factor <= 1:
         parser.error("--interleave needs --area-factor 4 or more")
 
@@ -433,7 +515,8 @@ def interleaved(args: argparse.Namespace, work: Path,
                        f"{args.strokes} strokes each, in turns")
             per_slide = strokes_interleaved(
                 [(url, store, truth) for (url, _), (_, store, truth, _) in
-                 zip(opened, slides, strict=True)], args.strokes, args.seed, args.answer)
+                 zip(opened, slides, strict=True)], args.strokes, args.seed, args.answer,
+                math.isqrt(args.area_factor) if args.mosaic else 0)
         for (*_, mpx), rows, (_, warm_s) in zip(slides, per_slide, opened, strict=True):
             rows_out.append(table_row(wf_name, mpx, refiner, rows, warm_s))
         first, last = (np.array([r["total"] for r in rows]) for rows in
@@ -443,7 +526,28 @@ def interleaved(args: argparse.Namespace, work: Path,
             f"{' (the first slide repeated)' if args.mosaic else ''}, strokes "
             f"in turns: p50 {np.percentile(last, 50) / np.percentile(first, 50):.2f}×, "
             f"p95 {np.percentile(last, 95) / np.percentile(first, 95):.2f}× (goal: p50 ≤ 1.2×)")
+        if args.mosaic:
+            notes.append(paired_note(refiner, per_slide[0], per_slide[-1]))
     return rows_out, notes
+
+
+def paired_note(refiner: str, first: list[dict], mosaic: list[dict]) -> str:
+    """The mosaic's strokes against the same strokes on the first slide, one by one: the
+    median of their ratios, and the p50 ratio of each kind of stroke."""
+    ratio = np.array([b["total"] / a["total"] for a, b in zip(first, mosaic, strict=True)])
+    same = sum(a["replaced"] == b["replaced"] for a, b in zip(first, mosaic, strict=True))
+    kinds = []
+    for label, replaced in (("no contour changed", False), ("features replaced", True)):
+        pairs = [(a["total"], b["total"]) for a, b in zip(first, mosaic, strict=True)
+                 if a["replaced"] == replaced]
+        if pairs:
+            a, b = np.array(pairs).T
+            kinds.append(f"{label} {len(pairs)}: p50 {np.median(b) / np.median(a):.2f}×")
+    return (f"{refiner}, the same strokes on the mosaic's copy {MOSAIC_COPY}: median of the "
+            f"per-stroke ratios {np.median(ratio):.2f}× (quartiles "
+            f"{np.percentile(ratio, 25):.2f}–{np.percentile(ratio, 75):.2f}); {same} of "
+            f"{len(ratio)} strokes replaced features on both slides or on neither; by the "
+            f"first slide's kind: {'; '.join(kinds)}")
 
 
 if __name__ == "__main__":

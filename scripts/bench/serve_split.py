@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from serve import build_store, stroke_export  # noqa: E402
+from serve import build_store, in_copy, stroke_export  # noqa: E402
 
 #: (module, function or Class.method), where the round looks them up; reported by the
 #: last name.
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflow", default="default")
     parser.add_argument("--strokes", type=int, default=60)
     parser.add_argument("--mosaic", action="store_true",
-                        help="the 16x slide is the first one repeated 4 × 4 (serve.py --mosaic)")
+                        help="the 16x slide is the first one repeated 4 × 4, its strokes "
+                             "the first's replayed in one copy (serve.py --mosaic)")
     args = parser.parse_args(argv)
 
     from wsiseg.config import load_workflow
@@ -100,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("the trace memo's warm-up of a bench slide failed")
         rows: dict[str, list[tuple[float, bool, dict[str, float]]]] = {k: [] for k in slides}
         for k in range(args.strokes + 1):  # the first stroke of each warms up: not counted
+            replayed = None
             for label, (state, ref, store, truth, rng) in slides.items():
                 while True:
-                    body = stroke_export(store, truth, rng)
+                    body = replayed or stroke_export(store, truth, rng)
                     if body is None:
                         raise RuntimeError("no stroke left to simulate")
                     seconds.clear()
@@ -110,15 +112,26 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         answer = serve_round(ref, body, state.choice, state.scratch, 0.0,
                                              "changed")
-                    except RoundRefused:  # a stroke off tissue: drawn again
+                    except RoundRefused as exc:  # a stroke off tissue: drawn again
+                        if replayed:
+                            raise RuntimeError("the mosaic refused a stroke its copy "
+                                               "took") from exc
                         continue
                     break
                 total = time.perf_counter() - t0
+                if args.mosaic and label == "1x":  # the mosaic's copy gets the same stroke
+                    replayed = in_copy(body, slides["16x"][2], 4)
                 if k:
                     changed = bool(answer["changed"]["added"] or answer["changed"]["removed"])
                     rows[label].append((total, changed, dict(seconds)))
     for label, got in rows.items():
         _report(label, got)
+    if args.mosaic:
+        ratio = np.array([b[0] / a[0] for a, b in zip(rows["1x"], rows["16x"], strict=True)])
+        same = sum(a[1] == b[1] for a, b in zip(rows["1x"], rows["16x"], strict=True))
+        print(f"\nthe same strokes, 16x / 1x one by one: median {np.median(ratio):.2f}, "
+              f"quartiles {np.percentile(ratio, 25):.2f}–{np.percentile(ratio, 75):.2f}; "
+              f"{same} of {len(ratio)} replaced features on both slides or on neither")
     return 0
 
 
