@@ -5,8 +5,10 @@ For each workflow (``--workflows``, default ``demo`` and ``default``) a generate
 slide's ground truth blurred (σ = 8 working px) and squeezed into [0.3, 0.7] plus noise (as
 ``refine.py`` does: a GuideNet pass would cost minutes and change nothing here). A server —
 the app ``wsiseg serve`` runs (:func:`wsiseg.serve.main.build_app`), on uvicorn, on a
-loopback port, in this process — is started once per refiner (RefineNet with random weights
-from ``wsiseg models init``, and the random walker), the slide opened as a client opens it
+loopback port, in this process — is started once per refiner (RefineNet, trained on another
+generated slide of the same size the first time and cached, or with random weights from
+``wsiseg models init`` with ``--refinenet random``; and the random walker), the slide opened
+as a client opens it
 (GET its contours: the server traces it once in the background to warm its trace memo, and
 the strokes wait for that; the table's last column), and warmed by one stroke.
 
@@ -282,14 +284,20 @@ def replayed_rounds(servers: list[tuple[str, Any, np.ndarray]], n: int, seed: in
             posts = [(url, body), (mosaic_url, in_copy(body, mosaic_store, side))]
             if answered % 2:
                 posts.reverse()
-            rows = [post_stroke(http, u, "slide", b, contours, timer) for u, b in posts]
-            if answered % 2:
-                rows.reverse()
-            if rows[0] is None and rows[1] is None:
+            rows = []
+            for u, b in posts:
+                rows.append(post_stroke(http, u, "slide", b, contours, timer))
+                if rows[-1] is None:
+                    break
+            if None in rows:
+                # each slide's tissue mask is its own: a stroke at the tissue's edge may be
+                # taken by one and refused by the other, which then is undone
+                if len(rows) == 2:
+                    http.post(f"{posts[0][0]}/slides/slide/undo", json={}).raise_for_status()
                 refused += 1
                 continue
-            if rows[0] is None or rows[1] is None:
-                raise RuntimeError("a stroke was refused on one slide and taken on the other")
+            if answered % 2:
+                rows.reverse()
             answered += 1
             yield rows[0], rows[1]
 
@@ -373,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refiners", default="refinenet,randomwalk")
     parser.add_argument("--strokes", type=int, default=50)
     parser.add_argument("--tiles", type=int, default=200)
+    parser.add_argument("--refinenet", choices=("trained", "random"), default="trained",
+                        help="RefineNet's weights: trained on another generated slide (a few "
+                             "minutes the first time, then cached) or random (every window "
+                             "below the threshold)")
     parser.add_argument("--answer", choices=("all", "changed"), default="all",
                         help="the answer's contours: the slide's whole (the default answer) "
                              "or only the features a round added (?contours=changed)")
@@ -406,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             for wf_name in args.workflows.split(",")[: 1 if big else None]:
                 run, store, truth, mpx = bench_slide(args, work, size, wf_name)
                 for refiner in args.refiners.split(","):
-                    with serving([run], refiner, refinenet_weights(work, store.workflow),
+                    with serving([run], refiner, refinenet_weights(args, work, store.workflow),
                                  work) as [(url, warm_s)]:
                         common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: opened, "
                                    f"traces warmed in {warm_s:.1f} s; {args.strokes} strokes")
@@ -464,9 +476,12 @@ def bench_slide(args: argparse.Namespace, work: Path, size: tuple[int, int],
     return run, store, truth, rows * cols / 1e6
 
 
-def refinenet_weights(work: Path, wf) -> Path:
-    """Random RefineNet weights for the workflow ``wf`` (``wsiseg models init``), made once."""
-
+def refinenet_weights(args: argparse.Namespace, work: Path, wf) -> Path:
+    """RefineNet weights for the workflow ``wf``: trained on another generated slide of the
+    bench's size (:func:`common.trained_refinenet`, cached), or random
+    (``--refinenet random``: :func:`common.refinenet_weights`, made once)."""
+    if args.refinenet == "trained":
+        return common.trained_refinenet(args.cache, args.size, args.mpp, wf, args.seed)
     weights = work / f"refinenet-{wf.name}.safetensors"
     if not weights.exists():
         common.refinenet_weights(weights, wf)
@@ -507,7 +522,7 @@ def interleaved(args: argparse.Namespace, work: Path,
     the first's."""
     wf_name = args.workflows.split(",")[0]
     slides = [bench_slide(args, work, size, wf_name) for size in sizes]
-    weights = refinenet_weights(work, slides[0][1].workflow)
+    weights = refinenet_weights(args, work, slides[0][1].workflow)
     rows_out, notes = [], []
     for refiner in args.refiners.split(","):
         with serving([run for run, *_ in slides], refiner, weights, work) as opened:

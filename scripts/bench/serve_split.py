@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpp", type=float, default=1.0)
     parser.add_argument("--workflow", default="default")
     parser.add_argument("--strokes", type=int, default=60)
+    parser.add_argument("--refinenet", choices=("trained", "random"), default="trained",
+                        help="RefineNet's weights (serve.py --refinenet)")
     parser.add_argument("--mosaic", action="store_true",
                         help="the 16x slide is the first one repeated 4 × 4, its strokes "
                              "the first's replayed in one copy (serve.py --mosaic)")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsiseg.config import load_workflow
     from wsiseg.contours.cache import TRACES
     from wsiseg.serve.main import ServeOptions, build_app, freeze_startup_objects
-    from wsiseg.serve.rounds import RoundRefused, serve_round
+    from wsiseg.serve.rounds import RoundRefused, serve_round, serve_undo
 
     seconds: dict[str, float] = collections.defaultdict(float)
     for module, path in TIMED:
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     w, h = args.size
     with common.scratch(args.work, "wsiseg-bench-serve-split-") as work:
         wf = load_workflow(args.workflow)
-        weights = work / "refinenet.safetensors"
-        common.refinenet_weights(weights, wf)
+        if args.refinenet == "trained":
+            weights = common.trained_refinenet(args.cache, (w, h), args.mpp, wf, args.seed)
+        else:
+            weights = common.refinenet_weights(work / "refinenet.safetensors", wf)
         slides = {}
         for label, size in (("1x", (w, h)), ("16x", (4 * w, 4 * h))):
             folder = work / label
@@ -101,29 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("the trace memo's warm-up of a bench slide failed")
         rows: dict[str, list[tuple[float, bool, dict[str, float]]]] = {k: [] for k in slides}
         for k in range(args.strokes + 1):  # the first stroke of each warms up: not counted
-            replayed = None
-            for label, (state, ref, store, truth, rng) in slides.items():
-                while True:
-                    body = replayed or stroke_export(store, truth, rng)
-                    if body is None:
-                        raise RuntimeError("no stroke left to simulate")
-                    seconds.clear()
-                    t0 = time.perf_counter()
-                    try:
-                        answer = serve_round(ref, body, state.choice, state.scratch, 0.0,
-                                             "changed")
-                    except RoundRefused as exc:  # a stroke off tissue: drawn again
-                        if replayed:
-                            raise RuntimeError("the mosaic refused a stroke its copy "
-                                               "took") from exc
-                        continue
-                    break
-                total = time.perf_counter() - t0
-                if args.mosaic and label == "1x":  # the mosaic's copy gets the same stroke
-                    replayed = in_copy(body, slides["16x"][2], 4)
-                if k:
-                    changed = bool(answer["changed"]["added"] or answer["changed"]["removed"])
-                    rows[label].append((total, changed, dict(seconds)))
+            if args.mosaic:  # the first slide's stroke, then the same one in the mosaic's copy
+                done = replayed_stroke(slides, seconds, serve_round, serve_undo, RoundRefused)
+            else:
+                done = {label: one_stroke(slide, seconds, serve_round, RoundRefused)[:3]
+                        for label, slide in slides.items()}
+            if k:
+                for label, row in done.items():
+                    rows[label].append(row)
     for label, got in rows.items():
         _report(label, got)
     if args.mosaic:
@@ -133,6 +122,41 @@ def main(argv: list[str] | None = None) -> int:
               f"quartiles {np.percentile(ratio, 25):.2f}–{np.percentile(ratio, 75):.2f}; "
               f"{same} of {len(ratio)} replaced features on both slides or on neither")
     return 0
+
+
+def one_stroke(slide, seconds, serve_round, refused, body: bytes | None = None):
+    """A stroke drawn on ``slide`` (state, ref, store, truth, rng), or ``body``, served:
+    (seconds, whether features were replaced, seconds per function); None when ``body`` was
+    refused (a drawn stroke that is refused is drawn again)."""
+    state, ref, store, truth, rng = slide
+    while True:
+        stroke = body or stroke_export(store, truth, rng)
+        if stroke is None:
+            raise RuntimeError("no stroke left to simulate")
+        seconds.clear()
+        t0 = time.perf_counter()
+        try:
+            answer = serve_round(ref, stroke, state.choice, state.scratch, 0.0, "changed")
+        except refused:  # a stroke off tissue
+            if body is not None:
+                return None
+            continue
+        total = time.perf_counter() - t0
+        changed = bool(answer["changed"]["added"] or answer["changed"]["removed"])
+        return total, changed, dict(seconds), stroke
+
+
+def replayed_stroke(slides, seconds, serve_round, serve_undo, refused):
+    """A stroke drawn on the 1x slide and served there, then moved into the mosaic's copy
+    (``serve.in_copy``) and served there. Each slide's tissue mask is its own: a stroke at
+    the tissue's edge that the mosaic refuses is undone on the 1x slide and drawn again."""
+    while True:
+        *first, body = one_stroke(slides["1x"], seconds, serve_round, refused)
+        second = one_stroke(slides["16x"], seconds, serve_round, refused,
+                            in_copy(body, slides["16x"][2], 4))
+        if second is not None:
+            return {"1x": tuple(first), "16x": second[:3]}
+        serve_undo(slides["1x"][1], 0.0)
 
 
 def _time_calls(module: str, path: str, seconds: dict[str, float]) -> None:

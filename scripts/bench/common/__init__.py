@@ -28,6 +28,7 @@ from common.slides import (
     mosaic_slide,
     refinenet_weights,
     slide_copies,
+    trained_refinenet,
 )
 from common.tables import (
     REPO,
@@ -67,6 +68,7 @@ __all__ = [
     "run_phase",
     "scratch",
     "slide_copies",
+    "trained_refinenet",
     "stage_rows",
     "store_patches",
 ]

@@ -93,6 +93,47 @@ def refinenet_weights(path: Path, workflow, seed: int = 0) -> Path:
     return path
 
 
+def trained_refinenet(cache: Path, size: tuple[int, int], mpp: float, workflow,
+                      seed: int = 0, minutes: float = 2.0) -> Path:
+    """RefineNet weights trained as ``wsiseg demo`` trains them (a GuideNet first, then
+    RefineNet on its output, ``minutes`` each at most, CPU), on another generated slide of
+    ``size`` at ``mpp`` (seed ``seed + 1``, so never on the slide a bench strokes), cached
+    by the workflow and the two model cards.
+
+    What a round writes and traces follows what its windows' new mask does, so a bench of
+    rounds needs windows drawn as a trained network draws them: a correction stroke moves
+    a tumor's border, where random weights clear a window or leave it as it was.
+    """
+    import hashlib
+
+    from wsiseg.config import repo_root
+    from wsiseg.train.guidenet import train_guidenet
+    from wsiseg.train.refinenet import train_refinenet
+
+    cards = hashlib.sha256(b"".join((repo_root() / "models" / f"{role}.yaml").read_bytes()
+                                    for role in ("guidenet", "refinenet"))).hexdigest()[:12]
+    width, height = size
+    out = (cache / "trained"
+           / f"{width}x{height}-mpp{mpp:g}-seed{seed + 1}-{workflow.name}-{cards}")
+    weights = out / "refinenet.safetensors"
+    if weights.exists():
+        return weights
+    slide = generated_slide(cache, size, mpp, seed + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(slides=[slide.slide_path], annotations=[slide.truth_geojson_path],
+                  workflow=workflow, cache_dir=out / "train-cache", seed=seed, device="cpu",
+                  progress=False, max_minutes=minutes)
+    t0 = time.perf_counter()
+    guide = train_guidenet(out=out / "guidenet.safetensors", **common)
+    refine = train_refinenet(guidenet=guide.weights, out=out / "refinenet.tmp.safetensors",
+                             **common)
+    os.replace(refine.weights, weights)  # the cache holds finished weights only
+    shutil.rmtree(out / "train-cache", ignore_errors=True)
+    log(f"trained the bench's RefineNet in {time.perf_counter() - t0:.0f} s (GuideNet IoU "
+        f"{guide.best_val_iou:.3f}, RefineNet IoU {refine.best_val_iou:.3f}): {weights}")
+    return weights
+
+
 def mosaic_slide(cache: Path, slide, side: int) -> Path:
     """The generated ``slide`` repeated ``side`` × ``side`` times in one slide file, cached.
 
