@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="TIAToolbox DataLoader workers (default: one per CPU, as wsiseg's "
                              "tiling threads)")
     parser.add_argument("--skip-tiatoolbox", action="store_true")
+    parser.add_argument("--guidenet", type=Path, default=None,
+                        help="GuideNet weights (default: random, from `wsiseg models init`; "
+                             "the time of the contours and of TIAToolbox's output then "
+                             "follows what random weights draw)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of (b), (a), (c), interleaved; the fastest of each phase "
                              "counts (use 2+ on a shared machine)")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     g = wf.guidenet
     slide = common.generated_slide(args.cache, args.size, args.mpp, args.seed)
     with common.scratch(args.work, "wsiseg-bench-run-") as work:
-        weights = common.guidenet_weights(work / "guidenet-random.safetensors")
+        weights = args.guidenet or common.guidenet_weights(work / "guidenet-random.safetensors")
         (slide_path,) = common.slide_copies(slide.slide_path, work / "slides", 1)
         from wsiseg.runtime import load_network
 
