@@ -58,7 +58,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,10 +219,15 @@ def post_stroke(http, url: str, slide_id: str, body: bytes, contours: str,
     return row
 
 
-def stroke_rounds(url: str, slide_id: str, store, truth, n: int, seed: int, contours: str,
-                  timer: StageTimer) -> Iterator[dict]:
-    """Post strokes one after another; yield each answered stroke's row (the first one warms
-    the server up: the callers drop it). Strokes the server refuses are drawn again."""
+def posted_strokes(targets: list[tuple[str, Callable[[bytes], bytes]]], slide_id: str, store,
+                   truth, n: int, seed: int, contours: str,
+                   timer: StageTimer) -> Iterator[list[dict]]:
+    """Strokes drawn on ``store`` and posted to each target (url, how a stroke is moved
+    there), the first target first on even strokes and last on odd ones; yields each
+    stroke's rows, one per target (the first stroke warms the servers up: the callers drop
+    it). A stroke refused is drawn again; one that some target took and another refused
+    (each slide's tissue mask is its own: a stroke at the tissue's edge) is undone where
+    it was taken."""
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -232,12 +237,30 @@ def stroke_rounds(url: str, slide_id: str, store, truth, n: int, seed: int, cont
             body = stroke_export(store, truth, rng)
             if body is None:
                 return
-            row = post_stroke(http, url, slide_id, body, contours, timer)
-            if row is None:
+            rows: dict[int, dict] = {}
+            for i in range(len(targets))[:: -1 if answered % 2 else 1]:
+                url, move = targets[i]
+                row = post_stroke(http, url, slide_id, move(body), contours, timer)
+                if row is None:
+                    break
+                rows[i] = row
+            if len(rows) < len(targets):
+                for i in rows:
+                    http.post(f"{targets[i][0]}/slides/{slide_id}/undo",
+                              json={}).raise_for_status()
                 refused += 1
                 continue
             answered += 1
-            yield row
+            yield [rows[i] for i in range(len(targets))]
+
+
+def stroke_rounds(url: str, slide_id: str, store, truth, n: int, seed: int, contours: str,
+                  timer: StageTimer) -> Iterator[dict]:
+    """Post strokes drawn on ``store`` one after another (:func:`posted_strokes`); yield
+    each answered stroke's row."""
+    for (row,) in posted_strokes([(url, bytes)], slide_id, store, truth, n, seed, contours,
+                                 timer):
+        yield row
 
 
 #: The copy of a mosaic (row, column) that replays the first slide's strokes: one with
@@ -265,41 +288,15 @@ def in_copy(body: bytes, mosaic_store, side: int, copy: tuple[int, int] = MOSAIC
 
 
 def replayed_rounds(servers: list[tuple[str, Any, np.ndarray]], n: int, seed: int,
-                    contours: str, timer: StageTimer, side: int) -> Iterator[tuple[dict, dict]]:
+                    contours: str, timer: StageTimer, side: int) -> Iterator[list[dict]]:
     """Strokes drawn on the first slide and posted to it and, moved into one copy
-    (:func:`in_copy`), to its mosaic; yields both rows of each stroke (the first pair warms
-    the servers up: the callers drop it). The copy then goes through the first slide's
-    states stroke by stroke: the same windows, tumors and features, on ``side²`` times the
-    area. Which one is posted first alternates."""
-    import httpx
-
+    (:func:`in_copy`), to its mosaic (:func:`posted_strokes`): both rows of each stroke. The
+    copy then goes through the first slide's states stroke by stroke: the same windows,
+    tumors and features, on ``side²`` times the area."""
     (url, store, truth), (mosaic_url, mosaic_store, _) = servers
-    rng = np.random.default_rng(seed)
-    answered = refused = 0
-    with httpx.Client(timeout=600) as http:
-        while answered < n + 1 and refused < n:
-            body = stroke_export(store, truth, rng)
-            if body is None:
-                return
-            posts = [(url, body), (mosaic_url, in_copy(body, mosaic_store, side))]
-            if answered % 2:
-                posts.reverse()
-            rows = []
-            for u, b in posts:
-                rows.append(post_stroke(http, u, "slide", b, contours, timer))
-                if rows[-1] is None:
-                    break
-            if None in rows:
-                # each slide's tissue mask is its own: a stroke at the tissue's edge may be
-                # taken by one and refused by the other, which then is undone
-                if len(rows) == 2:
-                    http.post(f"{posts[0][0]}/slides/slide/undo", json={}).raise_for_status()
-                refused += 1
-                continue
-            if answered % 2:
-                rows.reverse()
-            answered += 1
-            yield rows[0], rows[1]
+    return posted_strokes([(url, bytes), (mosaic_url, lambda body: in_copy(body, mosaic_store,
+                                                                           side))],
+                          "slide", store, truth, n, seed, contours, timer)
 
 
 def strokes_over_http(url: str, slide_id: str, store, truth, n: int, seed: int,
