@@ -270,7 +270,13 @@ MOSAIC_COPY = (1, 2)
 
 def in_copy(body: bytes, mosaic_store, side: int, copy: tuple[int, int] = MOSAIC_COPY) -> bytes:
     """A stroke drawn on a slide, moved into copy ``copy`` of that slide's ``side`` × ``side``
-    mosaic (QuPath's frame: level-0 px, whole copies, so the move is exact)."""
+    mosaic (QuPath's frame: level-0 px, whole copies, so the move is exact).
+
+    The copy's windows and chunks are the slide's when a copy is a whole number of both
+    (2048 working px here: windows every 256, chunks of 512). A window the slide clamps at
+    its edge is not clamped in an inner copy and reaches into the neighbour: on the bench
+    slide no tumor lies within those bands. The copy's pixels are the slide's JPEG tiles
+    encoded again (the mosaic file), within a few levels."""
     import json
 
     width, height = mosaic_store.frame.level0_size
@@ -415,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             for wf_name in args.workflows.split(",")[: 1 if big else None]:
                 run, store, truth, mpx = bench_slide(args, work, size, wf_name)
                 for refiner in args.refiners.split(","):
-                    with serving([run], refiner, refinenet_weights(args, work, store.workflow),
-                                 work) as [(url, warm_s)]:
+                    weights = (refinenet_weights(args, work, store.workflow)
+                               if refiner == "refinenet" else None)
+                    with serving([run], refiner, weights, work) as [(url, warm_s)]:
                         common.log(f"{wf_name} {mpx:.0f} working Mpx / {refiner}: opened, "
                                    f"traces warmed in {warm_s:.1f} s; {args.strokes} strokes")
                         rows = strokes_over_http(url, "slide", store, truth, args.strokes,
@@ -486,7 +493,7 @@ def refinenet_weights(args: argparse.Namespace, work: Path, wf) -> Path:
 
 
 @contextlib.contextmanager
-def serving(runs: list[Path], refiner: str, weights: Path,
+def serving(runs: list[Path], refiner: str, weights: Path | None,
             work: Path) -> Iterator[list[tuple[str, float]]]:
     """A server for each run folder, built and started as ``wsiseg serve`` does (its
     start-up objects frozen), the trace memo cleared (each starts cold, as a new server
@@ -519,7 +526,8 @@ def interleaved(args: argparse.Namespace, work: Path,
     the first's."""
     wf_name = args.workflows.split(",")[0]
     slides = [bench_slide(args, work, size, wf_name) for size in sizes]
-    weights = refinenet_weights(args, work, slides[0][1].workflow)
+    weights = (refinenet_weights(args, work, slides[0][1].workflow)
+               if "refinenet" in args.refiners.split(",") else None)
     rows_out, notes = [], []
     for refiner in args.refiners.split(","):
         with serving([run for run, *_ in slides], refiner, weights, work) as opened:

@@ -119,7 +119,10 @@ def trained_refinenet(cache: Path, size: tuple[int, int], mpp: float, workflow,
     if weights.exists():
         return weights
     slide = generated_slide(cache, size, mpp, seed + 1)
-    out.mkdir(parents=True, exist_ok=True)
+    # an interrupted training's checkpoints are not resumed: they would train past the
+    # budget, and RefineNet's would not match a GuideNet trained again
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     common = dict(slides=[slide.slide_path], annotations=[slide.truth_geojson_path],
                   workflow=workflow, cache_dir=out / "train-cache", seed=seed, device="cpu",
                   progress=False, max_minutes=minutes)
