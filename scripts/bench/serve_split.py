@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from serve import build_store, in_copy, stroke_export  # noqa: E402
+from serve import build_store, in_copy, paired_note, stroke_export  # noqa: E402
 
 #: (module, function or Class.method), where the round looks them up; reported by the
 #: last name.
@@ -116,11 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, got in rows.items():
         _report(label, got)
     if args.mosaic:
-        ratio = np.array([b[0] / a[0] for a, b in zip(rows["1x"], rows["16x"], strict=True)])
-        same = sum(a[1] == b[1] for a, b in zip(rows["1x"], rows["16x"], strict=True))
-        print(f"\nthe same strokes, 16x / 1x one by one: median {np.median(ratio):.2f}, "
-              f"quartiles {np.percentile(ratio, 25):.2f}–{np.percentile(ratio, 75):.2f}; "
-              f"{same} of {len(ratio)} replaced features on both slides or on neither")
+        first, mosaic = ([{"total": total, "replaced": replaced} for total, replaced, _ in got]
+                         for got in (rows["1x"], rows["16x"]))
+        print("\n" + paired_note("refinenet", first, mosaic))
     return 0
 
 

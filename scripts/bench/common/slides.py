@@ -98,7 +98,7 @@ def trained_refinenet(cache: Path, size: tuple[int, int], mpp: float, workflow,
     """RefineNet weights trained as ``wsiseg demo`` trains them (a GuideNet first, then
     RefineNet on its output, ``minutes`` each at most, CPU), on another generated slide of
     ``size`` at ``mpp`` (seed ``seed + 1``, so never on the slide a bench strokes), cached
-    by the workflow and the two model cards.
+    by the workflow, the two model cards and the budget.
 
     What a round writes and traces follows what its windows' new mask does, so a bench of
     rounds needs windows drawn as a trained network draws them: a correction stroke moves
@@ -114,7 +114,8 @@ def trained_refinenet(cache: Path, size: tuple[int, int], mpp: float, workflow,
                                     for role in ("guidenet", "refinenet"))).hexdigest()[:12]
     width, height = size
     out = (cache / "trained"
-           / f"{width}x{height}-mpp{mpp:g}-seed{seed + 1}-{workflow.name}-{cards}")
+           / f"{width}x{height}-mpp{mpp:g}-seed{seed + 1}-{workflow.name}-{cards}"
+           f"-{minutes:g}min")
     weights = out / "refinenet.safetensors"
     if weights.exists():
         return weights
