@@ -182,18 +182,20 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
 
     png = out_dir / f"{slide_id}.png"
     # The network is done: the thumbnail is decoded on a spare core while the contours are
-    # traced (or, traced already, drawn and written there while the GeoJSON is written).
+    # traced (or, traced already, drawn and written there while the GeoJSON is written and
+    # the measurements taken).
     with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool:
         if contours is not None:
             polygons, means = contours
             drawn = pool.submit(write_thumbnail, store, png, polygons)
             write_round_geojson(store, out_dir, slide_id, 0, polygons, means=means)
+            m = measurements(store, polygons, 0)
             drawn.result()
         else:
             thumb = pool.submit(thumbnail_image, store)
             _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
             write_thumbnail(store, png, polygons, thumb=thumb.result())
-    m = measurements(store, polygons, 0)
+            m = measurements(store, polygons, 0)
     if not store.attrs.get("rounds"):
         store.update_attrs(rounds=[{
             "round": 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": "run",
