@@ -218,6 +218,21 @@ def test_background_tiling_reads_the_same_image_as_it_is_written(tmp_path, small
     assert result.store.stage("tiling") == "done"
 
 
+def test_thumbnail_read_while_tiling_waits_for_the_tiles(tmp_path, small_workflow):
+    """``wsiseg run`` reads the thumbnail through the tiling as soon as the network is done,
+    while chunks may still be written: it must wait for them, never show missing tiles as
+    glass."""
+    from wsiseg.outputs import thumbnail_image
+    from wsiseg.tiling import BackgroundTiling
+
+    with BackgroundTiling(real(CMU_SVS), tmp_path / "t.zarr", small_workflow,
+                          workers=1) as tiling:
+        early = thumbnail_image(tiling.store, max_px=256, image=tiling.image)
+        tiling.finish()
+    assert np.array_equal(early, thumbnail_image(tiling.store, max_px=256))
+    assert (early != 255).any()  # tissue, not glass
+
+
 def test_background_tiling_hands_its_error_to_the_reader(tmp_path, small_workflow, monkeypatch):
     import wsiseg.tiling as tiling_module
     from wsiseg.tiling import BackgroundTiling

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -166,9 +167,14 @@ def publish_round(record: Path, out_dir: Path, slide_id: str, round_k: int,
     return latest
 
 
-def thumbnail_image(store: SlideStore, max_px: int = THUMBNAIL_PX) -> np.ndarray:
-    """The slide at ≤ ``max_px`` on the long side (uint8 (h, w, 3)), glass white."""
-    image = store["image"]
+def thumbnail_image(store: SlideStore, max_px: int = THUMBNAIL_PX,
+                    image: Any = None) -> np.ndarray:
+    """The slide at ≤ ``max_px`` on the long side (uint8 (h, w, 3)), glass white.
+
+    ``image``: what to read instead of ``store["image"]``, with its shape and chunks, e.g.
+    :attr:`wsiseg.tiling.BackgroundTiling.image`, whose reads wait for the tiling.
+    """
+    image = store["image"] if image is None else image
     step = max(1, int(np.ceil(max(image.shape[1:]) / max_px)))
     return _strided_read(image, step)
 

@@ -349,6 +349,7 @@ class _TiledImage:
         self._array = tiling.store["image"]
         self.shape = tuple(self._array.shape)
         self.dtype = self._array.dtype
+        self.chunks = self._array.chunks
 
     def __getitem__(self, key: Any) -> Any:
         _, rows, cols = (tuple(key) + (slice(None),) * 3)[:3]  # (channels, rows, cols)

@@ -8,10 +8,10 @@ import shutil
 import tempfile
 import time
 import traceback
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsiseg.cohort.ids import stored_source
 from wsiseg.cohort.rows import RunOptions, SlideRow
@@ -19,6 +19,11 @@ from wsiseg.config import Workflow
 from wsiseg.destination import Destination
 from wsiseg.errors import WsisegError
 from wsiseg.store import SlideStore, source_differs
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from wsiseg.outputs import SlideMeasurements
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ def _run_one(
 ) -> SlideRow:
     from wsiseg.infer import infer_to_store
     from wsiseg.nets import normalise_rgb, weights_hash
-    from wsiseg.outputs import round_tracer
+    from wsiseg.outputs import round_tracer, thumbnail_image
     from wsiseg.store import retire_store, source_changed
     from wsiseg.tiling import BackgroundTiling
 
@@ -129,8 +134,10 @@ def _run_one(
         retire_store(store_path)
     # Tiling runs beside inference: GuideNet reads each row of chunks as soon as it is written,
     # and each row of the probability map is contoured as soon as GuideNet has written it.
-    contours = None
-    with BackgroundTiling(slide, store_path, wf, mpp=options.mpp, workers=tile_workers) as tiling:
+    contours = thumb = None
+    with (ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool,
+          BackgroundTiling(slide, store_path, wf, mpp=options.mpp,
+                           workers=tile_workers) as tiling):
         store = tiling.store
         if source_changed(store, slide):  # pragma: no cover - prepare_store rebuilt it
             raise WsisegError(f"{slide}: changed while running")
@@ -149,6 +156,9 @@ def _run_one(
                     device=model.device, band_px=store.chunk_px, tta=options.tta,
                     clip_to_tissue=True, on_rows=tracer.rows_final,
                 )
+                # The network is done: the thumbnail is decoded on the core the last
+                # contours leave idle (its reads wait for any tiling still running).
+                thumb = pool.submit(thumbnail_image, store, image=tiling.image)
                 contours = tracer.result()
         tiling.finish()  # every chunk written (or the tiling's error) before guide is done
     if stats is not None:
@@ -161,7 +171,7 @@ def _run_one(
                        **model.describe()})
         store.set_stage("guide", "done")
     m = publish_run(store, out_dir, slide_id, export_mask=options.export_mask,
-                    contours=contours)
+                    contours=contours, thumb=thumb)
     used = store.attrs.get("inference") or {}
     return SlideRow(str(slide), slide_id, "done", tissue_mm2=m.tissue_mm2,
                     tumor_mm2=m.tumor_mm2, tumor_fraction=m.tumor_fraction,
@@ -170,29 +180,34 @@ def _run_one(
 
 
 def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False,
-                contours: tuple[list, Any] | None = None):
+                contours: tuple[list, Any] | None = None,
+                thumb: Future[np.ndarray] | None = None):
     """Round 0 of a store whose ``guide``/``refined`` are complete: GeoJSON, thumbnail,
     measurements; the slide counts as done only after this. ``contours``: the polygons and
     mean probabilities of ``refined`` when already traced (beside inference), else traced
-    here."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    here; ``thumb``: the thumbnail's pixels (:func:`~wsiseg.outputs.thumbnail_image`) when
+    already being read."""
     from wsiseg.outputs import measurements, thumbnail_image, write_thumbnail
     from wsiseg.rounds import write_round_geojson
 
     png = out_dir / f"{slide_id}.png"
     # The network is done: the thumbnail is decoded on a spare core while the contours are
-    # traced (or, traced already, drawn and written there while the GeoJSON is written and
-    # the measurements taken).
+    # traced (or, traced already, drawn and written there with the measurements while the
+    # GeoJSON is written).
     with ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool:
         if contours is not None:
             polygons, means = contours
-            drawn = pool.submit(write_thumbnail, store, png, polygons)
+
+            def draw_and_measure() -> SlideMeasurements:
+                write_thumbnail(store, png, polygons,
+                                thumb=thumb.result() if thumb is not None else None)
+                return measurements(store, polygons, 0)
+
+            drawn = pool.submit(draw_and_measure)
             write_round_geojson(store, out_dir, slide_id, 0, polygons, means=means)
-            m = measurements(store, polygons, 0)
-            drawn.result()
+            m = drawn.result()
         else:
-            thumb = pool.submit(thumbnail_image, store)
+            thumb = thumb or pool.submit(thumbnail_image, store)
             _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
             write_thumbnail(store, png, polygons, thumb=thumb.result())
             m = measurements(store, polygons, 0)
