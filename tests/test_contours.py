@@ -408,6 +408,40 @@ def test_tracing_rows_as_they_are_written_gives_the_same_contours(seed: int) -> 
     assert np.array_equal(means, expected[1])
 
 
+def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> None:
+    """A tumor spanning chunks is spliced as soon as the rows below it are traced; only those
+    reaching the last row of chunks are left for :meth:`RowStreamTracer.result` (its time
+    is on ``wsiseg run``'s serial tail). The polygons are exactly the whole map's."""
+    from wsiseg.contours.merge import _Merger
+
+    prob = np.zeros((64, 64), np.uint8)
+    prob[10:26, 10:41] = 200  # chunk rows 0-1: closed once row 2 is traced
+    prob[3:6, 20:50] = 220  # chunk row 0 alone, across three chunks
+    prob[50:64, 5:41] = 180  # reaches the last chunk row (3)
+    prob[40:44, 40:44] = 255  # inside one chunk: never spliced
+    expected = tumor_polygons_and_means(prob, chunk_px=16, simplify_px=1.0)
+    calls: list[bool] = []
+    spliced = _Merger.spliced
+
+    def counted(self, gids, simplify_px):
+        calls.append(in_result)
+        return spliced(self, gids, simplify_px)
+
+    monkeypatch.setattr(_Merger, "spliced", counted)
+    in_result = False
+    with RowStreamTracer(prob, chunk_px=16, simplify_px=1.0) as tracer:
+        for row in (16, 32, 48):
+            tracer.rows_final(row)
+        for future in tracer._futures:
+            future.result()
+        in_result = True
+        polygons, means = tracer.result()
+    assert calls == [False, False, True]  # the two upper tumors early, the lowest at the end
+    assert len(polygons) == len(expected[0]) == 4
+    assert all(shapely.equals_exact(p, q, 0) for p, q in zip(polygons, expected[0], strict=True))
+    assert np.array_equal(means, expected[1])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_simplified_polygons_stay_within_one_pixel(seed: int) -> None:
     rng = np.random.default_rng(100 + seed)

@@ -365,17 +365,19 @@ def tumor_polygons_and_means(
     return _finished(merger, simplify_px, min_area_px)
 
 
-def _finished(merger: _Merger, simplify_px: float, min_area_px: float
+def _finished(merger: _Merger, simplify_px: float, min_area_px: float,
+              done: dict[tuple[int, ...], tuple[shapely.Polygon | None, float]] | None = None,
               ) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
     """The merger's whole components, finished and sorted by area, largest first: those
     inside one chunk simplified together, the others spliced from their chunks' fragments
-    (the same polygons as joining and simplifying them whole, from the memo's fragments)."""
+    (the same polygons as joining and simplifying them whole, from the memo's fragments).
+    ``done``: :meth:`_Merger.spliced` of some groups of pieces (ascending ids), already."""
     singles, groups, means = merger.whole_components()
     spliced: dict[int, shapely.Polygon] = {}  # component index → its polygon
     exact, exact_owner = list(singles), list(range(len(singles)))
     for k, gids in enumerate(groups, start=len(singles)):
         if len(gids) > 1 and simplify_px > 0:
-            polygon, area = merger.spliced(gids, simplify_px)
+            polygon, area = (done or {}).get(tuple(gids)) or merger.spliced(gids, simplify_px)
             if area >= min_area_px:
                 spliced[k] = polygon if polygon is not None else merger.joined(gids)
         else:

@@ -35,6 +35,8 @@ class RowStreamTracer:
         self._next_row = 0  # first chunk row not yet submitted
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-contours")
         self._futures: list[Any] = []
+        # tumors spanning chunks, spliced as soon as traced whole (by their pieces' ids)
+        self._spliced: dict[tuple[int, ...], tuple[shapely.Polygon | None, float]] = {}
 
     def __enter__(self) -> RowStreamTracer:
         return self
@@ -52,12 +54,37 @@ class RowStreamTracer:
             self._next_row += 1
 
     def _trace_row(self, i: int) -> None:
+        first_piece = self._merger.n_pieces + 1  # the ids this row's pieces will get
         for j in range(self._merger.grid[1]):
             self._merger.process(i, j)
+        if self._simplify_px > 0 and i + 1 < self._merger.grid[0]:
+            self._splice_closed(first_piece)
+
+    def _splice_closed(self, first_piece: int) -> None:
+        """Splice, now, the tumors spanning chunks that the row just traced closed: those with
+        a piece in it (ids from ``first_piece``) and none waiting at a chunk side. Only the
+        tumors reaching the last row are then left for :meth:`result`."""
+        merger = self._merger
+        border = np.fromiter(merger.border_pieces, dtype=np.int64,
+                             count=len(merger.border_pieces))  # ascending ids
+        if not len(border) or border[-1] < first_piece:
+            return
+        component = merger._components()
+        waiting = [ids[ids > 0] for ids in merger.pending.values()]
+        open_ = np.unique(component[np.concatenate(waiting)]) if waiting else []
+        closing = np.setdiff1d(component[border[border >= first_piece]], open_)
+        of_border = component[border]
+        chosen = np.isin(of_border, closing)
+        ids, owner = border[chosen], of_border[chosen]
+        order = np.argsort(owner, kind="stable")  # by tumor; ids stay ascending in each
+        for group in np.split(ids[order], np.flatnonzero(np.diff(owner[order])) + 1):
+            if len(group) > 1:
+                gids = group.tolist()
+                self._spliced[tuple(gids)] = merger.spliced(gids, self._simplify_px)
 
     def result(self) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
         self.rows_final(self._merger.prob.shape[0])
         for future in self._futures:
             future.result()  # re-raises a tracing error
         self._pool.shutdown(wait=True)
-        return _finished(self._merger, self._simplify_px, self._min_area_px)
+        return _finished(self._merger, self._simplify_px, self._min_area_px, self._spliced)
