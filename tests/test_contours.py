@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -411,33 +412,37 @@ def test_tracing_rows_as_they_are_written_gives_the_same_contours(seed: int) -> 
 def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> None:
     """A tumor spanning chunks is spliced as soon as the rows below it are traced; only those
     reaching the last row of chunks are left for :meth:`RowStreamTracer.result` (its time
-    is on ``wsiseg run``'s serial tail). The polygons are exactly the whole map's."""
+    is on ``wsiseg run``'s serial tail), and one below the minimum area never is. The
+    polygons are exactly the whole map's."""
     from wsiseg.contours.merge import _Merger
 
     prob = np.zeros((64, 64), np.uint8)
-    prob[10:26, 10:41] = 200  # chunk rows 0-1: closed once row 2 is traced
     prob[3:6, 20:50] = 220  # chunk row 0 alone, across three chunks
-    prob[50:64, 5:41] = 180  # reaches the last chunk row (3)
+    prob[10:26, 10:41] = 200  # chunk rows 0-1
+    prob[20:32, 45:60] = 190  # ends on chunk row 1's bottom line: closed by row 2, not in it
+    prob[40:42, 14:18] = 210  # across two chunks, 8 px: under the minimum area
     prob[40:44, 40:44] = 255  # inside one chunk: never spliced
-    expected = tumor_polygons_and_means(prob, chunk_px=16, simplify_px=1.0)
-    calls: list[bool] = []
+    prob[50:64, 5:41] = 180  # reaches the last chunk row (3)
+    expected = tumor_polygons_and_means(prob, chunk_px=16, simplify_px=1.0, min_area_px=10)
+    calls: list[tuple[int, bool]] = []
     spliced = _Merger.spliced
 
-    def counted(self, gids, simplify_px):
-        calls.append(in_result)
+    def counted(self: _Merger, gids: list[int], simplify_px: float) -> tuple:
+        calls.append((len(gids), in_result))
         return spliced(self, gids, simplify_px)
 
     monkeypatch.setattr(_Merger, "spliced", counted)
     in_result = False
-    with RowStreamTracer(prob, chunk_px=16, simplify_px=1.0) as tracer:
+    with RowStreamTracer(prob, chunk_px=16, simplify_px=1.0, min_area_px=10) as tracer:
         for row in (16, 32, 48):
             tracer.rows_final(row)
-        for future in tracer._futures:
-            future.result()
+            while not all(future.done() for future in tracer._futures):
+                time.sleep(0.001)
         in_result = True
         polygons, means = tracer.result()
-    assert calls == [False, False, True]  # the two upper tumors early, the lowest at the end
-    assert len(polygons) == len(expected[0]) == 4
+    # the three upper tumors early, in the order they close; the lowest at the end
+    assert [early for _, early in calls] == [False, False, False, True]
+    assert len(polygons) == len(expected[0]) == 5
     assert all(shapely.equals_exact(p, q, 0) for p, q in zip(polygons, expected[0], strict=True))
     assert np.array_equal(means, expected[1])
 

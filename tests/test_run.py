@@ -134,6 +134,30 @@ def test_a_bad_file_among_good_slides(cmu_out, weights, tmp_path, capsys):
     assert "notes.svs" in capsys.readouterr().err
 
 
+def test_a_failure_after_inference_leaves_no_thread_behind(weights, tmp_path, capsys,
+                                                          monkeypatch):
+    """Tracing fails once the network is done and the thumbnail's read has started beside
+    it: the slide is one failed row, not a hang, and no thread of the slide is left."""
+    import threading
+
+    from wsiseg.contours import RowStreamTracer
+
+    def broken(self: RowStreamTracer) -> None:
+        raise RuntimeError("tracing broke")
+
+    monkeypatch.setattr(RowStreamTracer, "result", broken)
+    before = set(threading.enumerate())
+    out = tmp_path / "out"
+    assert main(["run", str(real(CMU_SVS)), "--out", str(out), "--guidenet",
+                 str(weights["guidenet"])]) == 1
+    row = summary(out)["cmu-1-small-region"]
+    assert row["status"] == "failed" and "tracing broke" in row["reason"]
+    assert "tracing broke" in capsys.readouterr().err
+    left = [t.name for t in set(threading.enumerate()) - before
+            if t.name.startswith("wsiseg-")]
+    assert left == []
+
+
 @pytest.mark.parametrize("kind", ["role", "corrupt", "pickle"])
 def test_bad_weights_are_refused_before_any_slide(weights, tmp_path, capsys, kind):
     if kind == "role":

@@ -134,7 +134,11 @@ def _run_one(
         retire_store(store_path)
     # Tiling runs beside inference: GuideNet reads each row of chunks as soon as it is written,
     # and each row of the probability map is contoured as soon as GuideNet has written it.
-    contours = thumb = None
+    contours = None
+    thumb: Future[np.ndarray] | None = None
+    # The pool is entered first so that it is left last, after the tiling has stopped: a
+    # thumbnail read waiting for tiles then ends (with the tiling's error) instead of
+    # waiting for the whole slide to be tiled when inference or tracing failed.
     with (ThreadPoolExecutor(1, thread_name_prefix="wsiseg-thumbnail") as pool,
           BackgroundTiling(slide, store_path, wf, mpp=options.mpp,
                            workers=tile_workers) as tiling):
@@ -181,7 +185,7 @@ def _run_one(
 
 def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bool = False,
                 contours: tuple[list, Any] | None = None,
-                thumb: Future[np.ndarray] | None = None):
+                thumb: Future[np.ndarray] | None = None) -> SlideMeasurements:
     """Round 0 of a store whose ``guide``/``refined`` are complete: GeoJSON, thumbnail,
     measurements; the slide counts as done only after this. ``contours``: the polygons and
     mean probabilities of ``refined`` when already traced (beside inference), else traced
@@ -207,7 +211,8 @@ def publish_run(store: SlideStore, out_dir: Path, slide_id: str, export_mask: bo
             write_round_geojson(store, out_dir, slide_id, 0, polygons, means=means)
             m = drawn.result()
         else:
-            thumb = thumb or pool.submit(thumbnail_image, store)
+            if thumb is None:
+                thumb = pool.submit(thumbnail_image, store)
             _, polygons = write_round_geojson(store, out_dir, slide_id, 0)
             write_thumbnail(store, png, polygons, thumb=thumb.result())
             m = measurements(store, polygons, 0)

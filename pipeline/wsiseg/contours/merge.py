@@ -181,7 +181,7 @@ class _Merger:
     def _trace(self, values: np.ndarray, r0: int, c0: int) -> ChunkTrace:
         return trace_chunk(values, self.threshold, r0, c0)
 
-    def _components(self) -> NDArray[np.intp]:
+    def components(self) -> NDArray[np.intp]:
         n = self.n_pieces + 1
         pairs = np.concatenate(self.pairs) if self.pairs else np.zeros((0, 2), dtype=np.int64)
         graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -191,7 +191,7 @@ class _Merger:
         """Unprocessed chunks that a component touching the region continues into."""
         if not self.pending:
             return set()
-        component = self._components()
+        component = self.components()
         wanted = np.unique(component[sorted(self.in_region)]) if self.in_region else []
         out = set()
         for (i, j, side), ids in self.pending.items():
@@ -205,7 +205,7 @@ class _Merger:
         """The components with a pixel in the region: the exact polygons of those inside one
         chunk, the pieces (ids) of the others, and the mean probability over each
         component's pixels (those inside one chunk first)."""
-        component = self._components()
+        component = self.components()
         sums, counts = np.concatenate(self.sums), np.concatenate(self.counts)
         groups: dict[int, list[int]] = {}
         wanted = {int(component[g]) for g in self.in_region}
@@ -365,19 +365,17 @@ def tumor_polygons_and_means(
     return _finished(merger, simplify_px, min_area_px)
 
 
-def _finished(merger: _Merger, simplify_px: float, min_area_px: float,
-              done: dict[tuple[int, ...], tuple[shapely.Polygon | None, float]] | None = None,
+def _finished(merger: _Merger, simplify_px: float, min_area_px: float
               ) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
     """The merger's whole components, finished and sorted by area, largest first: those
     inside one chunk simplified together, the others spliced from their chunks' fragments
-    (the same polygons as joining and simplifying them whole, from the memo's fragments).
-    ``done``: :meth:`_Merger.spliced` of some groups of pieces (ascending ids), already."""
+    (the same polygons as joining and simplifying them whole, from the memo's fragments)."""
     singles, groups, means = merger.whole_components()
     spliced: dict[int, shapely.Polygon] = {}  # component index → its polygon
     exact, exact_owner = list(singles), list(range(len(singles)))
     for k, gids in enumerate(groups, start=len(singles)):
         if len(gids) > 1 and simplify_px > 0:
-            polygon, area = (done or {}).get(tuple(gids)) or merger.spliced(gids, simplify_px)
+            polygon, area = merger.spliced(gids, simplify_px)
             if area >= min_area_px:
                 spliced[k] = polygon if polygon is not None else merger.joined(gids)
         else:
