@@ -24,61 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-class ThreadCPU:
-    """CPU seconds per thread name while in the ``with`` block (``/proc/self/task``)."""
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s = interval_s
-        self._seen: dict[str, tuple[str, float]] = {}  # tid → (name, CPU s)
-        self._start = {tid: cpu for tid, (_, cpu) in self._read({}).items()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
-
-    def _read(self, names: dict[int, str]) -> dict[str, tuple[str, float]]:
-        out = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-            except OSError:  # ended meanwhile
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            name = names.get(int(tid)) or self._seen.get(tid, ("native",))[0]
-            out[tid] = (name, (int(fields[11]) + int(fields[12])) * _TICK_S)
-        return out
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            names = {t.native_id: t.name.rstrip("0123456789_-") for t in threading.enumerate()
-                     if t.native_id is not None}
-            self._seen.update(self._read(names))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> ThreadCPU:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def by_name(self) -> dict[str, float]:
-        total: Counter[str] = Counter()
-        for tid, (name, cpu) in self._seen.items():
-            total[name] += cpu - self._start.get(tid, 0.0)
-        return dict(total)
 
 
 def child(slide: str, weights: str) -> dict[str, Any]:
@@ -94,7 +46,7 @@ def child(slide: str, weights: str) -> dict[str, Any]:
     _instrument_pipeline(timer)
     timer.wrap(wsiseg.runtime, "load_network", "load network (thread)")
     timer.wrap(wsiseg.infer.stream, "forward_batch", "forward")
-    with tempfile.TemporaryDirectory() as out, ThreadCPU() as threads:
+    with tempfile.TemporaryDirectory() as out, common.ThreadCPU() as threads:
         t0 = time.perf_counter()
         status = wsiseg.cli.main(["run", slide, "--out", out, "--guidenet", weights,
                                   "--device", "cpu"])

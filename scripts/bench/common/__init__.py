@@ -6,7 +6,8 @@ Not a test module and not part of the package. The scripts beside this folder im
 - :mod:`common.args`      ``--size WxH``, ``--cache``, ``--work``, ``--seed``; scratch folders
 - :mod:`common.slides`    the slide cache (generated slides drawn once), copies, random weights
                           (RefineNet's below the threshold everywhere)
-- :mod:`common.sampling`  peak memory (RSS + children's USS) and GPU use, sampled in a thread
+- :mod:`common.sampling`  peak memory (RSS + children's USS), GPU use and CPU by thread,
+                          sampled in a thread
 - :mod:`common.timers`    stage timers around the package's functions
 - :mod:`common.tables`    the report: command line, machine, Markdown tables, stage rows
 - :mod:`common.phases`    measurement phases, each in a fresh child process
@@ -21,7 +22,7 @@ from common.phases import (
     run_phase,
     store_patches,
 )
-from common.sampling import MIB, GpuUtilisation, PeakRSS
+from common.sampling import MIB, GpuUtilisation, PeakRSS, ThreadCPU
 from common.slides import (
     generated_slide,
     guidenet_weights,
@@ -49,6 +50,7 @@ __all__ = [
     "GpuUtilisation",
     "PeakRSS",
     "StageTimer",
+    "ThreadCPU",
     "add_common_args",
     "command_line",
     "default_cache",

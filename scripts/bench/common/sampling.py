@@ -1,4 +1,5 @@
-"""Samplers run in a thread beside the work: peak memory (RSS + children's USS), GPU use."""
+"""Samplers run in a thread beside the work: peak memory (RSS + children's USS), GPU use,
+CPU by thread."""
 
 from __future__ import annotations
 
@@ -7,12 +8,47 @@ import os
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 MIB = 2**20
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-class PeakRSS:
+class _Sampler:
+    """:meth:`sample` every ``interval_s`` on a daemon thread, inside a ``with`` block."""
+
+    def __init__(self, interval_s: float, name: str) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _first(self) -> bool:
+        """Called once on the thread before the samples; False: there is nothing to sample."""
+        return True
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        if not self._first():
+            return
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakRSS(_Sampler):
     """Peak memory of a process (and its children), sampled in a thread with psutil.
 
     A sample is the process's resident set (RSS) plus, for each child process (e.g. a
@@ -39,13 +75,11 @@ class PeakRSS:
                  children: bool = True) -> None:
         import psutil
 
+        super().__init__(interval_s, "peak-rss")
         self._proc = psutil.Process(pid or os.getpid())
-        self.interval_s = interval_s
         self.children = children
         self.start_mib = 0.0
         self.peak_mib = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
     def sample_mib(self) -> float:
         import psutil
@@ -61,34 +95,29 @@ class PeakRSS:
                         total += child.memory_full_info().uss
         return total / MIB
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self.sample_mib())
-            self._stop.wait(self.interval_s)
+    def sample(self) -> None:
+        self.peak_mib = max(self.peak_mib, self.sample_mib())
 
     def __enter__(self) -> PeakRSS:
         self.start_mib = self.peak_mib = self.sample_mib()
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self.peak_mib = max(self.peak_mib, self.sample_mib())
-        self._stop.set()
-        self._thread.join()
+        self.sample()
+        super().__exit__(*exc)
 
 
-class GpuUtilisation:
+class GpuUtilisation(_Sampler):
     """GPU utilisation (%) sampled in a thread: ``torch.cuda.utilization`` (NVML), else
     ``nvidia-smi``. ``samples`` holds ``(perf_counter time, percent)``."""
 
     def __init__(self, interval_s: float = 0.1, device: int = 0) -> None:
-        self.interval_s = interval_s
+        super().__init__(interval_s, "gpu-util")
         self.device = device
         self.samples: list[tuple[float, float]] = []
         self.source = "none"
         self.error = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-util", daemon=True)
+        self._reader: Callable[[], float] | None = None
 
     def _read(self) -> Callable[[], float] | None:
         import torch
@@ -115,23 +144,51 @@ class GpuUtilisation:
             self.error += f"; nvidia-smi: {exc}"
             return None
 
-    def _run(self) -> None:
-        read = self._read()
-        while read is not None and not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self.samples.append((time.perf_counter(), read()))
-            self._stop.wait(self.interval_s)
+    def _first(self) -> bool:
+        self._reader = self._read()
+        return self._reader is not None
 
-    def __enter__(self) -> GpuUtilisation:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        with contextlib.suppress(Exception):
+            self.samples.append((time.perf_counter(), self._reader()))
 
     def mean(self, spans: Sequence[tuple[float, float]] | None = None) -> float | None:
         """Mean utilisation, over all samples or those inside ``spans``."""
         values = [u for t, u in self.samples
                   if spans is None or any(a <= t <= b for a, b in spans)]
         return sum(values) / len(values) if values else None
+
+
+class ThreadCPU(_Sampler):
+    """CPU seconds of this process's threads by name while in the ``with`` block, read from
+    ``/proc/self/task`` (Linux) every ``interval_s``: a thread that ends between two readings
+    is undercounted; a thread Python did not start is named ``native`` (e.g. OpenVINO's)."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        super().__init__(interval_s, "bench-sampler")
+        self._seen: dict[str, tuple[str, float]] = {}  # tid → (name, CPU s)
+        self._start = {tid: cpu for tid, (_, cpu) in self._read({}).items()}
+
+    def _read(self, names: dict[int, str]) -> dict[str, tuple[str, float]]:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            name = names.get(int(tid)) or self._seen.get(tid, ("native",))[0]
+            out[tid] = (name, (int(fields[11]) + int(fields[12])) * _TICK_S)
+        return out
+
+    def sample(self) -> None:
+        names = {t.native_id: t.name.rstrip("0123456789_-") for t in threading.enumerate()
+                 if t.native_id is not None}
+        self._seen.update(self._read(names))
+
+    def by_name(self) -> dict[str, float]:
+        """CPU seconds per thread name since the sampler was made."""
+        total: Counter[str] = Counter()
+        for tid, (name, cpu) in self._seen.items():
+            total[name] += cpu - self._start.get(tid, 0.0)
+        return dict(total)
