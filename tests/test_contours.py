@@ -410,10 +410,11 @@ def test_tracing_rows_as_they_are_written_gives_the_same_contours(seed: int) -> 
 
 
 def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> None:
-    """A tumor spanning chunks is spliced as soon as the rows below it are traced; only those
-    reaching the last row of chunks are left for :meth:`RowStreamTracer.result` (its time
-    is on ``wsiseg run``'s serial tail), and one below the minimum area never is. The
-    polygons are exactly the whole map's."""
+    """A tumor spanning chunks is spliced as soon as the rows below it are traced, a tumor
+    inside one chunk finished as soon as its row is: only those of the last row of chunks
+    are left for :meth:`RowStreamTracer.result` (its time is on ``wsiseg run``'s serial
+    tail), and one below the minimum area is never spliced. The polygons are exactly the
+    whole map's."""
     from wsiseg.contours.merge import _Merger
 
     prob = np.zeros((64, 64), np.uint8)
@@ -421,17 +422,24 @@ def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> 
     prob[10:26, 10:41] = 200  # chunk rows 0-1
     prob[20:32, 45:60] = 190  # ends on chunk row 1's bottom line: closed by row 2, not in it
     prob[40:42, 14:18] = 210  # across two chunks, 8 px: under the minimum area
-    prob[40:44, 40:44] = 255  # inside one chunk: never spliced
+    prob[40:44, 40:44] = 255  # inside one chunk: never spliced, finished beside tracing
     prob[50:64, 5:41] = 180  # reaches the last chunk row (3)
+    prob[56:60, 50:54] = 230  # inside one chunk of the last row: finished at the end
     expected = tumor_polygons_and_means(prob, chunk_px=16, simplify_px=1.0, min_area_px=10)
     calls: list[tuple[int, bool]] = []
-    spliced = _Merger.spliced
+    spliced, finish = _Merger.spliced, merge._finish
+    finished_at_end: list[int] = []
 
     def counted(self: _Merger, gids: list[int], simplify_px: float) -> tuple:
         calls.append((len(gids), in_result))
         return spliced(self, gids, simplify_px)
 
+    def counted_finish(exact: list, *args: Any) -> tuple:
+        finished_at_end.append(len(exact))
+        return finish(exact, *args)
+
     monkeypatch.setattr(_Merger, "spliced", counted)
+    monkeypatch.setattr(merge, "_finish", counted_finish)  # only result() finishes there
     in_result = False
     with RowStreamTracer(prob, chunk_px=16, simplify_px=1.0, min_area_px=10) as tracer:
         for row in (16, 32, 48):
@@ -442,7 +450,8 @@ def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> 
         polygons, means = tracer.result()
     # the three upper tumors early, in the order they close; the lowest at the end
     assert [early for _, early in calls] == [False, False, False, True]
-    assert len(polygons) == len(expected[0]) == 5
+    assert finished_at_end == [1]  # the last row's tumor inside one chunk alone
+    assert len(polygons) == len(expected[0]) == 6
     assert all(shapely.equals_exact(p, q, 0) for p, q in zip(polygons, expected[0], strict=True))
     assert np.array_equal(means, expected[1])
 

@@ -200,6 +200,10 @@ class _Merger:
                 out.add((i + di, j + dj))
         return out
 
+    def finished_early(self) -> dict[int, shapely.Polygon | None]:
+        """Singles (see :meth:`whole_components`) finished already, by index; None: dropped."""
+        return {}
+
     def whole_components(self) -> tuple[list[shapely.Polygon], list[list[int]],
                                         NDArray[np.float64]]:
         """The components with a pixel in the region: the exact polygons of those inside one
@@ -371,8 +375,10 @@ def _finished(merger: _Merger, simplify_px: float, min_area_px: float
     inside one chunk simplified together, the others spliced from their chunks' fragments
     (the same polygons as joining and simplifying them whole, from the memo's fragments)."""
     singles, groups, means = merger.whole_components()
-    spliced: dict[int, shapely.Polygon] = {}  # component index → its polygon
-    exact, exact_owner = list(singles), list(range(len(singles)))
+    early = merger.finished_early()  # single index → its polygon, finished (None: dropped)
+    spliced = {k: p for k, p in early.items() if p is not None}  # component index → polygon
+    exact_owner = [k for k in range(len(singles)) if k not in early]
+    exact = [singles[k] for k in exact_owner]
     for k, gids in enumerate(groups, start=len(singles)):
         if len(gids) > 1 and simplify_px > 0:
             polygon, area = merger.spliced(gids, simplify_px)

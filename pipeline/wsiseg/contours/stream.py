@@ -11,11 +11,13 @@ from numpy.typing import NDArray
 
 from wsiseg.contours.mask import ArrayLike2D, _block_shape, _check_threshold
 from wsiseg.contours.merge import _finished, _Merger
+from wsiseg.contours.simplify import _finish
 
 
 class _ClosingMerger(_Merger):
-    """A :class:`_Merger` whose tumors spanning chunks are spliced as soon as they are closed
-    (:meth:`splice_closed`, beside the tracing), each once; those under ``min_area_px``
+    """A :class:`_Merger` that finishes tumors as soon as they are whole, beside the tracing:
+    those inside one chunk once their row is traced (:meth:`finish_singles`), those spanning
+    chunks once closed (:meth:`splice_closed`), each once; those under ``min_area_px``
     (their pixel count: the exact area) are never spliced, since they are dropped."""
 
     def __init__(self, *args: Any, simplify_px: float, min_area_px: float) -> None:
@@ -23,6 +25,7 @@ class _ClosingMerger(_Merger):
         self.simplify_px, self.min_area_px = simplify_px, min_area_px
         self.closed: dict[tuple[int, ...], tuple[shapely.Polygon | None, float]] = {}
         self._pixels = np.zeros(1, dtype=np.int64)  # per piece id: its pixel count
+        self._singles: dict[int, shapely.Polygon | None] = {}  # id → finished (None: dropped)
 
     def spliced(self, gids: list[int], simplify_px: float) -> tuple[shapely.Polygon | None,
                                                                      float]:
@@ -35,6 +38,19 @@ class _ClosingMerger(_Merger):
         if key not in self.closed:
             self.closed[key] = super().spliced(gids, simplify_px)
         return self.closed[key]
+
+    def finish_singles(self) -> None:
+        """Finish (drop by area, simplify) the tumors inside one chunk met since the last
+        call: each is finished alone, as :func:`_finished` would finish it."""
+        new = list(self.finished.items())[len(self._singles):]  # in the order they were met
+        polygons, source = _finish([p for _, p in new], self.simplify_px, self.min_area_px,
+                                   self.block, self.memo)
+        self._singles.update(dict.fromkeys(g for g, _ in new))
+        self._singles.update((new[k][0], polygon) for k, polygon in zip(source, polygons,
+                                                                         strict=True))
+
+    def finished_early(self) -> dict[int, shapely.Polygon | None]:
+        return {k: self._singles[g] for k, g in enumerate(self.finished) if g in self._singles}
 
     def splice_closed(self, first_piece: int, above: NDArray[np.int64]) -> None:
         """Splice the tumors spanning chunks that the row of chunks just processed closed:
@@ -69,9 +85,9 @@ class RowStreamTracer:
     """:func:`tumor_polygons_and_means` of a whole map that is being written top to bottom:
     each row of chunks is traced as soon as it is final, on one background thread, so that
     tracing overlaps whatever writes the map (GuideNet's bands) and little is left at the end:
-    a tumor spanning chunks is spliced as soon as the rows below it are traced, so
-    :meth:`result` finishes those of the last row of chunks (and the tumors inside one chunk,
-    simplified together).
+    a tumor inside one chunk is finished with its row, one spanning chunks is spliced as soon
+    as the rows below it are traced, so :meth:`result` finishes the tumors of the last row of
+    chunks alone.
 
     ``rows_final(row1)`` says that rows ``[0, row1)`` of ``prob`` will not change any more;
     :meth:`result` traces the rest and returns exactly what :func:`tumor_polygons_and_means`
@@ -114,9 +130,11 @@ class RowStreamTracer:
         above = [ids[ids > 0] for ids in merger.pending.values()]
         for j in range(merger.grid[1]):
             merger.process(i, j)
-        if self._simplify_px > 0 and i + 1 < merger.grid[0]:
-            merger.splice_closed(first_piece, np.concatenate(above) if above
-                                 else np.zeros(0, np.int64))
+        if i + 1 < merger.grid[0]:
+            merger.finish_singles()
+            if self._simplify_px > 0:
+                merger.splice_closed(first_piece, np.concatenate(above) if above
+                                     else np.zeros(0, np.int64))
 
     def result(self) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
         self.rows_final(self._merger.prob.shape[0])
