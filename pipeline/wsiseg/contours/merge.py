@@ -372,8 +372,8 @@ def tumor_polygons_and_means(
 def _finished(merger: _Merger, simplify_px: float, min_area_px: float
               ) -> tuple[list[shapely.Polygon], NDArray[np.float64]]:
     """The merger's whole components, finished and sorted by area, largest first: those
-    inside one chunk simplified together, the others spliced from their chunks' fragments
-    (the same polygons as joining and simplifying them whole, from the memo's fragments)."""
+    inside one chunk simplified (unless finished early), the others spliced from their
+    chunks' fragments (the same polygons as joining and simplifying them whole)."""
     singles, groups, means = merger.whole_components()
     early = merger.finished_early()  # single index → its polygon, finished (None: dropped)
     spliced = {k: p for k, p in early.items() if p is not None}  # component index → polygon

@@ -39,10 +39,14 @@ class _ClosingMerger(_Merger):
             self.closed[key] = super().spliced(gids, simplify_px)
         return self.closed[key]
 
-    def finish_singles(self) -> None:
-        """Finish (drop by area, simplify) the tumors inside one chunk met since the last
-        call: each is finished alone, as :func:`_finished` would finish it."""
-        new = list(self.finished.items())[len(self._singles):]  # in the order they were met
+    def finish_singles(self, first_piece: int) -> None:
+        """Finish (drop by area, simplify) the tumors inside one chunk that the row of chunks
+        just processed met (ids from ``first_piece``): each is finished alone, as
+        :func:`_finished` would finish it."""
+        new = [(g, self.finished[g]) for g in range(first_piece, self.n_pieces + 1)
+               if g in self.finished]
+        if not new:
+            return
         polygons, source = _finish([p for _, p in new], self.simplify_px, self.min_area_px,
                                    self.block, self.memo)
         self._singles.update(dict.fromkeys(g for g, _ in new))
@@ -87,7 +91,7 @@ class RowStreamTracer:
     tracing overlaps whatever writes the map (GuideNet's bands) and little is left at the end:
     a tumor inside one chunk is finished with its row, one spanning chunks is spliced as soon
     as the rows below it are traced, so :meth:`result` finishes the tumors of the last row of
-    chunks alone.
+    chunks, and those touching a chunk side without crossing it (a few per cent).
 
     ``rows_final(row1)`` says that rows ``[0, row1)`` of ``prob`` will not change any more;
     :meth:`result` traces the rest and returns exactly what :func:`tumor_polygons_and_means`
@@ -131,7 +135,7 @@ class RowStreamTracer:
         for j in range(merger.grid[1]):
             merger.process(i, j)
         if i + 1 < merger.grid[0]:
-            merger.finish_singles()
+            merger.finish_singles(first_piece)
             if self._simplify_px > 0:
                 merger.splice_closed(first_piece, np.concatenate(above) if above
                                      else np.zeros(0, np.int64))
