@@ -12,6 +12,7 @@ import shapely
 from scipy import ndimage as ndi
 
 import wsiseg.contours.merge as merge
+import wsiseg.contours.polygons as polygons_module
 import wsiseg.contours.splice as splice_module
 import wsiseg.contours.trace as chunk_trace
 from wsiseg.contours import (
@@ -24,7 +25,7 @@ from wsiseg.contours import (
     uint8_threshold,
 )
 from wsiseg.contours.cache import TRACES
-from wsiseg.contours.simplify import _rotated, cut_runs
+from wsiseg.contours.simplify import _finish, _rotated, cut_runs
 
 
 def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
@@ -432,7 +433,7 @@ def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> 
     prob[56:60, 50:54] = 230  # inside one chunk of the last row: finished at the end
     expected = tumor_polygons_and_means(prob, chunk_px=16, simplify_px=1.0, min_area_px=10)
     calls: list[tuple[int, bool]] = []
-    spliced, finish = _Merger.spliced, merge._finish
+    spliced, finish = _Merger.spliced, polygons_module._finish
     finished_at_end: list[int] = []
 
     def counted(self: _Merger, gids: list[int], simplify_px: float) -> tuple:
@@ -444,7 +445,7 @@ def test_streamed_tumors_are_spliced_once_closed_not_at_the_end(monkeypatch) -> 
         return finish(exact, *args)
 
     monkeypatch.setattr(_Merger, "spliced", counted)
-    monkeypatch.setattr(merge, "_finish", counted_finish)  # only result() finishes there
+    monkeypatch.setattr(polygons_module, "_finish", counted_finish)  # only result() finishes
     in_result = False
     with RowStreamTracer(prob, chunk_px=16, simplify_px=1.0, min_area_px=10) as tracer:
         for row in (16, 32, 48):
@@ -528,7 +529,7 @@ def _spliced_and_joined(mask: np.ndarray, chunk: int, tolerance: float) -> list[
             exact = merger.joined(gids)
             spliced, area = merger.spliced(gids, tolerance)
             assert area == exact.area
-            whole = merge._finish([exact], tolerance, 0.0, merger.block)[0][0]
+            whole = _finish([exact], tolerance, 0.0, merger.block)[0][0]
             out.append((exact if spliced is None else spliced, whole))
     return out
 

@@ -37,7 +37,7 @@ TIMED = [
     ("wsiseg.rounds", "recontour"), ("wsiseg.rounds", "round_contours"),
     ("wsiseg.contours.merge", "_Merger.process"), ("wsiseg.contours.merge", "trace_mask"),
     ("wsiseg.contours.merge", "piece_sums"),
-    ("wsiseg.contours.merge", "_Merger.leaks"), ("wsiseg.contours.merge", "_finished"),
+    ("wsiseg.contours.merge", "_Merger.leaks"), ("wsiseg.contours.polygons", "_finished"),
     ("wsiseg.contours.merge", "_Merger.spliced"), ("wsiseg.contours.merge", "splice"),
     ("wsiseg.contours.merge", "fragment"), ("wsiseg.rounds", "_mostly_covered"),
     ("wsiseg.rounds", "write_round_geojson"), ("wsiseg.rounds", "annotations_for"),

@@ -9,7 +9,8 @@ is ever in memory. Geometries are in **working pixels** with the frame conventio
 
 Modules: :mod:`~wsiseg.contours.mask` (threshold, probability, block shape, chunks spanned),
 :mod:`~wsiseg.contours.trace` (one chunk, pixel edges), :mod:`~wsiseg.contours.merge` (chunks →
-whole components; :func:`tumor_polygons`), :mod:`~wsiseg.contours.join` (pieces → one
+whole components), :mod:`~wsiseg.contours.polygons` (the entry point, :func:`tumor_polygons`;
+finishing and ordering the components), :mod:`~wsiseg.contours.join` (pieces → one
 polygon), :mod:`~wsiseg.contours.simplify` (finishing),
 :mod:`~wsiseg.contours.splice` (a finished component from its chunks' simplified fragments),
 :mod:`~wsiseg.contours.stream` (:class:`RowStreamTracer`), :mod:`~wsiseg.contours.measure`
@@ -64,7 +65,7 @@ length and the number of components. Background chunks cost only their read.
 from wsiseg.contours.draw import draw_contours
 from wsiseg.contours.mask import ArrayLike2D, tumor_mask, uint8_threshold
 from wsiseg.contours.measure import outer_filled, polygon_stats
-from wsiseg.contours.merge import tumor_polygons, tumor_polygons_and_means
+from wsiseg.contours.polygons import tumor_polygons, tumor_polygons_and_means
 from wsiseg.contours.stream import RowStreamTracer
 
 __all__ = [

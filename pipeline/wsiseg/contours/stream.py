@@ -10,7 +10,8 @@ import shapely
 from numpy.typing import NDArray
 
 from wsiseg.contours.mask import ArrayLike2D, _block_shape, _check_threshold
-from wsiseg.contours.merge import _finished, _Merger
+from wsiseg.contours.merge import _Merger
+from wsiseg.contours.polygons import _finished
 from wsiseg.contours.simplify import _finish
 
 
