@@ -108,7 +108,6 @@ class RowStreamTracer:
         self._merger = _ClosingMerger(prob, threshold, _block_shape(prob, chunk_px),
                                       [(0, 0, height, width)], simplify_px=simplify_px,
                                       min_area_px=min_area_px)
-        self._simplify_px, self._min_area_px = simplify_px, min_area_px
         self._next_row = 0  # first chunk row not yet submitted
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-contours")
         self._futures: list[Any] = []
@@ -137,7 +136,7 @@ class RowStreamTracer:
             merger.process(i, j)
         if i + 1 < merger.grid[0]:
             merger.finish_singles(first_piece)
-            if self._simplify_px > 0:
+            if merger.simplify_px > 0:
                 merger.splice_closed(first_piece, np.concatenate(above) if above
                                      else np.zeros(0, np.int64))
 
@@ -146,4 +145,5 @@ class RowStreamTracer:
         for future in self._futures:
             future.result()  # re-raises a tracing error
         self._pool.shutdown(wait=True)
-        return _finished(self._merger, self._simplify_px, self._min_area_px)
+        merger = self._merger
+        return _finished(merger, merger.simplify_px, merger.min_area_px)
